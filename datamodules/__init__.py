@@ -1,0 +1,1 @@
+"""Data sets: PadChest, RSNA Pneumonia, head-CT DICOM series, a generic folder layout, phantoms."""

@@ -1,0 +1,40 @@
+"""Schema of the ``data`` config section (owned by the data modules)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DataConfig:
+    # padchest | rsna | bct | folder | phantom_cxr | phantom_bct
+    name: str = "folder"
+    # Root of the real data set; None/"" = generate and use embedded phantom data (with a warning).
+    root: str | None = None
+    # cxr (2D radiographs) | bct (3D head CT volumes, brain window applied)
+    modality: str = "cxr"
+    # 2D input size (H = W); items of any size are resized to it.
+    image_size: int = 1024
+    # 3D input size (D, H, W) for volumes.
+    volume_size: list[int] = field(default_factory=lambda: [32, 128, 128])
+    # Labels file (PadChest CSV, RSNA labels CSV, BCT labels CSV); relative to root if not absolute.
+    labels_csv: str | None = None
+    class_csv: str | None = None
+    fold: int = 0
+    n_folds: int = 5
+    split_seed: int = 0
+    batch_size: int = 8
+    num_workers: int = 0
+    # PadChest policy for rows labelled 'exclude' / 'suboptimal study': drop | keep
+    exclude_policy: str = "drop"
+    suboptimal_policy: str = "drop"
+    # Set sizes for the flow method (paper Table 1 / Table 3); null = use all available.
+    n_normal: int | None = None
+    n_mixture_normal: int | None = None
+    n_mixture_abnormal: int | None = None
+    n_unknown_normal: int | None = None
+    n_unknown_abnormal: int | None = None
+    # Phantom generation (used when root is empty).
+    phantom_count: int = 48
+    phantom_size: int = 256
+    phantom_seed: int = 0

@@ -1,0 +1,293 @@
+"""Configuration: one dataclass schema per section, values in ``configs/*.yaml``.
+
+Merge order (later wins)::
+
+    schema  <-  configs/<job>.yaml  <-  configs/data/<name>.yaml (``data=<name>``)
+            <-  profile overlay (configs/profiles/<profile>.yaml, then the job YAML's
+                ``profiles.<profile>`` block)  <-  command-line overrides
+
+Overrides are OmegaConf dotlist items, accepted as ``key=value`` and as ``--key=value`` (what
+``wandb agent`` passes); the leading dashes are stripped in :func:`parse_overrides` only.
+Unknown keys and wrong types fail loudly, naming the key and where it came from.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from datamodules.config import DataConfig
+from lightning_modules.glow.config import GlowConfig
+from lightning_modules.patch_detector.config import PatchConfig
+from lightning_modules.simclr.config import SimCLRConfig
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "lars"  # lars | adam | adamw | sgd
+    lr: float = 4.8
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    # How ``lr`` is scaled with the global batch size B: none | linear (lr*B/ref) | sqrt
+    lr_scaling: str = "none"
+    reference_batch_size: int = 256
+    warmup_epochs: float = 10.0
+    scheduler: str = "cosine"  # cosine | none
+    grad_clip: float | None = None
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 100
+    accelerator: str = "auto"  # auto | cpu | gpu
+    devices: Any = 1  # int, list of ids, or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | ddp_spawn | ...
+    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
+    sync_batchnorm: bool = False
+    fast_dev_run: bool = False
+    limit_train_batches: float = 1.0
+    limit_val_batches: float = 1.0
+    log_every_n_steps: int = 10
+    check_val_every_n_epoch: int = 1
+    deterministic: bool = False
+    progress_bar: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"  # wandb | none
+    # offline (default: nothing leaves the machine) | online (opt in) | disabled
+    mode: str = "offline"
+    project: str = "medanomaly"
+    entity: str | None = None
+    group: str | None = None
+    log_images: bool = False  # images may show patient anatomy: opt in
+
+
+@dataclass
+class EvalConfig:
+    threshold: float = 0.5
+    n_extremes: int = 36  # top-k most / least anomalous shown in the report
+    n_overlays: int = 8
+
+
+@dataclass
+class Config:
+    job: str = "pipeline"
+    method: str = "patch"  # patch | flow
+    profile: str = "auto"  # auto | cpu | paper
+    out_dir: str = "outputs/run"
+    seed: int = 0
+    ckpt_path: str | None = None  # "last" resumes from <out_dir>/checkpoints/last.ckpt
+    data: DataConfig = field(default_factory=DataConfig)
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+    glow: GlowConfig = field(default_factory=GlowConfig)
+    patch: PatchConfig = field(default_factory=PatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# Allowed values of string options; checked after merging (OmegaConf checks types only).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "method": ("patch", "flow"),
+    "profile": ("auto", "cpu", "paper"),
+    "data.name": ("padchest", "rsna", "bct", "folder", "phantom_cxr", "phantom_bct"),
+    "data.modality": ("cxr", "bct"),
+    "data.exclude_policy": ("drop", "keep"),
+    "data.suboptimal_policy": ("drop", "keep"),
+    "simclr.backbone": ("resnet18", "resnet34", "resnet50"),
+    "glow.model": ("m0", "m1"),
+    "glow.coupling_scale": ("paper", "glow"),
+    "patch.distance": ("euclidean", "manhattan", "cosine", "mahalanobis"),
+    "optim.name": ("lars", "adam", "adamw", "sgd"),
+    "optim.lr_scaling": ("none", "linear", "sqrt"),
+    "optim.scheduler": ("cosine", "none"),
+    "logger.name": ("wandb", "none"),
+    "logger.mode": ("offline", "online", "disabled"),
+}
+
+# Shorthands: ``name=value`` selects a YAML file instead of setting a key.
+_FILE_SELECTORS = ("profile", "data")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says which key and how to fix it."""
+
+
+def parse_overrides(argv: list[str]) -> list[str]:
+    """Normalise command-line overrides to OmegaConf dotlist items.
+
+    ``--key=value`` (what ``wandb agent`` passes with ``${args}``) and ``key=value`` are the same.
+    ``logger=none`` is a shorthand for ``logger.name=none``.
+    """
+    items = []
+    for arg in argv:
+        item = arg.lstrip("-") if arg.startswith("--") else arg
+        if "=" not in item:
+            raise ConfigError(
+                f"Override {arg!r} is not of the form key=value (or --key=value)."
+            )
+        key, value = item.split("=", 1)
+        if key == "logger" and value in ("none", "wandb"):
+            key = "logger.name"
+        items.append(f"{key}={value}")
+    return items
+
+
+def _schema_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for k in node:
+        full = f"{prefix}{k}"
+        keys.append(full)
+        child = node._get_node(k)
+        if isinstance(child, DictConfig):
+            keys.extend(_schema_keys(child, full + "."))
+    return keys
+
+
+def _unknown_key_message(schema: DictConfig, key: str, source: str) -> str:
+    known = _schema_keys(schema)
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return f"Unknown config key {key!r} (from {source}).{hint} Valid keys: see experiments/config.py."
+
+
+def _merge(base: DictConfig, other: DictConfig | dict, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except ConfigKeyError as e:
+        raise ConfigError(_unknown_key_message(base, str(e.full_key or e.key), source)) from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"Bad value for {e.full_key!r} (from {source}): {e.msg}") from None
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        avail = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ConfigError(f"Config file {path} does not exist. Available: {avail}")
+    return OmegaConf.load(path)
+
+
+def resolve_profile(profile: str) -> str:
+    if profile != "auto":
+        return profile
+    import torch
+
+    chosen = "paper" if torch.cuda.is_available() else "cpu"
+    log.info("profile=auto -> %s (CUDA %savailable)", chosen, "" if chosen == "paper" else "not ")
+    return chosen
+
+
+def load_config(job: str | list[str], argv: list[str] | None = None) -> DictConfig:
+    """Build the run configuration for ``job`` (a YAML name in ``configs/``, or several)."""
+    argv = sys.argv[1:] if argv is None else argv
+    overrides = parse_overrides(argv)
+    selectors = {}
+    rest = []
+    for item in overrides:
+        key, value = item.split("=", 1)
+        if key in _FILE_SELECTORS:
+            selectors[key] = value
+        else:
+            rest.append(item)
+
+    schema = OmegaConf.structured(Config)
+    cfg = schema
+    jobs = [job] if isinstance(job, str) else list(job)
+    profile_blocks = []
+    for name in jobs:
+        path = CONFIG_DIR / f"{name}.yaml"
+        y = _load_yaml(path)
+        if "profiles" in y:
+            profile_blocks.append((path, y.pop("profiles")))
+        cfg = _merge(cfg, y, str(path))
+    if "data" in selectors:
+        cfg = _merge(cfg, {"data": _load_yaml(CONFIG_DIR / "data" / f"{selectors['data']}.yaml")},
+                     f"data={selectors['data']}")
+
+    profile = selectors.get("profile", cfg.profile)
+    if profile not in CHOICES["profile"]:
+        raise ConfigError(f"profile={profile!r} is not one of {CHOICES['profile']}")
+    profile = resolve_profile(profile)
+    cfg.profile = profile
+    ppath = CONFIG_DIR / "profiles" / f"{profile}.yaml"
+    if ppath.is_file():
+        cfg = _merge(cfg, _load_yaml(ppath), str(ppath))
+    for path, block in profile_blocks:
+        if profile in block:
+            cfg = _merge(cfg, block[profile], f"{path}: profiles.{profile}")
+
+    try:
+        cli = OmegaConf.from_dotlist(rest)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"Cannot parse overrides {rest}: {e}") from None
+    cfg = _merge(cfg, cli, "command line")
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, False)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
+    if cfg.data.fold < 0 or cfg.data.fold >= cfg.data.n_folds:
+        raise ConfigError(f"data.fold={cfg.data.fold} must lie in 0..{cfg.data.n_folds - 1}")
+    p = cfg.patch
+    if not (len(p.patch_sizes) == len(p.locality) == len(p.weights)):
+        raise ConfigError(
+            "patch.patch_sizes, patch.locality and patch.weights must have the same length "
+            f"(got {len(p.patch_sizes)}, {len(p.locality)}, {len(p.weights)})"
+        )
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        )
+        commit = out.stdout.strip() or "unknown"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
+        ).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def prepare_run_dir(cfg: DictConfig, out_dir: str | Path | None = None) -> Path:
+    """Create the output folder; write the resolved config, git commit and timestamp into it."""
+    out = Path(out_dir or cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    info = {
+        "git_commit": git_commit(),
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "job": cfg.job,
+        "profile": cfg.profile,
+        "argv": sys.argv[1:],
+    }
+    (out / "run_info.json").write_text(json.dumps(info, indent=2))
+    return out
