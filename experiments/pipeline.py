@@ -1,0 +1,41 @@
+"""One command per method: train -> score -> evaluate -> report.
+
+    python -m experiments.pipeline method=patch|flow data=... out_dir=OUT [profile=cpu|paper]
+
+Writes OUT/scores.csv (path,label,score; label 1 = abnormal; higher = more anomalous),
+OUT/metrics.json and OUT/report.html (DESIGN.md §3). The work is done by
+``experiments.pipeline_<method>`` (``load(argv)`` -> config, ``run(cfg)`` -> metrics).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from experiments.common import setup_logging
+from experiments.config import ConfigError, parse_overrides
+
+METHODS = ("patch", "flow")
+
+
+def method_from_argv(argv: list[str]) -> str:
+    method = "patch"
+    for item in parse_overrides(argv):
+        key, value = item.split("=", 1)
+        if key == "method":
+            method = value
+    if method not in METHODS:
+        raise ConfigError(f"method={method!r} is not one of {list(METHODS)}")
+    return method
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    setup_logging()
+    module = importlib.import_module(f"experiments.pipeline_{method_from_argv(argv)}")
+    cfg = module.load(argv)
+    return module.run(cfg)
+
+
+if __name__ == "__main__":
+    main()
