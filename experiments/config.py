@@ -16,11 +16,10 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -284,7 +283,7 @@ def prepare_run_dir(cfg: DictConfig, out_dir: str | Path | None = None) -> Path:
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)
     info = {
         "git_commit": git_commit(),
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
         "job": cfg.job,
         "profile": cfg.profile,
         "argv": sys.argv[1:],

@@ -2,6 +2,7 @@ import json
 
 import pytest
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError
 
 from experiments.config import ConfigError, load_config, parse_overrides, prepare_run_dir
 
@@ -57,7 +58,7 @@ def test_data_selector_loads_data_yaml(tmp_path):
 
 def test_unknown_key_in_struct_config_after_load():
     cfg = load_config("base", [])
-    with pytest.raises(Exception):
+    with pytest.raises(ConfigAttributeError):
         cfg.optim.lrr = 1.0
 
 
