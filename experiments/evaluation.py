@@ -201,9 +201,12 @@ def binary_metrics(labels: Any, scores: Any, threshold: float) -> dict[str, Any]
         "sensitivity": ratio("sensitivity", tp, tp + fn),  # eq. 9
         "specificity": ratio("specificity", tn, tn + fp),  # eq. 10
     }
-    _, _, _, youden = roc_with_youden(y, s)
+    if _one_class(y, "binary_metrics"):  # one warning, not one per derived metric
+        auc = youden = float("nan")
+    else:
+        auc, youden = auroc(y, s), roc_with_youden(y, s)[3]
     out.update(
-        auroc=auroc(y, s),
+        auroc=auc,
         threshold=threshold,
         youden_threshold=youden,
         n_normal=int((y == 0).sum()),
