@@ -129,6 +129,7 @@ def make_cxr(rng: np.random.Generator, size: int | tuple[int, int] = 256,
     vessel_amp = rng.uniform(0.03, 0.05)
     noise_sigma = rng.uniform(0.006, 0.016)
     shading_amp = rng.uniform(0.03, 0.08)
+    white = rng.uniform(0.85, 0.97)  # display gain: brightest anatomy (spine/abdomen) here
     noise_seed = int(rng.integers(2**63))
     nrng = np.random.default_rng(noise_seed)
     vessel_field = smooth_noise(nrng, (h, w), 20)
@@ -210,6 +211,7 @@ def make_cxr(rng: np.random.Generator, size: int | tuple[int, int] = 256,
         mask = (heart_v > 0.5) & (heart_n < 0.5) & (lung_sum > 0.5)
 
     img = img * (1 + shading_amp * shading)
+    img = img * (white / (tissue + 0.04 + spine_amp))
     img = body * img + (1 - body) * outside
     img = img + noise_sigma * pixel_noise
     img = np.clip(img, 0.0, 1.0)
