@@ -204,7 +204,9 @@ def make_cxr(rng: np.random.Generator, size: int | tuple[int, int] = 256,
 
     # --- lesions that add density ----------------------------------------------------------
     if lesion in ("nodule", "consolidation", "effusion"):
-        add, mask = _cxr_density_lesion(rng, lesion, x, y, lungs, lung_l, lung_eff, lung_dark)
+        seen = [lg * (1 - heart_v) * (1 - medi) for lg in lung_l]  # per-side lung air
+        add, mask = _cxr_density_lesion(rng, lesion, x, y, lungs, lung_l, seen, lung_eff,
+                                        lung_dark)
         img = img + add
     elif lesion == "cardiomegaly":
         # The enlargement as seen: where the bigger heart now covers lung field.
@@ -235,7 +237,7 @@ def _pick_in(rng, weight: np.ndarray, thr: float = 0.9) -> tuple[int, int]:
     return np.unravel_index(int(rng.choice(idx)), weight.shape)
 
 
-def _cxr_density_lesion(rng, lesion, x, y, lungs, lung_l, lung_eff, lung_dark):
+def _cxr_density_lesion(rng, lesion, x, y, lungs, lung_l, seen, lung_eff, lung_dark):
     """Added intensity and mask of a nodule / consolidation / effusion."""
     h, w = x.shape
     add = np.zeros((h, w), np.float32)
@@ -261,19 +263,21 @@ def _cxr_density_lesion(rng, lesion, x, y, lungs, lung_l, lung_eff, lung_dark):
                 sig = rng.uniform(0.07, 0.13)
                 field += np.exp(-0.5 * ((x - cx - ox) ** 2 + (y - cy - oy) ** 2) / sig ** 2)
             field /= field.max() + 1e-6
-            hazy = np.clip((field - 0.25) / 0.45, 0, 1) * lung_l[si]
-            add += rng.uniform(0.16, 0.24) * hazy * (0.75 + 0.25 * field)
-            mask |= (hazy > 0.25) & (lung_l[si] > 0.5)
+            t = np.clip((field - 0.2) / 0.45, 0, 1)
+            hazy = t * t * (3 - 2 * t) * lung_l[si]  # smoothstep: no sharp rim
+            patchy = 0.75 + 0.25 * np.clip(smooth_noise(rng, x.shape, 12), -1.5, 1.5)
+            add += rng.uniform(0.2, 0.3) * hazy * patchy
+            mask |= (hazy > 0.3) & (lung_l[si] > 0.5)
     elif lesion == "effusion":
         si = int(rng.integers(2))
         lg = lungs[si]
-        height = rng.uniform(0.22, 0.38) * lg["ay"]
+        height = rng.uniform(0.3, 0.45) * lg["ay"]
         base = lg["cy"] + 0.78 * lg["ay"]
         lateral = np.clip(lg["side"] * (x - lg["cx"]) / lg["ax"] + 0.2, 0, 1.2)
         level = base - height - 0.3 * height * lateral ** 2  # meniscus: rises laterally
-        fluid = _sigmoid((y - level) / 0.015) * lung_l[si]
-        add += 0.9 * lung_dark * fluid
-        mask |= (fluid > 0.5)
+        fluid = _sigmoid((y - level) / 0.015)
+        add += 0.9 * lung_dark * fluid * seen[si]  # fluid replaces the air that was seen
+        mask |= (fluid > 0.5) & (seen[si] > 0.5)
     return add, mask
 
 
