@@ -31,7 +31,7 @@ from datamodules.phantoms import (
     write_rsna,
 )
 from datamodules.phantoms.__main__ import main as cli_main
-from datamodules.phantoms.writers import STREAM_BCT, bct_series_options
+from datamodules.phantoms.writers import STREAM_BCT, STREAM_FOLDER_CXR, bct_series_options
 
 REAL_PADCHEST = (Path(pytest.importorskip("torchxrayvision").__file__).parent / "data"
                  / PADCHEST_CSV)
@@ -342,7 +342,11 @@ def test_write_folder_cxr_layout(tmp_path):
         {Image.open(p).mode for p in (root / "train/mixture").glob("*.png")}
     assert modes == {"I;16", "L"}  # 16-bit and a few 8-bit PNGs
     dcm = list((root / "train/normal").glob("*.dcm"))
-    assert len(dcm) == 1 and pydicom.dcmread(dcm[0]).PhotometricInterpretation == "MONOCHROME1"
+    assert len(dcm) == 1
+    ds = pydicom.dcmread(dcm[0])
+    assert ds.PhotometricInterpretation == "MONOCHROME1" and ds.BitsStored == 12
+    truth_img, _ = make_cxr(item_rng(0, STREAM_FOLDER_CXR, 0), 48)  # item 0
+    assert np.abs((4095 - ds.pixel_array.astype(float)) / 4095 - truth_img).max() < 1e-3
     for split in ("val", "test"):
         abn = {p.stem for p in (root / split / "abnormal").iterdir()}
         assert {p.stem for p in (root / split / "masks").iterdir()} == abn
