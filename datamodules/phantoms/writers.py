@@ -411,11 +411,12 @@ def write_padchest(root, n_normal: int | None = None, n_abnormal: int | None = N
                      birth=float(meta.integers(1925, 2000)),
                      sex=str(meta.choice(["M", "F"]))) for _ in range(n_pat)]
     lateral_of = sorted(meta.choice(n_rows_pa, size=min(n_extra, n_rows_pa), replace=False))
-    n_dirs = min(55, max(1, math.ceil((n_rows_pa + len(lateral_of)) / 100)))
+    # Several ImageDir folders even for small sets, so readers must use the column.
+    n_dirs = min(55, max(2, math.ceil((n_rows_pa + len(lateral_of)) / 100)))
     lesions = meta.choice(CXR_LESIONS, size=len(kinds))
 
     rows = []
-    jobs = []  # (row index, lesion, broken)
+    jobs = []  # (row index, labels kind, lesion or None)
     for i, (proj, method, kind) in enumerate(kinds):
         pat = patients[patient_of[i]]
         study = _digits(meta, int(meta.integers(32, 39)))
