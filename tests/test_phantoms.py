@@ -199,6 +199,17 @@ def test_padchest_deterministic(tmp_path):
     assert _tree_digest(a) == _tree_digest(b) != _tree_digest(c)
 
 
+@pytest.mark.parametrize("writer", ["rsna", "folder"])
+def test_rsna_and_folder_deterministic(tmp_path, writer):
+    def write(d, seed):
+        if writer == "rsna":
+            return write_rsna(tmp_path / d, 1, 1, 1, size=32, seed=seed)
+        return write_folder(tmp_path / d, "cxr", 2, 2, 1, 1, size=32, seed=seed)
+
+    assert _tree_digest(write("a", 4)) == _tree_digest(write("b", 4)) != \
+        _tree_digest(write("c", 5))
+
+
 # --- RSNA ------------------------------------------------------------------------------------
 
 
