@@ -32,6 +32,11 @@ LABELS_CSV = "labels.csv"
 _LABEL_VALUES = {"normal": NORMAL, "0": NORMAL, "abnormal": ABNORMAL, "1": ABNORMAL}
 
 
+def _text(value) -> str:
+    """A CSV cell as str ("" for missing / NaN)."""
+    return value if isinstance(value, str) else ""
+
+
 def load_index(csv_path: str | Path, root: str | Path | None = None) -> pd.DataFrame:
     """Rows ``case, label (0/1), finding, path, mask_path`` (path None when absent)."""
     csv_path = Path(csv_path)
@@ -104,8 +109,8 @@ class BrainCTDataModule(FileDataModule):
 
         def items(cases, label, labelled=True):
             return [Item(path=rows[k].path, label=label,
-                         finding=(rows[k].finding or "") if labelled else "",
-                         mask_path=(rows[k].mask_path or None) if labelled else None,
+                         finding=_text(rows[k].finding) if labelled else "",
+                         mask_path=(_text(rows[k].mask_path) or None) if labelled else None,
                          group_id=k) for k in cases]
 
         mixture = sorted(sets["mixture_normal"] + sets["mixture_abnormal"])

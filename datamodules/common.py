@@ -248,10 +248,10 @@ def verify_item(path: str | Path) -> None:
 
 
 def _reason_kind(message: str) -> str:
-    m = message.lower()
+    m = message.split(": ", 1)[-1].lower()  # messages start with the path
     for key, kind in (
         ("not found", "missing"), ("decoder", "no decoder"), ("truncated", "truncated"),
-        ("part 10", "no file meta"), ("nan", "NaN/Inf"), ("series", "series"),
+        ("part 10", "no file meta"), ("nan/inf", "NaN/Inf"), ("series", "series"),
         ("png", "broken PNG"),
     ):
         if key in m:

@@ -153,8 +153,11 @@ def flow_sets(
     for w in warn:
         log.warning("Flow set sizes clipped — %s", w)
 
-    n_val_n = int(round(val_fraction * len(unk_n)))
-    n_val_a = int(round(val_fraction * len(unk_a)))
+    def n_val(n: int) -> int:  # at least one val case of each class when there are two
+        k = int(round(val_fraction * n))
+        return max(k, 1) if val_fraction > 0 and n >= 2 else k
+
+    n_val_n, n_val_a = n_val(len(unk_n)), n_val(len(unk_a))
     return {
         "normal": s_normal,
         "mixture_normal": mix_n,
