@@ -201,7 +201,7 @@ def test_factory_generates_phantoms_once_and_warns(tmp_path, monkeypatch, caplog
     assert "PHANTOM" in caplog.text
     root = Path(dm.root)
     assert root.name == "folder-cxr-48-8-3" and (root / factory.MARKER).is_file()
-    assert calls == [dict(modality="cxr", size=48, seed=3, n=4)]
+    assert calls == [dict(modality="cxr", size=48, seed=3, n=8)]
     dm.setup()
     assert len(dm.items("train", "normal")) == 3
     caplog.clear()
