@@ -137,7 +137,7 @@ def test_missing_root_is_a_clear_error(tmp_path):
         FolderDataModule(cfg(tmp_path / "nowhere")).setup()
 
 
-def test_folder_3d_npy_and_dicom_series(tmp_path, caplog):
+def test_folder_3d_npy_and_dicom_series(tmp_path, caplog, monkeypatch):
     root = tmp_path / "v"
     rng = np.random.default_rng(0)
     for split, group in [("train", "normal"), ("train", "mixture"), ("val", "normal"),
@@ -169,6 +169,17 @@ def test_folder_3d_npy_and_dicom_series(tmp_path, caplog):
     assert x.shape == (1, 4, 8, 8)
     mask = dm.load_mask(dm.items("test", "abnormal")[0])
     assert mask.shape == (4, 8, 8) and mask.dtype == bool and mask.any()
+    # Series folders are cached too (keyed by their files' sizes and mtimes).
+    calls = []
+    real = common.verify_item
+    monkeypatch.setattr(common, "verify_item", lambda p: (calls.append(p), real(p)))
+    FolderDataModule(c).setup()
+    assert calls == []
+    slice0 = sorted((root / "train/normal/series1").iterdir())[0]
+    st = slice0.stat()
+    os.utime(slice0, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    FolderDataModule(c).setup()
+    assert calls == [str(root / "train/normal/series1")]
 
 
 # --- factory --------------------------------------------------------------------------------
