@@ -146,6 +146,8 @@ def test_folder_3d_npy_and_dicom_series(tmp_path, caplog, monkeypatch):
         d.mkdir(parents=True)
         np.save(d / f"{split}_{group}.npy", rng.normal(30, 20, (6, 20, 24)).astype(np.float32))
     shutil.copytree(CT5N, root / "train/normal/series1")  # a real DICOM series as one item
+    for src in (CT5N, CT5N.parent.parent / "77654033" / "CT2"):  # two series in one folder
+        shutil.copytree(src, root / "train/normal/two_series" / src.name)
     bad = np.zeros((6, 20, 24), np.float32)
     bad[0, 0, 0] = np.inf
     np.save(root / "train/normal/bad.npy", bad)
@@ -159,7 +161,8 @@ def test_folder_3d_npy_and_dicom_series(tmp_path, caplog, monkeypatch):
         dm = FolderDataModule(c)
         dm.setup()
     assert dm.is_3d
-    assert "1 of 8 items skipped" in caplog.text and "NaN/Inf" in caplog.text
+    assert "2 of 9 items skipped (1 NaN/Inf, 1 series)" in caplog.text
+    assert "two_series: holds 2 image series" in caplog.text
     names = sorted(Path(i.path).name for i in dm.items("train", "normal"))
     assert names == ["series1", "train_normal.npy"]
     for it in dm.items("train", "normal"):
