@@ -155,3 +155,30 @@ def build_datamodule(data_cfg) -> MedicalDataModule:
         cfg = _with(cfg, root=str(root), n_normal=None, n_mixture_normal=None,
                     n_mixture_abnormal=None, n_unknown_normal=None, n_unknown_abnormal=None)
     return classes[name](cfg)
+
+
+def main(argv: list[str] | None = None) -> MedicalDataModule:
+    """Index and check a data set before a long run, e.g.::
+
+        python -m datamodules.factory data=padchest data.root=/data/padchest
+
+    Prints the number of items per split/group and the skipped (unreadable) items."""
+    from experiments.common import setup_logging
+    from experiments.config import load_config
+
+    setup_logging()
+    cfg = load_config("base", argv)
+    dm = build_datamodule(cfg.data)
+    dm.setup()
+    print(f"{type(dm).__name__} ({'3D' if dm.is_3d else '2D'}):")
+    for (split, group), items in sorted(dm._index.items()):
+        print(f"  {split:5s}/{group:8s} {len(items):7d}")
+    skipped = getattr(dm, "skipped", [])
+    print(f"  skipped {len(skipped)}")
+    for _item, reason in skipped[:20]:
+        print(f"    {reason}")
+    return dm
+
+
+if __name__ == "__main__":
+    main()
