@@ -24,6 +24,7 @@ import numpy as np
 
 from datamodules.base import SPLIT_GROUPS, Item, MedicalDataModule
 from datamodules.dicom import (
+    MissingDecoderError,
     list_series,
     load_brain_volume,
     read_npy_volume,
@@ -117,7 +118,7 @@ class FileDataModule(MedicalDataModule):
         examples = "; ".join(sorted(set(errors.values()))[:3])
         log.warning(
             "%d of %d items skipped (%s). First errors: %s",
-            len(errors), len(all_items),
+            len(errors), len({it.path for it in all_items}),
             ", ".join(f"{n} {k}" for k, n in reasons.most_common()), examples,
         )
         out = {}
@@ -167,6 +168,9 @@ class FileDataModule(MedicalDataModule):
                     verify_item(p)
                     if by_path[p].mask_path:
                         verify_item(by_path[p].mask_path)
+            except MissingDecoderError as e:
+                missing_decoder.add(p)
+                return str(e)
             except ImageReadError as e:
                 return str(e)
             except Exception as e:  # never lose an item silently: count it with its reason
@@ -174,6 +178,7 @@ class FileDataModule(MedicalDataModule):
             return None
 
         todo = []
+        missing_decoder: set[str] = set()
         results: dict[str, str | None] = {}
         for p in paths:
             s = stamp(p)
@@ -193,7 +198,9 @@ class FileDataModule(MedicalDataModule):
                 ):
                     results[p] = err
             if mode == "quick":
-                cache.update({p: stamp(p) + [results[p]] for p in todo})
+                # A missing decoder depends on the environment, not the file: never cached.
+                cache.update({p: stamp(p) + [results[p]] for p in todo
+                              if p not in missing_decoder})
                 try:
                     cache_file.parent.mkdir(parents=True, exist_ok=True)
                     tmp = cache_file.with_suffix(".tmp")

@@ -224,3 +224,28 @@ def test_factory_generates_phantoms_once_and_warns(tmp_path, monkeypatch, caplog
     assert len(calls) == 1 and "PHANTOM" in caplog.text
     # A half-written folder (no marker) is never reused.
     assert not list(root.parent.glob("folder-cxr-48-8-3.*"))
+
+
+def test_missing_decoder_skips_item_and_is_not_cached(tmp_path, monkeypatch, caplog):
+    from pydicom.pixels.decoders.base import get_decoder
+    from pydicom.uid import JPEGLSLossless
+
+    root = tmp_path / "d"
+    make_2d(root)
+    shutil.copy(get_testdata_file("MR_small_jpeg_ls_lossless.dcm"), root / "val/normal/ls.dcm")
+    with monkeypatch.context() as m:
+        decoder = get_decoder(JPEGLSLossless)
+        m.setattr(decoder, "_available", {})
+        m.setattr(decoder, "_unavailable", {"pylibjpeg": ("pylibjpeg>=2.0",
+                                                          "pylibjpeg-libjpeg>=2.1")})
+        with caplog.at_level(logging.WARNING):
+            dm = FolderDataModule(cfg(root))
+            dm.setup()
+        assert "1 of 9 items skipped (1 no decoder)" in caplog.text
+        assert "pylibjpeg-libjpeg" in caplog.text and "ls.dcm" in caplog.text
+        assert len(dm.items("val", "normal")) == 1
+    # Decoder installed again: the item is back (the failure was not cached).
+    dm = FolderDataModule(cfg(root))
+    dm.setup()
+    assert len(dm.items("val", "normal")) == 2
+    assert dm.load(dm.items("val", "normal")[0]).shape == (32, 32)
