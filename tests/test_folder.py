@@ -249,3 +249,15 @@ def test_missing_decoder_skips_item_and_is_not_cached(tmp_path, monkeypatch, cap
     dm.setup()
     assert len(dm.items("val", "normal")) == 2
     assert dm.load(dm.items("val", "normal")[0]).shape == (32, 32)
+
+
+def test_item_cache_returns_the_same_pixels(tmp_path):
+    root = tmp_path / "d"
+    make_2d(root)
+    plain = FolderDataModule(cfg(root))
+    cached = FolderDataModule(cfg(root, cache_items=True))
+    for it in plain.items("train"):
+        ref = plain.load(it)
+        np.testing.assert_allclose(cached.load(it), ref, atol=1e-7)  # first load: computed
+        np.testing.assert_allclose(cached.load(it), ref, atol=1 / 65535)  # from the cache
+    assert len(list((tmp_path / "cache" / "items").glob("*.npy"))) == 4
