@@ -261,3 +261,21 @@ def test_item_cache_returns_the_same_pixels(tmp_path):
         np.testing.assert_allclose(cached.load(it), ref, atol=1e-7)  # first load: computed
         np.testing.assert_allclose(cached.load(it), ref, atol=1 / 65535)  # from the cache
     assert len(list((tmp_path / "cache" / "items").glob("*.npy"))) == 4
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[1] / "configs" /
+                                                           "data").glob("*.yaml")))
+def test_data_yaml_loads_and_builds(name, tmp_path):
+    from experiments.config import load_config
+
+    c = load_config("base", [f"data={name}", f"data.root={tmp_path}"])
+    assert c.data.name == name and c.data.verify in common.VERIFY_MODES
+    dm = factory.build_datamodule(c.data)  # the class is chosen; nothing is read yet
+    assert dm.is_3d == (factory.modality_of(c.data) == "bct")
+    if name == "rsna":  # the paper's Table 1 sizes
+        assert (c.data.n_normal, c.data.n_mixture_normal, c.data.n_mixture_abnormal,
+                c.data.n_unknown_normal, c.data.n_unknown_abnormal) == (7808, 6553, 6631,
+                                                                        1358, 13863)
+    if name == "bct":
+        assert (c.data.n_normal, c.data.n_mixture_normal, c.data.n_unknown_abnormal) == \
+            (250, 250, 33) and list(c.data.volume_size) == [32, 128, 128]
