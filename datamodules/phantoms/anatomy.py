@@ -116,8 +116,9 @@ def make_cxr(rng: np.random.Generator, size: int | tuple[int, int] = 256,
             ax=rng.uniform(0.25, 0.30), ay=rng.uniform(0.56, 0.64) * (0.95 if side < 0 else 1),
             angle=side * float(np.deg2rad(rng.uniform(-4.0, 6.0))),
         ))
-    heart = dict(cx=rng.uniform(0.06, 0.12), cy=rng.uniform(0.22, 0.30),
-                 ax=rng.uniform(0.22, 0.27), ay=rng.uniform(0.16, 0.20),
+    # Cardiothoracic ratio ~0.35-0.45 (normal < 0.5); cardiomegaly grows it to ~0.5-0.65.
+    heart = dict(cx=rng.uniform(0.10, 0.15), cy=rng.uniform(0.24, 0.30),
+                 ax=rng.uniform(0.26, 0.30), ay=rng.uniform(0.18, 0.21),
                  angle=float(np.deg2rad(rng.uniform(-25.0, -10.0))))
     medi_w = rng.uniform(0.09, 0.13)
     rib_y0 = rng.uniform(-0.80, -0.72)
@@ -174,7 +175,7 @@ def make_cxr(rng: np.random.Generator, size: int | tuple[int, int] = 256,
     mask = np.zeros((h, w), bool)
     heart_v = heart_n
     if lesion == "cardiomegaly":
-        g = rng.uniform(1.3, 1.5)
+        g = rng.uniform(1.25, 1.45)
         big = dict(heart, cx=heart["cx"] + rng.uniform(0.0, 0.04), cy=heart["cy"] + 0.03)
         heart_v = heart_field(big, grow=(g, g ** 0.5))
 

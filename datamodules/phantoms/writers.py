@@ -45,6 +45,21 @@ def item_rng(seed: int, stream: int, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(stream), int(index)])
 
 
+def _class_counts(total: int | None, *counts: int | None, default: int = 24) -> list[int]:
+    """Counts per class: given ones kept, missing ones share ``total`` (or ``default``)."""
+    missing = [i for i, c in enumerate(counts) if c is None]
+    out = [int(c) if c is not None else 0 for c in counts]
+    if total is None:
+        return [default if i in missing else c for i, c in enumerate(out)]
+    rest = max(int(total) - sum(out), 0)
+    for k, i in enumerate(missing):
+        out[i] = rest // len(missing) + (1 if k < rest % len(missing) else 0)
+    for c in out:
+        if c < 0:
+            raise ValueError(f"negative class count in {counts}")
+    return out
+
+
 def _progress(it: Iterable[T], description: str, total: int, progress: bool | None
               ) -> Iterator[T]:
     enabled = total >= PROGRESS_MIN_ITEMS if progress is None else progress
@@ -346,9 +361,10 @@ def _localizations(lesion: str, mask: np.ndarray) -> list[str]:
     return [f"loc {side} {'upper' if row < h * 0.45 else 'lower'} lobe"]
 
 
-def write_padchest(root, n_normal: int, n_abnormal: int, size: int = 256, seed: int = 0,
-                   n_patients: int | None = None, n_extra: int | None = None,
-                   n_broken: int = 0, progress: bool | None = None) -> Path:
+def write_padchest(root, n_normal: int | None = None, n_abnormal: int | None = None,
+                   size: int = 256, seed: int = 0, n_patients: int | None = None,
+                   n_extra: int | None = None, n_broken: int = 0, n: int | None = None,
+                   progress: bool | None = None) -> Path:
     """PadChest layout: ``<root>/PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz``
     (the real 36 columns in the real order, first unnamed = index) and 16-bit PNGs at
     ``<root>/<ImageDir>/<ImageID>``.
@@ -366,8 +382,11 @@ def write_padchest(root, n_normal: int, n_abnormal: int, size: int = 256, seed: 
     Not part of PadChest: lesion masks ``<root>/masks/<ImageID>`` (8-bit PNG, 255 = lesion)
     for every image with a lesion.
 
+    Counts left None come from ``n`` (the total, split evenly), else 24 per class.
+
     Returns the labels CSV path.
     """
+    n_normal, n_abnormal = _class_counts(n, n_normal, n_abnormal)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     meta = item_rng(seed, STREAM_META, STREAM_PADCHEST)
@@ -392,11 +411,12 @@ def write_padchest(root, n_normal: int, n_abnormal: int, size: int = 256, seed: 
                      birth=float(meta.integers(1925, 2000)),
                      sex=str(meta.choice(["M", "F"]))) for _ in range(n_pat)]
     lateral_of = sorted(meta.choice(n_rows_pa, size=min(n_extra, n_rows_pa), replace=False))
-    n_dirs = min(55, max(1, math.ceil((n_rows_pa + len(lateral_of)) / 100)))
+    # Several ImageDir folders even for small sets, so readers must use the column.
+    n_dirs = min(55, max(2, math.ceil((n_rows_pa + len(lateral_of)) / 100)))
     lesions = meta.choice(CXR_LESIONS, size=len(kinds))
 
     rows = []
-    jobs = []  # (row index, lesion, broken)
+    jobs = []  # (row index, labels kind, lesion or None)
     for i, (proj, method, kind) in enumerate(kinds):
         pat = patients[patient_of[i]]
         study = _digits(meta, int(meta.integers(32, 39)))
@@ -539,8 +559,9 @@ def mask_boxes(mask: np.ndarray, min_area: float = 0.002) -> list[tuple[int, int
     return boxes
 
 
-def write_rsna(root, n_normal: int, n_not_normal: int, n_opacity: int, size: int = 256,
-               seed: int = 0, progress: bool | None = None) -> Path:
+def write_rsna(root, n_normal: int | None = None, n_not_normal: int | None = None,
+               n_opacity: int | None = None, size: int = 256, seed: int = 0,
+               n: int | None = None, progress: bool | None = None) -> Path:
     """RSNA Pneumonia Detection layout:
 
     - ``stage_2_train_labels.csv``: ``patientId,x,y,width,height,Target``, one row per box
@@ -553,8 +574,10 @@ def write_rsna(root, n_normal: int, n_not_normal: int, n_opacity: int, size: int
 
     ``Lung Opacity`` patients get a consolidation (one or two regions -> one or two boxes),
     ``No Lung Opacity / Not Normal`` a nodule, effusion or cardiomegaly. Not part of RSNA:
-    masks ``<root>/masks/<patientId>.png`` for every image with a lesion. Returns ``root``.
+    masks ``<root>/masks/<patientId>.png`` for every image with a lesion. Counts left None
+    come from ``n`` (the total, split evenly), else 24 per class. Returns ``root``.
     """
+    n_normal, n_not_normal, n_opacity = _class_counts(n, n_normal, n_not_normal, n_opacity)
     root = Path(root)
     (root / "stage_2_train_images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(exist_ok=True)
@@ -622,16 +645,23 @@ def bct_series_options(rng: np.random.Generator, index: int) -> dict:
     )
 
 
-def write_bct(root, n_normal: int, n_haemorrhage: int, n_infarct: int,
-              shape: tuple[int, int, int] = (32, 128, 128), seed: int = 0,
-              progress: bool | None = None) -> Path:
+def write_bct(root, n_normal: int | None = None, n_haemorrhage: int | None = None,
+              n_infarct: int | None = None, shape: tuple[int, int, int] = (32, 128, 128),
+              seed: int = 0, n: int | None = None, progress: bool | None = None) -> Path:
     """Head-CT DICOM series, one folder per case: ``<root>/<case>/*.dcm`` (see
     :func:`write_ct_series` for the tags and the quirks: reversed InstanceNumber, gantry tilt,
     localizer, -2000 padding, signed/unsigned storage, RLE Lossless, file names by UID).
     ``<root>/labels.csv``: ``case,label,finding`` (label 0/1; finding '', 'haemorrhage',
     'infarct'). Not part of a real export: ``<root>/masks/<case>.npy`` (bool (D, H, W),
-    slice 0 inferior like the sorted series) for every case with a lesion. Returns ``root``.
+    slice 0 inferior like the sorted series) for every case with a lesion. Counts left None
+    come from ``n`` (the total: half normal, a quarter of each lesion), else 24 / 12 / 12.
+    Returns ``root``.
     """
+    if n is not None:
+        n_normal = n - n // 2 if n_normal is None else n_normal
+    n_normal = 24 if n_normal is None else n_normal
+    n_haemorrhage, n_infarct = _class_counts(
+        None if n is None else n // 2, n_haemorrhage, n_infarct, default=12)
     root = Path(root)
     (root / "masks").mkdir(parents=True, exist_ok=True)
     meta = item_rng(seed, STREAM_META, STREAM_BCT)
