@@ -76,6 +76,8 @@ class FileDataModule(MedicalDataModule):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.skipped: list[tuple[Item, str]] = []
+        # Series folder -> SeriesInstanceUID to read, for folders holding several series.
+        self.series_uid: dict[str, str] = {}
 
     # --- index --------------------------------------------------------------------------
     def index_items(self) -> dict[tuple[str, str], list[Item]]:
@@ -153,7 +155,7 @@ class FileDataModule(MedicalDataModule):
                     if by_path[p].mask_path:
                         self.load_mask(by_path[p])
                 else:
-                    verify_item(p)
+                    verify_item(p, self.series_uid.get(p))
                     if by_path[p].mask_path:
                         verify_item(by_path[p].mask_path)
             except MissingDecoderError as e:
@@ -168,9 +170,16 @@ class FileDataModule(MedicalDataModule):
         todo = []
         missing_decoder: set[str] = set()
         results: dict[str, str | None] = {}
+        def ckey(p: str) -> str:  # what was checked: the item, its mask, the chosen series
+            return f"{p}|{by_path[p].mask_path or ''}|{self.series_uid.get(p, '')}"
+
+        def cstamp(p: str) -> list:
+            mask = by_path[p].mask_path
+            return _stamp(p) + (_stamp(mask) if mask else [])
+
         for p in paths:
-            s = _stamp(p)
-            hit = cache.get(p)
+            s = cstamp(p)
+            hit = cache.get(ckey(p))
             if hit is not None and hit[:-1] == s:
                 results[p] = hit[-1]
             else:
@@ -187,7 +196,7 @@ class FileDataModule(MedicalDataModule):
                     results[p] = err
             if mode == "quick":
                 # A missing decoder depends on the environment, not the file: never cached.
-                cache.update({p: _stamp(p) + [results[p]] for p in todo
+                cache.update({ckey(p): cstamp(p) + [results[p]] for p in todo
                               if p not in missing_decoder})
                 try:
                     cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -222,7 +231,8 @@ class FileDataModule(MedicalDataModule):
     def _load(self, item: Item) -> np.ndarray:
         if self.is_3d:
             shape = tuple(int(s) for s in _cfg(self.cfg, "volume_size", [32, 128, 128]))
-            return load_brain_volume(item.path, shape)  # (D, H, W) in [0, 1]
+            # (D, H, W) in [0, 1]
+            return load_brain_volume(item.path, shape, self.series_uid.get(item.path))
         img = read_2d(item.path, expect_16bit=self.expect_16bit)  # (H, W) in [0, 1]
         return resize_2d(img, int(_cfg(self.cfg, "image_size", 1024)))
 
@@ -255,16 +265,21 @@ def _stamp(p: str) -> list:
         return [-1, -1]
 
 
-def verify_item(path: str | Path) -> None:
+def verify_item(path: str | Path, series_uid: str | None = None) -> None:
     """Quick check of one item (file or series folder); raises :class:`ImageReadError`."""
     path = Path(path)
     if path.is_dir():
         groups = list_series(path)
         if not groups:
             raise ImageReadError(f"{path}: no DICOM image slices found.")
+        if series_uid is not None:
+            if series_uid not in groups:
+                raise ImageReadError(f"{path}: series {series_uid} not found in the folder.")
+            groups = {series_uid: groups[series_uid]}
         if len(groups) > 1:
             raise ImageReadError(
-                f"{path}: holds {len(groups)} image series; keep one series per folder."
+                f"{path}: holds {len(groups)} image series; keep one series per folder "
+                "(or name one in the labels CSV's series_uid column)."
             )
         for f, _ in next(iter(groups.values())):
             verify_dicom(f)

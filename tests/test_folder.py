@@ -109,7 +109,7 @@ def test_unreadable_items_skipped_counted_and_logged(tmp_path, caplog, monkeypat
     # Verification results are cached (size + mtime): nothing is read again unless changed.
     calls = []
     real = common.verify_item
-    monkeypatch.setattr(common, "verify_item", lambda p: (calls.append(p), real(p)))
+    monkeypatch.setattr(common, "verify_item", lambda p, *a: (calls.append(p), real(p, *a)))
     dm2 = FolderDataModule(cfg(root))
     dm2.setup()
     assert calls == [] and len(dm2.items("test", "normal")) == 2 and len(dm2.skipped) == 1
@@ -175,7 +175,7 @@ def test_folder_3d_npy_and_dicom_series(tmp_path, caplog, monkeypatch):
     # Series folders are cached too (keyed by their files' sizes and mtimes).
     calls = []
     real = common.verify_item
-    monkeypatch.setattr(common, "verify_item", lambda p: (calls.append(p), real(p)))
+    monkeypatch.setattr(common, "verify_item", lambda p, *a: (calls.append(p), real(p, *a)))
     FolderDataModule(c).setup()
     assert calls == []
     slice0 = sorted((root / "train/normal/series1").iterdir())[0]
