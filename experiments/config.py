@@ -113,6 +113,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.modality": ("cxr", "bct"),
     "data.exclude_policy": ("drop", "keep"),
     "data.suboptimal_policy": ("drop", "keep"),
+    "data.verify": ("quick", "full", "none"),
     "simclr.backbone": ("resnet18", "resnet34", "resnet50"),
     "glow.model": ("m0", "m1"),
     "glow.coupling_scale": ("paper", "glow"),
