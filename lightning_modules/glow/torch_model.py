@@ -216,7 +216,7 @@ def estimate_memory(glow_cfg: Any, input_shape: tuple[int, ...], batch_size: int
     """
     cfg = {k: _get(glow_cfg, k) for k in
            ("levels", "steps", "hidden_channels", "coupling_scale", "checkpointing",
-            "fuse_actnorm")}
+            "fuse_actnorm") if _get(glow_cfg, k) is not None}
     if checkpointing is not None:
         cfg["checkpointing"] = checkpointing
     model = build_glow(cfg, input_shape)
