@@ -59,6 +59,25 @@ def per_device_batch_size(cfg: DictConfig) -> int:
     return max(1, cfg.data.batch_size // world)
 
 
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """A permutation that depends only on (seed, epoch): resuming from a checkpoint replays the
+    same order as an uninterrupted run (Lightning calls ``set_epoch``; DDP replaces this by a
+    ``DistributedSampler``, which is seeded the same way)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
 def build_loaders(cfg: DictConfig, dm) -> tuple[DataLoader, DataLoader | None]:
     """M0 trains on train/normal, M1 on train/mixture; validation: val/normal for M0 (what it
     models), all of val (normal + abnormal, like the mixture) for M1."""
@@ -73,7 +92,8 @@ def build_loaders(cfg: DictConfig, dm) -> tuple[DataLoader, DataLoader | None]:
     from datamodules.base import ItemDataset
 
     bs, nw = per_device_batch_size(cfg), cfg.data.num_workers
-    train = DataLoader(ItemDataset(dm, train_items), batch_size=bs, shuffle=True,
+    train = DataLoader(ItemDataset(dm, train_items), batch_size=bs,
+                       sampler=EpochShuffleSampler(len(train_items), int(cfg.seed)),
                        num_workers=nw, drop_last=False, persistent_workers=nw > 0)
     val = None
     if val_items:
@@ -131,6 +151,7 @@ def train(cfg: DictConfig, datamodule=None) -> Path:
         n_bits=int(cfg.glow.n_bits),
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         data=preprocessing(cfg.data),
+        seed=int(cfg.seed),
     )
     monitor = "val/bpd" if val_loader is not None else "train/bpd"
     logger = make_logger(cfg, out, name=f"glow_{cfg.data.modality}_{cfg.glow.model}")
