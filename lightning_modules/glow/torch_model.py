@@ -16,7 +16,6 @@ from typing import Any
 
 import normflows as nf
 import torch
-from torch import nn
 
 from . import layers2d
 from .layers2d import ActNorm, GlowStep
