@@ -13,6 +13,16 @@ from experiments.train_glow import load, main, split_modality, train
 from lightning_modules.glow import GlowModule, NonFiniteLossError, load_glow
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is as fast, and immune to oversubscribed CI cores
+    (2 spinning OpenMP threads on a loaded 2-core box were measured 50x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class FakeDM(MedicalDataModule):
     """Smooth 'anatomy' (a bright disc on a dark background) plus a little texture, in the
     data's bit depth; the ``nan`` group returns a NaN image (for the non-finite test)."""
