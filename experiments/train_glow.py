@@ -48,14 +48,16 @@ def preprocessing(data_cfg) -> dict:
 
 
 def per_device_batch_size(cfg: DictConfig) -> int:
-    """data.batch_size is global (the paper's); under DDP each device gets its share."""
+    """data.batch_size is the effective batch (the paper's): under DDP each device gets its
+    share, split further into glow.accumulate_grad_batches micro-batches."""
     devices = cfg.trainer.devices
     n = devices if isinstance(devices, int) else len(devices) if not isinstance(devices, str) \
         else 1
-    world = max(1, n * int(cfg.trainer.num_nodes))
+    world = max(1, n * int(cfg.trainer.num_nodes)) * int(cfg.glow.accumulate_grad_batches)
     if world > 1 and cfg.data.batch_size % world:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by the "
-                          f"{world} devices")
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} is not divisible by devices x "
+            f"glow.accumulate_grad_batches = {world}")
     return max(1, cfg.data.batch_size // world)
 
 
@@ -158,6 +160,7 @@ def train(cfg: DictConfig, datamodule=None) -> Path:
     trainer = build_trainer(
         cfg, out, monitor=monitor, mode="min", logger=logger,
         gradient_clip_val=cfg.optim.grad_clip, gradient_clip_algorithm="norm",
+        accumulate_grad_batches=int(cfg.glow.accumulate_grad_batches),
         num_sanity_val_steps=0,  # ActNorm must be initialised from training data first
     )
     trainer.fit(module, train_loader, val_loader, ckpt_path=resolve_ckpt_path(cfg, out))

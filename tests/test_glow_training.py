@@ -200,3 +200,25 @@ def test_actnorm_init_is_identical_across_ddp_ranks(tmp_path):
     assert a.keys() == b.keys() and any(k.endswith(".s") for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+def test_effective_batch_is_split_over_devices_and_accumulation(out_dir):
+    from experiments.config import ConfigError
+    from experiments.train_glow import per_device_batch_size
+
+    cfg = load(["profile=paper"])
+    assert cfg.data.batch_size == 128 and per_device_batch_size(cfg) == 64  # 2 x 64
+    cfg.trainer.devices = 2
+    cfg.glow.accumulate_grad_batches = 1
+    assert per_device_batch_size(cfg) == 64
+    cfg.data.batch_size = 127
+    with pytest.raises(ConfigError, match="divisible"):
+        per_device_batch_size(cfg)
+
+
+def test_accumulation_trains(out_dir):
+    cfg = _cfg(out_dir, "cxr", [*TINY_2D, "trainer.max_epochs=1",
+                                "glow.accumulate_grad_batches=2"])
+    train(cfg, datamodule=FakeDM(cfg.data, n=8))
+    ck = torch.load(out_dir / "checkpoints/last.ckpt", weights_only=True)
+    assert ck["global_step"] == 1  # 8 items, micro-batches of 4, 2 per optimiser step

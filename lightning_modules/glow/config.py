@@ -18,4 +18,7 @@ class GlowConfig:
     fuse_actnorm: bool = True
     n_bits: int = 8  # dequantisation bit depth (8 for RSNA, 7 for brain-window CT)
     sample_temperature: float = 0.7
+    # data.batch_size is the effective (global) batch; each optimiser step accumulates this many
+    # micro-batches of data.batch_size / (devices * accumulate_grad_batches) per device
+    accumulate_grad_batches: int = 1
     n_samples: int = 16  # fictional images saved to <out_dir>/samples.png after training

@@ -214,8 +214,10 @@ def estimate_memory(glow_cfg: Any, input_shape: tuple[int, ...], batch_size: int
     """Training memory (GiB) of one Glow step on one device, float32, Adam.
 
     Activations are counted exactly with :class:`SavedTensorMeter` on the ``meta`` device (no
-    memory, no compute), so the paper-scale models can be estimated on a laptop. Not counted:
-    transient buffers of the backward pass and cuDNN workspaces (add ~10-20 %).
+    memory, no compute), so the paper-scale models can be estimated on a laptop. With
+    checkpointing, ``recompute_gib`` adds the coupling network recomputed during backward at
+    the largest level. Not counted: other transient gradient buffers, cuDNN workspaces and the
+    allocator's fragmentation (add ~10-20 %).
     """
     cfg = {k: _get(glow_cfg, k) for k in
            ("levels", "steps", "hidden_channels", "coupling_scale", "checkpointing",
@@ -232,10 +234,16 @@ def estimate_memory(glow_cfg: Any, input_shape: tuple[int, ...], batch_size: int
     x = torch.empty((batch_size, *input_shape), device="meta")
     act = saved_activation_bytes(model, x)
     gib = 2.0**30
+    # Backward transient: with checkpointing, the recomputed coupling network of the largest
+    # level holds its two hidden activations plus one gradient of that size at once.
+    n_pix = math.prod(level_shapes(input_shape, int(cfg["levels"]))[0][1:])
+    hidden = int(cfg["hidden_channels"])
+    transient = 3 * hidden * n_pix * batch_size * 4 if cfg.get("checkpointing") else 0
     out = {
         "params_gib": n_params * 4 / gib,
         "optimizer_gib": n_params * 4 * 3 / gib,  # grads + Adam's two moments
         "activations_gib": act / gib,
+        "recompute_gib": transient / gib,
     }
     out["total_gib"] = sum(out.values())
     out["n_params_millions"] = n_params / 1e6
