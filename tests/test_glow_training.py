@@ -66,7 +66,7 @@ def _cfg(out_dir, modality="cxr", extra=()):
 
 TINY_2D = ["data.image_size=16", "glow.levels=2", "glow.steps=2", "glow.hidden_channels=16",
            "data.batch_size=8", "glow.n_samples=4"]
-TINY_3D = ["data.volume_size=[8,8,8]", "glow.levels=2", "glow.steps=2",
+TINY_3D = ["data.volume_size=[8,8,8]", "glow.levels=2", "glow.steps=2", "glow.checkpointing=true",
            "glow.hidden_channels=8", "data.batch_size=4", "glow.n_samples=2"]
 
 
