@@ -360,7 +360,7 @@ def read_npy_volume(path: str | Path) -> np.ndarray:
         raise ImageReadError(f"{path}: cannot load .npy ({type(e).__name__}: {e}).") from None
     if vol.ndim != 3:
         raise ImageReadError(f"{path}: expected a (D, H, W) HU volume, got shape {vol.shape}.")
-    if not np.issubdtype(vol.dtype, np.number):
+    if not (np.issubdtype(vol.dtype, np.number) or vol.dtype == np.bool_):
         raise ImageReadError(f"{path}: non-numeric array dtype {vol.dtype}.")
     if np.issubdtype(vol.dtype, np.floating) and not np.isfinite(vol).all():
         n_bad = int((~np.isfinite(vol)).sum())

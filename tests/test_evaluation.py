@@ -272,3 +272,26 @@ def test_print_metrics_table(capsys):
     out = capsys.readouterr().out
     assert "Test set" in out and "0.75" in out and "n/a" in out and "0.7 ± 0.05" in out
     assert format_value(123456.0) == "1.2346e+05"
+
+
+def test_pixel_auroc_subsampled_close_to_exact():
+    rng = np.random.default_rng(3)
+    masks = [rng.random((64, 64)) < 0.1 for _ in range(4)]
+    maps = [rng.random((64, 64)) + 0.6 * m for m in masks]
+    exact = pixel_auroc(masks, maps)
+    approx = pixel_auroc(masks, maps, max_pixels=8000)
+    assert approx != exact and approx == pytest.approx(exact, abs=0.02)
+    assert pixel_auroc(masks, maps, max_pixels=8000) == approx  # seeded
+
+
+def test_infinite_scores():
+    """+inf (e.g. -log p underflow) is the most anomalous; thresholds stay usable."""
+    y = [0, 1, 1, 0, 1]
+    s = [0.0, np.inf, 5.0, -np.inf, np.inf]
+    assert auroc(y, s) == pytest.approx(brute_auroc(y, s))
+    fpr, tpr, thr, youden = roc_with_youden(y, s)
+    for f, t, th in zip(fpr, tpr, thr):
+        if np.isfinite(th) or th == np.inf:
+            bt, bf = brute_rates(y, s, th)
+            assert (t, f) == pytest.approx((bt, bf))
+    assert youden == pytest.approx(2.5)
