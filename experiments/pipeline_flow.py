@@ -278,7 +278,8 @@ def write_outputs(cfg: DictConfig, out: Path, dm, val_items, val, test_items, te
             import torch
 
             with torch.no_grad():
-                s = m0.sample(12, temperature).float().cpu().numpy()  # (n, 1, H, W) | (n,1,D,H,W)
+                n = max(1, int(cfg.glow.n_samples))
+                s = m0.sample(n, temperature).float().cpu().numpy()  # (n,1,H,W) | (n,1,D,H,W)
             plots.plot_image_grid(fig / "samples_m0.png", [_display(a) for a in s],
                                   [f"T={temperature:g}"] * len(s), ncols=6,
                                   title=f"Samples from M0 at temperature {temperature:g}")
@@ -337,8 +338,8 @@ def write_outputs(cfg: DictConfig, out: Path, dm, val_items, val, test_items, te
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     import torch
-    from datamodules.factory import build_datamodule
 
+    from datamodules.factory import build_datamodule
     from lightning_modules.flow_posterior.scoring import check_models, pick_device, score_items
     from lightning_modules.glow import load_glow
 

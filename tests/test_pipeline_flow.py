@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -72,3 +74,111 @@ def test_evaluate_needs_both_classes_in_test():
     s = FlowScores(np.zeros(3), np.zeros(3), np.zeros(3))
     with pytest.raises(ConfigError, match="S_unknown"):
         pipeline_flow.evaluate(_items([0, 1, 1]), s, _items([1, 1, 1]), s)
+
+
+# --- end to end on tiny phantoms (fast tier) ---------------------------------------------------
+
+def _phantom_volume_hu(rng: np.random.Generator, abnormal: bool, shape=(8, 16, 16)) -> np.ndarray:
+    """A head-CT-like volume in HU: brain (~30 HU) in air (-1000 HU, 0 after the brain window);
+    abnormal: more air around it and a hyperdense (~75 HU, haemorrhage-like) lesion."""
+    d, h, w = shape
+    m = int(rng.integers(3, 5) if abnormal else rng.integers(1, 3))
+    vol = np.full(shape, -1000.0, np.float32)
+    vol[1:d - 1, m:h - m, m:w - m] = rng.normal(30, 4, (d - 2, h - 2 * m, w - 2 * m))
+    if abnormal:
+        z, r, c = rng.integers(1, d - 3), *rng.integers(m, h - m - 3, size=2)
+        vol[z:z + 2, r:r + 3, c:c + 3] = 75.0
+    return vol.astype(np.int16)
+
+
+def write_folder_phantoms(root, modality: str, seed: int = 0, n_train: int = 32,
+                          n_eval: int = 8) -> None:
+    """The folder layout (DESIGN.md §3) with tiny 2D PNGs or 3D .npy HU volumes."""
+    from PIL import Image
+    from test_flow_posterior import phantom
+
+    rng = np.random.default_rng(seed)
+    groups = {("train", "normal"): [0] * n_train,
+              ("train", "mixture"): [0] * (n_train // 2) + [1] * (n_train // 2),
+              ("val", "normal"): [0] * n_eval, ("val", "abnormal"): [1] * n_eval,
+              ("test", "normal"): [0] * n_eval, ("test", "abnormal"): [1] * n_eval}
+    for (split, group), labels in groups.items():
+        folder = root / split / group
+        folder.mkdir(parents=True)
+        for i, y in enumerate(labels):
+            if modality == "cxr":
+                img = (phantom(rng, bool(y)) * 255).round().astype(np.uint8)
+                Image.fromarray(img).save(folder / f"{group}{i:03d}.png")
+            else:
+                np.save(folder / f"{group}{i:03d}.npy", _phantom_volume_hu(rng, bool(y)))
+
+
+TINY = {
+    "cxr": ["data.image_size=16", "glow.levels=2"],
+    "bct": ["data.volume_size=[8,16,16]", "glow.levels=2"],
+}
+
+
+def _argv(root, out, modality, *extra):
+    return ["method=flow", "data=folder", f"data.root={root}", f"data.modality={modality}",
+            "profile=cpu", f"out_dir={out}", "logger=none", "trainer.progress_bar=false",
+            "glow.steps=2", "glow.hidden_channels=16", "data.batch_size=16",
+            "trainer.max_epochs=3", "eval.n_extremes=6", "glow.n_samples=1", *TINY[modality],
+            *extra]
+
+
+def _run(root, out, modality, *extra):
+    from experiments.pipeline import main
+
+    return main(_argv(root, out, modality, *extra))
+
+
+@pytest.mark.parametrize("modality", ["cxr", "bct"])
+def test_pipeline_end_to_end(out_dir, modality, monkeypatch):
+    import csv
+    import json
+
+    from lightning_modules.flow_posterior import PreprocessingMismatch
+
+    root, out = out_dir / "data", out_dir / "run"
+    write_folder_phantoms(root, modality)
+    metrics = _run(root, out, modality)
+
+    for f in ("scores.csv", "metrics.json", "report.html", "config.yaml", "m0/flow_model.json",
+              "m1/flow_model.json", "figures/roc.png", "figures/hist_log_posterior.png",
+              "figures/hist_log_likelihood.png", "figures/most_abnormal.png",
+              "figures/least_abnormal.png", "figures/zero_fraction_likelihood.png",
+              "figures/roc_per_finding.png", "figures/samples_m0.png"):
+        assert (out / f).is_file(), f
+    with open(out / "scores.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 16
+    assert list(rows[0])[:3] == ["path", "label", "score"]
+    assert {"log_p_m0", "log_p_m1", "log_posterior", "score_likelihood", "finding",
+            "zero_fraction"} <= set(rows[0])
+    for r in rows:  # score = -log posterior = log p(x|M1) - log p(x|M0)
+        assert float(r["score"]) == pytest.approx(-float(r["log_posterior"]))
+        assert float(r["log_posterior"]) == pytest.approx(
+            float(r["log_p_m0"]) - float(r["log_p_m1"]), rel=1e-9, abs=1e-6)
+        assert float(r["score_likelihood"]) == pytest.approx(-float(r["log_p_m0"]))
+    saved = json.loads((out / "metrics.json").read_text())
+    for k in ("auroc", "accuracy", "precision", "sensitivity", "specificity", "threshold",
+              "auroc_likelihood", "val/auroc", "per_finding"):
+        assert k in saved, k
+    assert 0.0 <= metrics["auroc"] <= 1.0 and metrics["threshold_source"] == "Youden's J on val"
+    html = (out / "report.html").read_text()
+    assert "figures/roc.png" in html and "Youden" in html
+
+    # A second run reuses both models (no retraining) ...
+    def no_training(cfg, datamodule=None):
+        raise AssertionError("M0/M1 should have been reused, not retrained")
+
+    monkeypatch.setattr("experiments.train_glow.train", no_training)
+    cfg = pipeline_flow.load(_argv(root, out, modality))
+    ckpt = pipeline_flow.ensure_model(cfg, "m0", out, n_items=1)
+    assert ckpt == Path(json.loads((out / "m0" / "flow_model.json").read_text())["ckpt"])
+    # ... and refuses to combine them with data preprocessed differently.
+    other = ["data.image_size=32"] if modality == "cxr" else ["data.volume_size=[16,16,16]"]
+    key = "image_size" if modality == "cxr" else "volume_size"
+    with pytest.raises(PreprocessingMismatch, match=key):
+        _run(root, out, modality, *other)
