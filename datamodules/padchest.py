@@ -35,9 +35,12 @@ log = logging.getLogger(__name__)
 
 CSV_NAME = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"
 REQUIRED_COLUMNS = ("ImageID", "ImageDir", "PatientID", "MethodLabel", "Projection", "Labels")
+OPTIONAL_COLUMNS = ("StudyID", "StudyDate_DICOM", "PatientSex_DICOM", "PatientBirth")
 EXCLUDE_TAG = "exclude"
 SUBOPTIMAL_TAG = "suboptimal study"
 POLICIES = ("drop", "keep")
+# Optional lesion masks <root>/masks/<ImageID> (not part of PadChest; the phantoms write them).
+MASK_DIR = "masks"
 
 
 def parse_labels(value) -> list[str] | None:
@@ -59,7 +62,9 @@ def read_csv(csv_path: str | Path, required=REQUIRED_COLUMNS) -> pd.DataFrame:
     if not csv_path.is_file():
         raise FileNotFoundError(f"{csv_path}: labels CSV not found.")
     try:
-        df = pd.read_csv(csv_path, low_memory=False)  # .csv or .csv.gz (inferred)
+        # Only the columns used: skips parsing the free-text reports (4x faster).
+        df = pd.read_csv(csv_path, low_memory=False,  # .csv or .csv.gz (inferred)
+                         usecols=lambda c: c in required or c in OPTIONAL_COLUMNS)
     except Exception as e:
         raise ValueError(f"{csv_path}: cannot read CSV ({type(e).__name__}: {e}).") from None
     missing = [c for c in required if c not in df.columns]
@@ -185,11 +190,14 @@ class PadChestDataModule(FileDataModule):
             fold=int(_cfg(self.cfg, "fold", 0)), n_folds=int(_cfg(self.cfg, "n_folds", 5)),
             seed=int(_cfg(self.cfg, "split_seed", 0)),
         )
+        masks = _listing(self.root / MASK_DIR)
         index: dict[tuple[str, str], list[Item]] = {}
         for (split, group), row in zip(assign, df.itertuples(index=False)):
             index.setdefault((split, group), []).append(Item(
                 path=row.path, label=NORMAL if row.is_normal else ABNORMAL,
                 finding="" if row.is_normal else ", ".join(row.labels),
+                mask_path=str(self.root / MASK_DIR / row.ImageID)
+                if row.ImageID in masks else None,
                 group_id=row.PatientID,
             ))
         return index

@@ -115,8 +115,8 @@ def flow_sets(
     exceed the 26,684 images of the data set, so its sets must overlap. Requested sizes larger
     than what is available are clipped, and the clipping is logged as a WARNING.
 
-    Defaults (size None): S_unknown = 20 % of each class, S_normal = half of the remaining
-    normals, S_mixture = the rest (normals) and all remaining abnormals.
+    Defaults (size None): S_unknown = 20 % of each class (at least 2), S_normal = half of the
+    remaining normals (rounded up), S_mixture = the rest (normals) and all remaining abnormals.
 
     S_unknown is cut into val (``val_fraction``, for thresholds) and test. Returns lists of ids
     under keys ``normal``, ``mixture_normal``, ``mixture_abnormal``, ``val_normal``,
@@ -126,12 +126,15 @@ def flow_sets(
     normals = _rotated_permutation(normal_ids, seed, fold, n_folds)
     abnormals = _rotated_permutation(abnormal_ids, seed + 1, fold, n_folds)
 
-    unk_n = _take(normals, sizes.n_unknown_normal, len(normals) // 5, "S_unknown normal", warn)
-    unk_a = _take(abnormals, sizes.n_unknown_abnormal, len(abnormals) // 5,
-                  "S_unknown abnormal", warn)
+    # Defaults keep two S_unknown cases per class (one val, one test) on tiny data sets.
+    unk_n = _take(normals, sizes.n_unknown_normal,
+                  min(max(2, len(normals) // 5), max(len(normals) - 1, 0)),
+                  "S_unknown normal", warn)
+    unk_a = _take(abnormals, sizes.n_unknown_abnormal, min(max(2, len(abnormals) // 5),
+                  len(abnormals)), "S_unknown abnormal", warn)
     rest_n = normals[len(unk_n):]
     rest_a = abnormals[len(unk_a):]
-    s_normal = _take(rest_n, sizes.n_normal, len(rest_n) // 2, "S_normal", warn)
+    s_normal = _take(rest_n, sizes.n_normal, (len(rest_n) + 1) // 2, "S_normal", warn)
     free_n = rest_n[len(s_normal):]
     free_a = rest_a
 
@@ -153,8 +156,11 @@ def flow_sets(
     for w in warn:
         log.warning("Flow set sizes clipped — %s", w)
 
-    n_val_n = int(round(val_fraction * len(unk_n)))
-    n_val_a = int(round(val_fraction * len(unk_a)))
+    def n_val(n: int) -> int:  # at least one val case of each class when there are two
+        k = int(round(val_fraction * n))
+        return max(k, 1) if val_fraction > 0 and n >= 2 else k
+
+    n_val_n, n_val_a = n_val(len(unk_n)), n_val(len(unk_a))
     return {
         "normal": s_normal,
         "mixture_normal": mix_n,

@@ -109,7 +109,9 @@ def auroc(labels: Any, scores: Any) -> float:
     if _one_class(y, "auroc"):
         return float("nan")
     ranks, _ = _dense_rank01(s)
-    return float(binary_auroc(torch.from_numpy(ranks), torch.from_numpy(y)))
+    # validate_args=False: inputs are checked above; torchmetrics would re-scan them (slow on
+    # millions of pooled pixels)
+    return float(binary_auroc(torch.from_numpy(ranks), torch.from_numpy(y), validate_args=False))
 
 
 def confusion(labels: Any, scores: Any, threshold: float) -> dict[str, int]:
@@ -137,7 +139,9 @@ def roc_with_youden(
         nan = np.array([np.nan])
         return nan, nan, nan, float("nan")
     ranks, distinct = _dense_rank01(s)
-    fpr_t, tpr_t, thr_rank = binary_roc(torch.from_numpy(ranks), torch.from_numpy(y))
+    fpr_t, tpr_t, thr_rank = binary_roc(
+        torch.from_numpy(ranks), torch.from_numpy(y), validate_args=False
+    )
     fpr = fpr_t.double().numpy()
     tpr = tpr_t.double().numpy()
     # torchmetrics point k>=1 is the rule `rank >= thr_rank[k]`, i.e. `score >= v_k` with v_k
@@ -197,9 +201,12 @@ def binary_metrics(labels: Any, scores: Any, threshold: float) -> dict[str, Any]
         "sensitivity": ratio("sensitivity", tp, tp + fn),  # eq. 9
         "specificity": ratio("specificity", tn, tn + fp),  # eq. 10
     }
-    _, _, _, youden = roc_with_youden(y, s)
+    if _one_class(y, "binary_metrics"):  # one warning, not one per derived metric
+        auc = youden = float("nan")
+    else:
+        auc, youden = auroc(y, s), roc_with_youden(y, s)[3]
     out.update(
-        auroc=auroc(y, s),
+        auroc=auc,
         threshold=threshold,
         youden_threshold=youden,
         n_normal=int((y == 0).sum()),
@@ -262,17 +269,17 @@ def per_finding_metrics(
 
 
 # --- pixel level ----------------------------------------------------------------------------
-def pixel_auroc(masks: Any, maps: Any, max_pixels: int = 20_000_000, seed: int = 0) -> float:
+def pixel_auroc(masks: Any, maps: Any, max_pixels: int = 10_000_000, seed: int = 0) -> float:
     """Pixel-level AUROC: all pixels (voxels) of all images pooled; lesion pixels positive.
 
     ``masks`` and ``maps`` are sequences of same-shape 2D (H, W) or 3D (D, H, W) arrays (or one
     stacked array each); entries whose mask is None are skipped (counted and logged). NaN if
     there are no masks or the pooled pixels hold only one class.
 
-    Exact up to ``max_pixels`` pooled pixels. Above it (e.g. 1,358 test images of 512² =
-    356 M pixels, ~10 GB to rank) the same random fraction of every image's pixels is drawn
-    (seeded, logged), which keeps memory bounded; the standard error of the estimate is then
-    below 1e-3 for any realistic lesion fraction.
+    Exact up to ``max_pixels`` pooled pixels (10 M: ~20 s on 2 CPU cores). Above it (e.g.
+    1,358 test images of 512² = 356 M pixels, ~10 GB to rank) the same random fraction of
+    every image's pixels is drawn (seeded, logged), which keeps memory and time bounded;
+    measured on 26 M pixels: 0.75527 subsampled vs 0.75513 exact.
     """
     if isinstance(masks, np.ndarray | torch.Tensor) and isinstance(maps, np.ndarray | torch.Tensor):
         masks, maps = list(_as_numpy(masks)), list(_as_numpy(maps))

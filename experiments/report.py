@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import html
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -210,3 +210,120 @@ class Report:
         path = self.out_dir / "report.html"
         path.write_text(page, encoding="utf-8")
         return path
+
+
+def write_standard_outputs(
+    out_dir: str | Path,
+    title: str,
+    *,
+    paths: Sequence[Any],
+    labels: Any,
+    scores: Any,
+    threshold: float,
+    score_name: str = "anomaly score",
+    findings: Sequence[Any] | None = None,
+    extra_scores: Mapping[str, Any] | None = None,
+    load_image: Callable[[int], Any] | None = None,
+    n_extremes: int = 36,
+    overlays: Mapping[str, Sequence[Any]] | None = None,
+    pixel_masks: Sequence[Any] | None = None,
+    pixel_maps: Sequence[Any] | None = None,
+    extra_metrics: Mapping[str, Any] | None = None,
+    notes: str = "",
+) -> dict[str, Any]:
+    """One call for the contract outputs of a pipeline run (DESIGN.md §3).
+
+    Writes ``out_dir/scores.csv`` (``path,label,score`` + ``finding`` + one column per extra
+    score), ``out_dir/metrics.json`` (``auroc, accuracy, precision, sensitivity, specificity,
+    threshold, youden_threshold, ...``, ``pixel_auroc`` when masks are given, ``per_finding``,
+    merged with ``extra_metrics``), the figures in ``out_dir/figures/`` and
+    ``out_dir/report.html``; returns the metrics dict.
+
+    ``load_image(i)`` returns item i as a 2D array (for 3D, a :func:`plots.middle_slice_montage`)
+    for the grids of the ``n_extremes`` most / least anomalous items. ``overlays`` is
+    ``{"images", "maps", "captions"[, "masks"]}`` for :func:`plots.plot_overlays`.
+    """
+    import numpy as np
+
+    from experiments import plots
+    from experiments.evaluation import (
+        _as_numpy,
+        binary_metrics,
+        per_finding_metrics,
+        pixel_auroc,
+        write_metrics_json,
+        write_scores_csv,
+    )
+
+    out = Path(out_dir)
+    figs = out / "figures"
+    y = _as_numpy(labels).reshape(-1)
+    s = _as_numpy(scores).astype(np.float64).reshape(-1)
+    extra_scores = dict(extra_scores or {})
+
+    metrics: dict[str, Any] = binary_metrics(y, s, threshold)
+    if pixel_masks is not None and pixel_maps is not None:
+        metrics["pixel_auroc"] = pixel_auroc(pixel_masks, pixel_maps)
+    for name, other in extra_scores.items():
+        metrics[f"auroc_{name}"] = binary_metrics(y, other, threshold)["auroc"]
+    if findings is not None:
+        metrics["per_finding"] = per_finding_metrics(y, s, findings, threshold=threshold)
+    metrics.update(extra_metrics or {})
+
+    columns: dict[str, Sequence[Any]] = {}
+    if findings is not None:
+        columns["finding"] = [f if isinstance(f, str) else "|".join(f or []) for f in findings]
+    columns.update({k: _as_numpy(v).reshape(-1).tolist() for k, v in extra_scores.items()})
+    write_scores_csv(out / "scores.csv", paths, y, s, **columns)
+    write_metrics_json(out / "metrics.json", metrics)
+
+    rep = Report(out, title)
+    if notes:
+        rep.add_text(notes)
+    rep.add_heading("Image-level results")
+    rep.add_text(f"{metrics['n_normal']} normal and {metrics['n_abnormal']} abnormal images. "
+                 f"An image is flagged abnormal when its {score_name} is > "
+                 f"{format_value(float(threshold))}.")
+    headline = {k: metrics[k] for k in ("auroc", "accuracy", "precision", "sensitivity",
+                                        "specificity", "threshold", "youden_threshold",
+                                        "pixel_auroc", "n_normal", "n_abnormal", "tp", "fp",
+                                        "tn", "fn") if k in metrics}
+    headline.update({k: v for k, v in metrics.items() if k.startswith("auroc_")})
+    rep.add_metrics(headline, title="Test set")
+    if extra_metrics:
+        rep.add_metrics(dict(extra_metrics), title="Other metrics")
+    rep.add_figure(plots.plot_roc(figs / "roc.png", y, {score_name: s, **extra_scores},
+                                  title="ROC curve"),
+                   "ROC curve; the circle marks Youden's cut-off (max sensitivity + "
+                   "specificity - 1) on this set.")
+    rep.add_figure(plots.plot_histograms(figs / "histogram.png", s, y, score_name,
+                                         thresholds={"threshold": threshold,
+                                                     "Youden": metrics["youden_threshold"]}),
+                   f"Distribution of the {score_name} per class (densities, shared bins).")
+    if findings is not None and metrics["per_finding"]:
+        rep.add_heading("Per finding")
+        rep.add_metrics(metrics["per_finding"],
+                        title="Each finding's abnormal images vs all normal images")
+        rep.add_figure(plots.plot_roc_per_finding(figs / "roc_per_finding.png", y, s, findings,
+                                                  title="ROC per finding"),
+                       "ROC of each finding against all normal images.")
+    if load_image is not None and len(s):
+        rep.add_heading("Most and least anomalous images")
+        order = np.argsort(-s, kind="stable")
+        k = min(n_extremes, len(s))
+        for name, idx in (("most", order[:k]), ("least", order[::-1][:k])):
+            caps = [f"{'abnormal' if y[i] == 1 else 'normal'} | {format_value(float(s[i]))}"
+                    for i in idx]
+            p = plots.plot_image_grid(figs / f"{name}_anomalous.png",
+                                      [load_image(int(i)) for i in idx], caps,
+                                      title=f"{k} {name} anomalous test images")
+            rep.add_figure(p, f"The {k} {name} anomalous test images (true label | "
+                              f"{score_name}).")
+    if overlays:
+        rep.add_heading("Anomaly maps")
+        rep.add_figure(plots.plot_overlays(figs / "overlays.png", overlays["images"],
+                                           overlays["maps"], overlays["captions"],
+                                           masks=overlays.get("masks")),
+                       "Image and anomaly map (one colour scale for all cases).")
+    rep.write()
+    return metrics

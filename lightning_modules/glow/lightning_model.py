@@ -1,7 +1,8 @@
 """Lightning wrapper of the 2D/3D Glow (Shibata et al., https://arxiv.org/abs/2001.07847).
 
-Thin: dequantisation, NLL in bits/dim, optimiser, ActNorm initialisation under DDP, exact
-resume (RNG state in the checkpoint), a clear stop on a non-finite loss.
+Thin: dequantisation, NLL in bits/dim, optimiser, ActNorm initialisation under DDP, a clear
+stop on a non-finite loss. The dequantisation noise is drawn from a generator seeded by
+(seed, global step, rank), so a run resumed from a checkpoint replays exactly.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -43,18 +43,22 @@ class GlowModule(pl.LightningModule):
     """
 
     def __init__(self, glow: dict, input_shape: list[int], n_bits: int = 8,
-                 optim: dict | None = None, data: dict | None = None):
+                 optim: dict | None = None, data: dict | None = None, seed: int = 0):
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.model: Glow = build_glow(glow, input_shape)
         self.n_bits = int(n_bits)
         self.n_dims = math.prod(input_shape)
         self.optim_cfg = dict(optim or {"name": "adam", "lr": 1e-3, "weight_decay": 0.0})
-        self._rng_to_restore: dict | None = None
 
     # --- likelihood ------------------------------------------------------------------------
+    def _noise_generator(self, device: torch.device) -> torch.Generator:
+        seed = (int(self.hparams.seed) * 1_000_003 + self.global_step) * 1024 + self.global_rank
+        return torch.Generator(device=device).manual_seed(seed)
+
     def _log_p_discrete(self, x: torch.Tensor, noise: bool) -> torch.Tensor:
-        y = dequantize(x, self.n_bits, noise)  # (B, C, ...) in [-1/2, 1/2)
+        g = self._noise_generator(x.device) if noise else None
+        y = dequantize(x, self.n_bits, noise, g)  # (B, C, ...) in [-1/2, 1/2)
         return discrete_log_likelihood(self.model.log_prob(y), self.n_dims, self.n_bits)
 
     @torch.no_grad()
@@ -113,14 +117,12 @@ class GlowModule(pl.LightningModule):
         (so all replicas start from rank 0's batch statistics; DDP only syncs parameters at
         wrap time, before this). Skipped when resuming (the flags are in the checkpoint).
         """
-        if self._rng_to_restore is not None:
-            _set_rng_state(self._rng_to_restore)
-            self._rng_to_restore = None
         if self.model.initialized:
             return
         batch = next(iter(self.trainer.train_dataloader))
         x = batch["image"].to(self.device)
-        self.model.initialize_actnorm(dequantize(x, self.n_bits, noise=True))
+        self.model.initialize_actnorm(dequantize(x, self.n_bits, True,
+                                                 self._noise_generator(x.device)))
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for a in self.model.actnorms():
                 for t in (a.s.data, a.t.data, a.data_dep_init_done):
@@ -147,27 +149,6 @@ class GlowModule(pl.LightningModule):
             opt, T_max=max(1, int(self.trainer.estimated_stepping_batches)))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    # --- exact resume ----------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # dequantisation noise and the shuffling order come from torch's global RNG
-        checkpoint["glow_rng"] = _get_rng_state()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._rng_to_restore = checkpoint.get("glow_rng")
-
-
-def _get_rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
 
 def load_glow(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> GlowModule:
     """A trained :class:`GlowModule` in eval mode. The checkpoint is read with
@@ -179,7 +160,7 @@ def load_glow(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -
     hp = ckpt.get("hyper_parameters")
     if not hp or "glow" not in hp:
         raise ValueError(f"{path} is not a GlowModule checkpoint (no glow hyper-parameters)")
-    module = GlowModule(**{k: hp[k] for k in ("glow", "input_shape", "n_bits", "optim", "data")
+    module = GlowModule(**{k: hp[k] for k in ("glow", "input_shape", "n_bits", "optim", "data", "seed")
                            if k in hp})
     module.load_state_dict(ckpt["state_dict"])
     return module.eval()

@@ -16,7 +16,6 @@ from typing import Any
 
 import normflows as nf
 import torch
-from torch import nn
 
 from . import layers2d
 from .layers2d import ActNorm, GlowStep
@@ -36,11 +35,15 @@ def quantize(x: torch.Tensor, n_bits: int) -> torch.Tensor:
     return torch.round(x.clamp(0, 1) * top)
 
 
-def dequantize(x: torch.Tensor, n_bits: int, noise: bool) -> torch.Tensor:
+def dequantize(x: torch.Tensor, n_bits: int, noise: bool,
+               generator: torch.Generator | None = None) -> torch.Tensor:
     """Flow input y = (k + u) / 2^n - 1/2 with u ~ U(0, 1) in training (uniform dequantisation)
     or u = 1/2 (the bin centre, deterministic) at evaluation. y lies in [-1/2, 1/2)."""
     k = quantize(x, n_bits)
-    u = torch.rand_like(k) if noise else torch.full_like(k, 0.5)
+    if noise:
+        u = torch.rand(k.shape, generator=generator, device=k.device, dtype=k.dtype)
+    else:
+        u = torch.full_like(k, 0.5)
     return (k + u) / 2**n_bits - 0.5
 
 
@@ -216,7 +219,7 @@ def estimate_memory(glow_cfg: Any, input_shape: tuple[int, ...], batch_size: int
     """
     cfg = {k: _get(glow_cfg, k) for k in
            ("levels", "steps", "hidden_channels", "coupling_scale", "checkpointing",
-            "fuse_actnorm")}
+            "fuse_actnorm") if _get(glow_cfg, k) is not None}
     if checkpointing is not None:
         cfg["checkpointing"] = checkpointing
     model = build_glow(cfg, input_shape)
