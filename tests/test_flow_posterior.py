@@ -69,18 +69,22 @@ class HistogramModel:
         return self.log_density[self._bins(x)].flatten(1).sum(1)  # (B,)
 
 
+MARGIN_P = {False: [0.4, 0.3, 0.2, 0.1], True: [0.1, 0.2, 0.3, 0.4]}  # margins 1..4 px
+
+
 def phantom(rng: np.random.Generator, abnormal: bool, size: int = 16) -> np.ndarray:
     """A 'radiograph': a textured body on an empty (zero) background, quantised to 8 bits.
-    Abnormal images have a wider empty border (more zero pixels, as in the paper's RSNA
-    non-normal images, Appendix A) and a bright lesion."""
-    margin = int(rng.integers(3, 6) if abnormal else rng.integers(1, 4))
+    Both classes share the range of empty borders, but abnormal images tend to have wider ones
+    (more zero pixels, like the paper's RSNA non-normal images, Appendix A) and carry a subtle
+    lesion (a brighter 3x3 opacity within the body's intensity range)."""
+    margin = 1 + int(rng.choice(4, p=MARGIN_P[abnormal]))
     img = np.zeros((size, size), np.float32)
-    body = rng.normal(0.5, 0.06, (size - 2 * margin,) * 2).clip(0.2, 0.8)
+    body = rng.normal(0.5, 0.08, (size - 2 * margin,) * 2).clip(0.1, 0.9)
     img[margin:size - margin, margin:size - margin] = body
     if abnormal:
         r, c = rng.integers(margin, size - margin - 3, size=2)
-        img[r:r + 3, c:c + 3] = rng.uniform(0.9, 1.0, (3, 3))
-    return np.round(img * 255) / 255
+        img[r:r + 3, c:c + 3] += 0.15
+    return np.round(img.clip(0, 1) * 255) / 255
 
 
 def phantom_set(rng, n_normal: int, n_abnormal: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,7 +214,9 @@ def test_scorer_fails_on_non_finite_likelihoods():
 # --- Appendix A: the background dominates the likelihood, the posterior cancels it -------------
 
 def _auroc(scores: np.ndarray, labels: torch.Tensor) -> float:
-    return float(binary_auroc(torch.as_tensor(scores), labels))
+    """Rank-based AUROC (torchmetrics would squash raw scores of ~1e3 nats with a sigmoid)."""
+    ranks = torch.as_tensor(scores).argsort().argsort().double() / len(scores)  # in [0, 1)
+    return float(binary_auroc(ranks, labels))
 
 
 def test_likelihood_auroc_falls_below_posterior_auroc_analytic():
@@ -225,7 +231,7 @@ def test_likelihood_auroc_falls_below_posterior_auroc_analytic():
     # The likelihood is dominated by the empty background: abnormal images, with more zero
     # pixels, look *more* likely than normal ones (paper: AUROC below 0.5).
     assert auroc_lik < 0.5 < auroc_post
-    assert auroc_post > 0.9
+    assert auroc_post > 0.7
     # ... and log p(x|M0) rises with the fraction of zero pixels (paper, Fig. A.20).
     rho = np.corrcoef(scores.zero_fraction, scores.log_p_m0)[0, 1]
     assert rho > 0.5
@@ -236,3 +242,47 @@ def test_flow_scores_prior_shifts_but_does_not_reorder():
     shifted = FlowScores(s.log_p_m0, s.log_p_m1, s.zero_fraction, log_prior_normal=-0.7)
     np.testing.assert_allclose(shifted.log_posterior, s.log_posterior - 0.7)
     assert np.argsort(shifted.score).tolist() == np.argsort(s.score).tolist()
+
+
+def _train_tiny_glow(x: torch.Tensor, steps: int, seed: int):
+    """A tiny project Glow (GlowModule) fitted by maximum likelihood with a plain loop."""
+    from lightning_modules.glow import GlowModule, dequantize
+
+    torch.manual_seed(seed)
+    m = GlowModule({"levels": 2, "steps": 4, "hidden_channels": 32, "coupling_scale": "paper"},
+                   list(x.shape[1:]), n_bits=8, data={"modality": "cxr", "image_size": 16})
+    m.model.initialize_actnorm(dequantize(x[:64], 8, noise=True))
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    for _ in range(steps):
+        batch = x[torch.randint(len(x), (32,))]  # (32, 1, 16, 16)
+        loss = -m._log_p_discrete(batch, noise=True).mean() / x[0].numel()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval()
+
+
+def test_likelihood_auroc_falls_below_posterior_auroc_trained_glows():
+    """The same Appendix A effect with two real (tiny) Glows trained on S_normal / S_mixture."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is faster and immune to oversubscription
+    try:
+        rng = np.random.default_rng(0)
+        s_normal, _ = phantom_set(rng, 128, 0)
+        s_mixture, _ = phantom_set(rng, 64, 64)
+        s_unknown, labels = phantom_set(rng, 64, 64)
+        m0 = _train_tiny_glow(s_normal, 200, seed=0)
+        m1 = _train_tiny_glow(s_mixture, 200, seed=1)
+        scores = score_batches(m0, m1, [s_unknown], progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    # the scorer is the difference of the two models' own log-likelihoods
+    np.testing.assert_allclose(
+        scores.log_posterior,
+        (m0.log_likelihood(s_unknown) - m1.log_likelihood(s_unknown)).double().numpy(),
+        rtol=1e-5, atol=1e-2)
+    auroc_post = _auroc(scores.score, labels)
+    auroc_lik = _auroc(scores.score_likelihood, labels)
+    assert auroc_lik < 0.5 < auroc_post
+    assert auroc_post - auroc_lik > 0.2
+    assert np.corrcoef(scores.zero_fraction, scores.log_p_m0)[0, 1] > 0.5
