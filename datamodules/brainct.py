@@ -2,14 +2,16 @@
 
 Layout under ``data.root``::
 
-    labels.csv                  case,label[,finding][,mask]
+    labels.csv                  case,label[,finding][,mask][,series_uid]
     <case>/                     one DICOM series per folder (slices in any order / names), or
     <case>.npy                  a (D, H, W) volume in HU
 
 ``case`` is a folder or file name relative to the root (``.npy`` may be omitted). ``label``
 is ``normal`` / ``abnormal`` (or 0 / 1); ``finding`` (e.g. ``haemorrhage``, ``infarction``)
 is kept for per-finding ROC curves; ``mask`` is an optional (D, H, W) ``.npy`` lesion mask
-(default: ``masks/<case>.npy`` when present).
+(default: ``masks/<case>.npy`` when present); ``series_uid`` picks one SeriesInstanceUID in a
+case folder that holds several series (otherwise such a case is skipped with its series
+listed).
 Preprocessing (paper appendix B): modality LUT -> HU -> I = clip(HU + 14, 0, 127) -> trilinear
 resample to ``data.volume_size`` (paper: 32x128x128) -> /127. Sets: S_normal 250 /
 S_mixture 250 + 250 / S_unknown 33 + 33 in the paper (``configs/data/bct.yaml``).
@@ -39,7 +41,8 @@ def _text(value) -> str:
 
 
 def load_index(csv_path: str | Path, root: str | Path | None = None) -> pd.DataFrame:
-    """Rows ``case, label (0/1), finding, path, mask_path`` (path None when absent)."""
+    """Rows ``case, label (0/1), finding, path, mask_path, series_uid`` (path None when
+    absent)."""
     csv_path = Path(csv_path)
     root = Path(root) if root is not None else csv_path.parent
     if not csv_path.is_file():
@@ -48,7 +51,7 @@ def load_index(csv_path: str | Path, root: str | Path | None = None) -> pd.DataF
     missing = [c for c in ("case", "label") if c not in df.columns]
     if missing:
         raise ValueError(f"{csv_path}: missing required column(s) {missing}; found "
-                         f"{list(df.columns)}. Expected case,label[,finding][,mask].")
+                         f"{list(df.columns)}. Expected case,label[,finding][,mask][,series_uid].")
     labels = df["label"].str.strip().str.lower().map(_LABEL_VALUES)
     if labels.isna().any():
         bad = sorted(set(df.loc[labels.isna(), "label"]))[:5]
@@ -74,6 +77,7 @@ def load_index(csv_path: str | Path, root: str | Path | None = None) -> pd.DataF
         "finding": df["finding"].str.strip() if "finding" in df.columns else "",
         "path": df["case"].map(resolve),
         "mask_path": df.apply(mask_of, axis=1) if len(df) else [],
+        "series_uid": df["series_uid"].str.strip() if "series_uid" in df.columns else "",
     })
     return out
 
@@ -100,6 +104,7 @@ class BrainCTDataModule(FileDataModule):
                         "dropped.", int(absent.sum()), len(df), csv_path.name, self.root)
         df = df[~absent]
         rows = {r.case: r for r in df.itertuples(index=False)}
+        self.series_uid.update({r.path: r.series_uid for r in rows.values() if r.series_uid})
         c = self.cfg
         sets = flow_sets(
             df.loc[df["label"] == NORMAL, "case"].tolist(),

@@ -42,6 +42,9 @@ class DataConfig:
     # Check every item before training: quick (headers / PNG CRCs, cached) | full (decode all)
     # | none. Unreadable items are skipped, counted and logged.
     verify: str = "quick"
+    # Keep every loaded item, resized, as uint16 .npy under .cache/items/ (opt in: ~2 MB per
+    # 1024^2 image) so later epochs skip decoding large PNG/DICOM files.
+    cache_items: bool = False
     # Image folder for rsna (stage_2_train_images) relative to root; PadChest images are found
     # at <root>/<ImageDir>/<ImageID> or <root>/<ImageID>.
     image_dir: str | None = None

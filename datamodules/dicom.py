@@ -374,11 +374,11 @@ def read_npy_volume(path: str | Path) -> np.ndarray:
     return vol.astype(np.float32)
 
 
-def read_volume_hu(path: str | Path) -> np.ndarray:
+def read_volume_hu(path: str | Path, series_uid: str | None = None) -> np.ndarray:
     """HU volume (D, H, W) from a DICOM series folder or a ``.npy`` file."""
     path = Path(path)
     if path.is_dir():
-        return read_series(path)[0]
+        return read_series(path, series_uid)[0]
     if path.suffix.lower() == ".npy":
         return read_npy_volume(path)
     raise ImageReadError(
@@ -386,11 +386,12 @@ def read_volume_hu(path: str | Path) -> np.ndarray:
     )
 
 
-def load_brain_volume(path: str | Path, shape: tuple[int, int, int]) -> np.ndarray:
+def load_brain_volume(path: str | Path, shape: tuple[int, int, int],
+                      series_uid: str | None = None) -> np.ndarray:
     """HU -> brain window -> trilinear resample to ``shape`` -> /127: float32 in [0, 1].
 
     The window comes first: resampling raw HU would blend padding (-2000 ...) and bone into the
     brain voxels at the edges."""
-    windowed = brain_window(read_volume_hu(path)).astype(np.float32)  # (D, H, W) in 0..127
+    windowed = brain_window(read_volume_hu(path, series_uid)).astype(np.float32)  # 0..127
     vol = resize_3d(windowed, shape) / BRAIN_WINDOW_MAX
     return np.clip(vol, 0.0, 1.0).astype(np.float32)

@@ -102,3 +102,32 @@ def test_bct_datamodule(tmp_path, caplog):
     dm_all = BrainCTDataModule(c)
     dm_all.setup()
     assert all(dm_all.items(s, g) for s in ("val", "test") for g in ("normal", "abnormal"))
+
+
+def test_case_folder_with_two_series_needs_series_uid(tmp_path, caplog):
+    import pydicom
+
+    make_bct(tmp_path / "b")
+    root = tmp_path / "b"
+    ct2 = CT5N.parent.parent / "77654033" / "CT2"
+    for src in (CT5N, ct2):
+        shutil.copytree(src, root / "two" / src.name)
+    uid = pydicom.dcmread(next(ct2.iterdir())).SeriesInstanceUID
+    csv = (root / "labels.csv").read_text().replace("case,label,finding,mask",
+                                                   "case,label,finding,mask,series_uid")
+    lines = [ln + "," if i else ln for i, ln in enumerate(csv.strip().split("\n"))]
+    (root / "labels.csv").write_text("\n".join(lines + ["two,normal,,,"]) + "\n")
+    c = bct_cfg(root, n_normal=None, n_mixture_normal=None, n_mixture_abnormal=None,
+                n_unknown_normal=None, n_unknown_abnormal=None)
+    with caplog.at_level(logging.WARNING):
+        dm = BrainCTDataModule(c)
+        dm.setup()
+    assert "two: holds 2 image series" in caplog.text
+    assert "two" not in {i.group_id for s in ("train", "val", "test") for i in dm.items(s)}
+    (root / "labels.csv").write_text("\n".join(lines + [f"two,normal,,,{uid}"]) + "\n")
+    dm = BrainCTDataModule(c)
+    dm.setup()
+    two = [i for s in ("train", "val", "test") for i in dm.items(s) if i.group_id == "two"]
+    assert len(two) == 1
+    assert dm.load(two[0]).shape == (4, 16, 16)
+    assert dm.series_uid[two[0].path] == uid

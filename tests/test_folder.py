@@ -109,7 +109,7 @@ def test_unreadable_items_skipped_counted_and_logged(tmp_path, caplog, monkeypat
     # Verification results are cached (size + mtime): nothing is read again unless changed.
     calls = []
     real = common.verify_item
-    monkeypatch.setattr(common, "verify_item", lambda p: (calls.append(p), real(p)))
+    monkeypatch.setattr(common, "verify_item", lambda p, *a: (calls.append(p), real(p, *a)))
     dm2 = FolderDataModule(cfg(root))
     dm2.setup()
     assert calls == [] and len(dm2.items("test", "normal")) == 2 and len(dm2.skipped) == 1
@@ -175,7 +175,7 @@ def test_folder_3d_npy_and_dicom_series(tmp_path, caplog, monkeypatch):
     # Series folders are cached too (keyed by their files' sizes and mtimes).
     calls = []
     real = common.verify_item
-    monkeypatch.setattr(common, "verify_item", lambda p: (calls.append(p), real(p)))
+    monkeypatch.setattr(common, "verify_item", lambda p, *a: (calls.append(p), real(p, *a)))
     FolderDataModule(c).setup()
     assert calls == []
     slice0 = sorted((root / "train/normal/series1").iterdir())[0]
@@ -224,3 +224,58 @@ def test_factory_generates_phantoms_once_and_warns(tmp_path, monkeypatch, caplog
     assert len(calls) == 1 and "PHANTOM" in caplog.text
     # A half-written folder (no marker) is never reused.
     assert not list(root.parent.glob("folder-cxr-48-8-3.*"))
+
+
+def test_missing_decoder_skips_item_and_is_not_cached(tmp_path, monkeypatch, caplog):
+    from pydicom.pixels.decoders.base import get_decoder
+    from pydicom.uid import JPEGLSLossless
+
+    root = tmp_path / "d"
+    make_2d(root)
+    shutil.copy(get_testdata_file("MR_small_jpeg_ls_lossless.dcm"), root / "val/normal/ls.dcm")
+    with monkeypatch.context() as m:
+        decoder = get_decoder(JPEGLSLossless)
+        m.setattr(decoder, "_available", {})
+        m.setattr(decoder, "_unavailable", {"pylibjpeg": ("pylibjpeg>=2.0",
+                                                          "pylibjpeg-libjpeg>=2.1")})
+        with caplog.at_level(logging.WARNING):
+            dm = FolderDataModule(cfg(root))
+            dm.setup()
+        assert "1 of 9 items skipped (1 no decoder)" in caplog.text
+        assert "pylibjpeg-libjpeg" in caplog.text and "ls.dcm" in caplog.text
+        assert len(dm.items("val", "normal")) == 1
+    # Decoder installed again: the item is back (the failure was not cached).
+    dm = FolderDataModule(cfg(root))
+    dm.setup()
+    assert len(dm.items("val", "normal")) == 2
+    assert dm.load(dm.items("val", "normal")[0]).shape == (32, 32)
+
+
+def test_item_cache_returns_the_same_pixels(tmp_path):
+    root = tmp_path / "d"
+    make_2d(root)
+    plain = FolderDataModule(cfg(root))
+    cached = FolderDataModule(cfg(root, cache_items=True))
+    for it in plain.items("train"):
+        ref = plain.load(it)
+        np.testing.assert_allclose(cached.load(it), ref, atol=1e-7)  # first load: computed
+        np.testing.assert_allclose(cached.load(it), ref, atol=1 / 65535)  # from the cache
+    assert len(list((tmp_path / "cache" / "items").glob("*.npy"))) == 4
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[1] / "configs" /
+                                                           "data").glob("*.yaml")))
+def test_data_yaml_loads_and_builds(name, tmp_path):
+    from experiments.config import load_config
+
+    c = load_config("base", [f"data={name}", f"data.root={tmp_path}"])
+    assert c.data.name == name and c.data.verify in common.VERIFY_MODES
+    dm = factory.build_datamodule(c.data)  # the class is chosen; nothing is read yet
+    assert dm.is_3d == (factory.modality_of(c.data) == "bct")
+    if name == "rsna":  # the paper's Table 1 sizes
+        assert (c.data.n_normal, c.data.n_mixture_normal, c.data.n_mixture_abnormal,
+                c.data.n_unknown_normal, c.data.n_unknown_abnormal) == (7808, 6553, 6631,
+                                                                        1358, 13863)
+    if name == "bct":
+        assert (c.data.n_normal, c.data.n_mixture_normal, c.data.n_unknown_abnormal) == \
+            (250, 250, 33) and list(c.data.volume_size) == [32, 128, 128]

@@ -13,6 +13,16 @@ from experiments.train_glow import load, main, split_modality, train
 from lightning_modules.glow import GlowModule, NonFiniteLossError, load_glow
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is as fast, and immune to oversubscribed CI cores
+    (2 spinning OpenMP threads on a loaded 2-core box were measured 50x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class FakeDM(MedicalDataModule):
     """Smooth 'anatomy' (a bright disc on a dark background) plus a little texture, in the
     data's bit depth; the ``nan`` group returns a NaN image (for the non-finite test)."""
@@ -156,3 +166,37 @@ def test_glow_module_hparams_are_plain():
     m = GlowModule(glow=dict(levels=1, steps=1, hidden_channels=4), input_shape=[1, 4, 4],
                    n_bits=7, data={"modality": "cxr", "image_size": 4})
     assert m.hparams.n_bits == 7 and m.hparams.data["image_size"] == 4
+
+
+def _ddp_worker(rank, world, port, out):
+    import torch.distributed as dist
+
+    from lightning_modules.glow.lightning_model import broadcast_actnorm
+    from lightning_modules.glow.torch_model import build_glow
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    torch.manual_seed(0)  # same architecture and LU init on both ranks (DDP's wrap-time sync)
+    model = build_glow(dict(levels=2, steps=1, hidden_channels=4), (1, 8, 8))
+    torch.manual_seed(100 + rank)  # each rank's first batch differs
+    model.initialize_actnorm(torch.rand(4, 1, 8, 8) * (rank + 1) - 0.5)
+    broadcast_actnorm(model)
+    torch.save({k: v for k, v in model.state_dict().items() if "actnorm" in k},
+               f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_actnorm_init_is_identical_across_ddp_ranks(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert a.keys() == b.keys() and any(k.endswith(".s") for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)

@@ -7,8 +7,8 @@ anatomy and noise with and without a lesion: ``make_cxr(rng(7), 256)`` and
 to check that a lesion really changes the pixels under its mask.
 
 Shapes are drawn in normalised coordinates ([-1, 1] across the image), so the same seed gives
-the same anatomy at any size and lesions keep their relative size (a nodule is ~4-7 % of the
-image width: a few patches at 64-256 px on a 1024 px input).
+the same anatomy at any size and lesions keep their relative size (a nodule is ~4-9 % of the
+image width, 2-4 cm on a real film: one or a few 64-256 px patches at 1024 px).
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def make_cxr(rng: np.random.Generator, size: int | tuple[int, int] = 256,
     mask = np.zeros((h, w), bool)
     heart_v = heart_n
     if lesion == "cardiomegaly":
-        g = rng.uniform(1.25, 1.45)
+        g = rng.uniform(1.4, 1.7)
         big = dict(heart, cx=heart["cx"] + rng.uniform(0.0, 0.04), cy=heart["cy"] + 0.03)
         heart_v = heart_field(big, grow=(g, g ** 0.5))
 
@@ -246,8 +246,8 @@ def _cxr_density_lesion(rng, lesion, x, y, lungs, lung_l, seen, lung_eff, lung_d
     if lesion == "nodule":
         for _ in range(int(rng.integers(1, 4))):
             iy, ix = _pick_in(rng, lung_eff * _sigmoid((0.9 - np.abs(y)) / 0.02), 0.85)
-            r = rng.uniform(0.035, 0.065)
-            amp = rng.uniform(0.16, 0.24)
+            r = rng.uniform(0.045, 0.085)
+            amp = rng.uniform(0.18, 0.26)
             d = np.hypot(x - x[iy, ix], (y - y[iy, ix]) * rng.uniform(0.85, 1.15))
             add += amp * _sigmoid((r - d) / (0.12 * r))
             mask |= d < r
@@ -272,12 +272,12 @@ def _cxr_density_lesion(rng, lesion, x, y, lungs, lung_l, seen, lung_eff, lung_d
     elif lesion == "effusion":
         si = int(rng.integers(2))
         lg = lungs[si]
-        height = rng.uniform(0.3, 0.45) * lg["ay"]
+        height = rng.uniform(0.35, 0.55) * lg["ay"]
         base = lg["cy"] + 0.78 * lg["ay"]
         lateral = np.clip(lg["side"] * (x - lg["cx"]) / lg["ax"] + 0.2, 0, 1.2)
         level = base - height - 0.3 * height * lateral ** 2  # meniscus: rises laterally
         fluid = _sigmoid((y - level) / 0.015)
-        add += 0.9 * lung_dark * fluid * seen[si]  # fluid replaces the air that was seen
+        add += 1.05 * lung_dark * fluid * seen[si]  # fluid replaces the air that was seen
         mask |= (fluid > 0.5) & (seen[si] > 0.5)
     return add, mask
 

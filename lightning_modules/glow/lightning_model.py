@@ -123,10 +123,7 @@ class GlowModule(pl.LightningModule):
         x = batch["image"].to(self.device)
         self.model.initialize_actnorm(dequantize(x, self.n_bits, True,
                                                  self._noise_generator(x.device)))
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for a in self.model.actnorms():
-                for t in (a.s.data, a.t.data, a.data_dep_init_done):
-                    torch.distributed.broadcast(t, src=0)
+        broadcast_actnorm(self.model, src=0)
         log.info("ActNorm initialised from a batch of %d", x.shape[0])
 
     def configure_optimizers(self):
@@ -148,6 +145,17 @@ class GlowModule(pl.LightningModule):
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(
             opt, T_max=max(1, int(self.trainer.estimated_stepping_batches)))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def broadcast_actnorm(model: Glow, src: int = 0) -> None:
+    """Copy rank ``src``'s ActNorm parameters and init flags to every rank (no-op without
+    torch.distributed). In-place, so DDP's references to the parameters stay valid."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    for a in model.actnorms():
+        for t in (a.s.data, a.t.data, a.data_dep_init_done):
+            torch.distributed.broadcast(t, src=src)
+        a._init_cache = False
 
 
 def load_glow(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> GlowModule:
