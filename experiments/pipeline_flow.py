@@ -119,7 +119,7 @@ def model_cfg(cfg: DictConfig, name: str, out_dir: Path) -> DictConfig:
     return sub
 
 
-def ensure_model(cfg: DictConfig, name: str, out: Path, n_items: int) -> Path:
+def ensure_model(cfg: DictConfig, name: str, out: Path, n_items: int, dm=None) -> Path:
     """The checkpoint of M0 or M1 under OUT/<name>: reused when a finished one is there,
     otherwise trained (resumed from last.ckpt after an interruption)."""
     folder = out / name
@@ -143,7 +143,7 @@ def ensure_model(cfg: DictConfig, name: str, out: Path, n_items: int) -> Path:
     sub = model_cfg(cfg, name, folder)
     log.info("Training %s on %s (%s/%s, %d items) into %s%s", name.upper(), set_name, split,
              group, n_items, folder, " (resuming from last.ckpt)" if sub.ckpt_path else "")
-    ckpt = Path(train(sub))
+    ckpt = Path(train(sub, datamodule=dm) if dm is not None else train(sub))
     folder.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"ckpt": str(ckpt.resolve())}, indent=2))
     return ckpt
@@ -358,8 +358,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     log.info("Sets: %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
 
     ckpts = {
-        "m0": ensure_model(cfg, "m0", out, counts["S_normal (train/normal)"]),
-        "m1": ensure_model(cfg, "m1", out, counts["S_mixture (train/mixture)"]),
+        "m0": ensure_model(cfg, "m0", out, counts["S_normal (train/normal)"], dm),
+        "m1": ensure_model(cfg, "m1", out, counts["S_mixture (train/mixture)"], dm),
     }
     m0, m1 = load_glow(ckpts["m0"]), load_glow(ckpts["m1"])
     test_items, val_items = dm.items("test"), dm.items("val")

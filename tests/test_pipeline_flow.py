@@ -133,8 +133,19 @@ def _run(root, out, modality, *extra):
     return main(_argv(root, out, modality, *extra))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is as fast and immune to CPU oversubscription (OpenMP spinning)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("modality", ["cxr", "bct"])
-def test_pipeline_end_to_end(out_dir, modality, monkeypatch):
+def test_pipeline_end_to_end(out_dir, modality, monkeypatch, one_thread):
     import csv
     import json
 
@@ -182,3 +193,30 @@ def test_pipeline_end_to_end(out_dir, modality, monkeypatch):
     key = "image_size" if modality == "cxr" else "volume_size"
     with pytest.raises(PreprocessingMismatch, match=key):
         _run(root, out, modality, *other)
+
+
+@pytest.mark.parametrize("modality", ["cxr", "bct"])
+def test_load_stacks_glow_of_the_modality_and_flow(modality):
+    cfg = pipeline_flow.load(["method=flow", "data=folder", f"data.modality={modality}",
+                              "profile=cpu"])
+    assert cfg.method == "flow" and cfg.job == "pipeline" and cfg.data.modality == modality
+    assert cfg.glow.n_bits == (8 if modality == "cxr" else 7)  # from glow_<modality>.yaml
+    assert cfg.eval.n_extremes == 36  # from flow.yaml
+    assert cfg.out_dir == f"outputs/flow/{modality}"
+
+
+@pytest.mark.parametrize("preset,sizes", [
+    ("flow_rsna_paper", (7808, 6553, 6631, 1358, 13863)),
+    ("flow_bct_paper", (250, 250, 250, 33, 33)),
+])
+def test_paper_presets_give_the_papers_set_sizes(preset, sizes):
+    cfg = pipeline_flow.load([f"config={preset}", "profile=paper"])
+    d = cfg.data
+    assert (d.n_normal, d.n_mixture_normal, d.n_mixture_abnormal, d.n_unknown_normal,
+            d.n_unknown_abnormal) == sizes
+    assert d.modality == ("cxr" if "rsna" in preset else "bct")
+    assert d.name == ("rsna" if "rsna" in preset else "bct")
+    # the paper's Glow of that modality (Appendix B for CT)
+    assert (cfg.glow.levels, cfg.glow.steps) == ((7, 32) if "rsna" in preset else (4, 32))
+    # the command line still wins
+    assert pipeline_flow.load([f"config={preset}", "data.n_normal=10"]).data.n_normal == 10
