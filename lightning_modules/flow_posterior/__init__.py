@@ -1,0 +1,38 @@
+"""Semi-supervised flow posterior detector (Shibata et al., https://arxiv.org/abs/2001.07847).
+
+``posterior``: the pure functions (log posterior, scores, zero-pixel fraction, preprocessing
+checks); ``scoring``: batched scoring of items with the two flows M0 (S_normal) and M1
+(S_mixture) on CPU or GPU.
+"""
+
+from lightning_modules.flow_posterior.posterior import (
+    PreprocessingMismatch,
+    check_same_preprocessing,
+    likelihood_score,
+    log_posterior,
+    posterior_score,
+    preprocessing_signature,
+    zero_fraction,
+)
+from lightning_modules.flow_posterior.scoring import (
+    FlowScores,
+    check_models,
+    pick_device,
+    score_batches,
+    score_items,
+)
+
+__all__ = [
+    "FlowScores",
+    "PreprocessingMismatch",
+    "check_models",
+    "check_same_preprocessing",
+    "likelihood_score",
+    "log_posterior",
+    "pick_device",
+    "posterior_score",
+    "preprocessing_signature",
+    "score_batches",
+    "score_items",
+    "zero_fraction",
+]

@@ -1,0 +1,407 @@
+"""Flow posterior pipeline (Shibata et al., https://arxiv.org/abs/2001.07847): train -> score ->
+evaluate -> report.
+
+    python -m experiments.pipeline method=flow data=... out_dir=OUT [profile=cpu|paper]
+        [data.modality=cxr|bct] [config=flow_rsna_paper|flow_bct_paper]
+
+1. Trains the Glow M0 on S_normal (train/normal) and M1 on S_mixture (train/mixture, unlabeled)
+   with ``experiments.train_glow.train`` into OUT/m0 and OUT/m1, unless a finished model is
+   already there (OUT/<m>/flow_model.json names its checkpoint; delete the folder to retrain;
+   an interrupted training resumes from OUT/<m>/checkpoints/last.ckpt).
+2. Checks that M0, M1 and the data configuration share their preprocessing.
+3. Scores val and S_unknown (test) with log p(x|M0), log p(x|M1), log p(normal|x) (eq. 3);
+   anomaly score = -log p(normal|x); the likelihood-only baseline -log p(x|M0) (Appendix A)
+   alongside.
+4. The decision threshold is the Youden point of the posterior score's ROC on **val** (never on
+   test); test metrics use it.
+5. Writes OUT/scores.csv, OUT/metrics.json, OUT/report.html (+ figures) (DESIGN.md §3).
+
+The base configuration is ``configs/glow_<modality>.yaml`` (the Glow of that modality) with
+``configs/flow.yaml`` on top, then ``configs/<config>.yaml`` if ``config=`` is given (the papers'
+set compositions), then data/profile/command line as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from experiments.common import setup_logging
+from experiments.config import (
+    CONFIG_DIR,
+    ConfigError,
+    load_config,
+    parse_overrides,
+    prepare_run_dir,
+)
+
+log = logging.getLogger(__name__)
+
+MODELS = {"m0": ("train", "normal", "S_normal"), "m1": ("train", "mixture", "S_mixture")}
+MARKER = "flow_model.json"  # written after a finished training: {"ckpt": ...}
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+def _yaml_modality(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    y = OmegaConf.load(path)
+    return OmegaConf.select(y, "data.modality", default=None) or OmegaConf.select(
+        y, "modality", default=None)
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], str | None, str]:
+    """Take ``config=<name>`` out of argv; find the modality (command line > config= YAML >
+    data= YAML > cxr) that selects ``configs/glow_<modality>.yaml``."""
+    rest, preset, modality, data_name = [], None, None, None
+    for arg, item in zip(argv, parse_overrides(argv), strict=True):
+        key, value = item.split("=", 1)
+        if key == "config":
+            preset = value
+            continue
+        if key == "data.modality":
+            modality = value
+        elif key == "data":
+            data_name = value
+        rest.append(arg)
+    if preset is not None and not (CONFIG_DIR / f"{preset}.yaml").is_file():
+        avail = sorted(p.stem for p in CONFIG_DIR.glob("flow*.yaml"))
+        raise ConfigError(f"config={preset}: {CONFIG_DIR / preset}.yaml does not exist. "
+                          f"Available: {avail}")
+    if modality is None and preset is not None:
+        modality = _yaml_modality(CONFIG_DIR / f"{preset}.yaml")
+    if modality is None and data_name is not None:
+        modality = _yaml_modality(CONFIG_DIR / "data" / f"{data_name}.yaml")
+    modality = modality or "cxr"
+    if modality not in ("cxr", "bct"):
+        raise ConfigError(f"data.modality={modality!r} is not one of ['cxr', 'bct']")
+    return rest, preset, modality
+
+
+def load(argv: list[str] | None = None) -> DictConfig:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    rest, preset, modality = split_argv(argv)
+    jobs = [f"glow_{modality}", "flow"] + ([preset] if preset else [])
+    if preset and not any(a.lstrip("-").startswith("data=") for a in rest):
+        data_name = OmegaConf.select(OmegaConf.load(CONFIG_DIR / f"{preset}.yaml"), "data.name")
+        if data_name and (CONFIG_DIR / "data" / f"{data_name}.yaml").is_file():
+            rest = [f"data={data_name}", *rest]
+    cfg = load_config(jobs, [*rest, f"data.modality={modality}"])
+    if preset:
+        # The paper's set sizes win over a data YAML (merged after the job YAMLs) but not
+        # over the command line.
+        sizes = OmegaConf.select(OmegaConf.load(CONFIG_DIR / f"{preset}.yaml"), "data")
+        cli = {i.split("=", 1)[0] for i in parse_overrides(rest)}
+        for key, value in (sizes or {}).items():
+            if key.startswith("n_") and f"data.{key}" not in cli:
+                cfg.data[key] = value
+    cfg.method = "flow"
+    cfg.job = "pipeline"
+    return cfg
+
+
+# --- training ---------------------------------------------------------------------------------
+
+def model_cfg(cfg: DictConfig, name: str, out_dir: Path) -> DictConfig:
+    sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    OmegaConf.set_struct(sub, True)
+    sub.glow.model = name
+    sub.out_dir = str(out_dir)
+    sub.job = "train_glow"
+    sub.ckpt_path = "last" if (out_dir / "checkpoints" / "last.ckpt").is_file() else None
+    return sub
+
+
+def ensure_model(cfg: DictConfig, name: str, out: Path, n_items: int, dm=None) -> Path:
+    """The checkpoint of M0 or M1 under OUT/<name>: reused when a finished one is there,
+    otherwise trained (resumed from last.ckpt after an interruption)."""
+    folder = out / name
+    marker = folder / MARKER
+    if marker.is_file():
+        ckpt = Path(json.loads(marker.read_text())["ckpt"])
+        if not ckpt.is_absolute():
+            ckpt = folder / ckpt
+        if ckpt.is_file():
+            log.info("Reusing %s = %s (delete %s to retrain)", name.upper(), ckpt, folder)
+            return ckpt
+        log.warning("%s names %s, which does not exist: retraining.", marker, ckpt)
+    split, group, set_name = MODELS[name]
+    if n_items == 0:
+        raise ConfigError(
+            f"{set_name} ({split}/{group}) is empty: {name.upper()} cannot be trained. For "
+            f"data=folder put the images in <data.root>/{split}/{group}/ (DESIGN.md §3)."
+        )
+    from experiments.train_glow import train
+
+    sub = model_cfg(cfg, name, folder)
+    log.info("Training %s on %s (%s/%s, %d items) into %s%s", name.upper(), set_name, split,
+             group, n_items, folder, " (resuming from last.ckpt)" if sub.ckpt_path else "")
+    ckpt = Path(train(sub, datamodule=dm) if dm is not None else train(sub))
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"ckpt": str(ckpt.resolve())}, indent=2))
+    return ckpt
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+def val_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, str]:
+    """Decision threshold chosen on val: Youden's J on val's ROC. With only normal val images,
+    the 95th percentile of their scores (specificity 0.95). Never chosen on test."""
+    from experiments.evaluation import roc_with_youden
+
+    n_abn, n_norm = int((labels == 1).sum()), int((labels == 0).sum())
+    if n_abn and n_norm:
+        return float(roc_with_youden(labels, scores)[3]), "Youden's J on val"
+    if n_norm:
+        log.warning("val has no abnormal images: threshold = 95th percentile of val normal "
+                    "scores (specificity 0.95 on val) instead of Youden's J.")
+        return float(np.percentile(scores[labels == 0], 95)), "95th percentile of val normals"
+    raise ConfigError(
+        "val has no normal images, so no decision threshold can be chosen (never on test). "
+        "For data=folder put normal images in <data.root>/val/normal/."
+    )
+
+
+def _finding_names(items) -> list[str]:
+    """Item.finding per item; abnormal items without one are grouped as "unspecified"."""
+    return [it.finding for it in items]
+
+
+def evaluate(val_items, val, test_items, test) -> dict[str, Any]:
+    from experiments.evaluation import binary_metrics, per_finding_metrics
+
+    y_val = np.array([it.label for it in val_items])
+    y_test = np.array([it.label for it in test_items])
+    if len(np.unique(y_test)) < 2:
+        raise ConfigError(
+            f"S_unknown (test) needs normal and abnormal images for an AUROC; got "
+            f"{int((y_test == 0).sum())} normal / {int((y_test == 1).sum())} abnormal."
+        )
+    threshold, how = val_threshold(y_val, val.score)
+    metrics: dict[str, Any] = dict(binary_metrics(y_test, test.score, threshold))
+    metrics["threshold_source"] = how
+    lik_threshold, _ = val_threshold(y_val, val.score_likelihood)
+    lik = binary_metrics(y_test, test.score_likelihood, lik_threshold)
+    metrics["auroc_likelihood"] = float(lik["auroc"])
+    metrics["likelihood"] = {k: v for k, v in lik.items()}
+    findings = _finding_names(test_items)
+    metrics["per_finding"] = per_finding_metrics(y_test, test.score, findings, threshold)
+    metrics["per_finding_likelihood"] = per_finding_metrics(
+        y_test, test.score_likelihood, findings, lik_threshold)
+    if len(np.unique(y_val)) == 2:
+        metrics["val/auroc"] = float(binary_metrics(y_val, val.score, threshold)["auroc"])
+        metrics["val/auroc_likelihood"] = float(
+            binary_metrics(y_val, val.score_likelihood, lik_threshold)["auroc"])
+    else:
+        metrics["val/auroc"] = float("nan")
+    metrics["val/threshold"] = threshold
+    metrics["corr_zero_fraction_log_p_m0"] = _corr(test.zero_fraction, test.log_p_m0)
+    metrics["corr_zero_fraction_log_posterior"] = _corr(test.zero_fraction, test.log_posterior)
+    return metrics
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 2 or np.std(a) == 0 or np.std(b) == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+# --- figures and report -----------------------------------------------------------------------
+
+def _display(image: np.ndarray) -> np.ndarray:
+    """A 2D view of an item: the image itself, or a volume's middle axial slice."""
+    image = np.asarray(image, dtype=np.float32)
+    while image.ndim > 2 and image.shape[0] == 1:
+        image = image[0]
+    return image[image.shape[0] // 2] if image.ndim == 3 else image
+
+
+def _caption(item, score: float) -> str:
+    name = item.finding or ("normal" if item.label == 0 else "abnormal")
+    return f"{name[:18]} {score:.1f}"
+
+
+def write_outputs(cfg: DictConfig, out: Path, dm, val_items, val, test_items, test,
+                  metrics: dict, m0, counts: dict[str, int]) -> Path:
+    from experiments import plots
+    from experiments.evaluation import write_metrics_json, write_scores_csv
+    from experiments.report import Report
+
+    fig = out / "figures"
+    fig.mkdir(exist_ok=True)
+    y = np.array([it.label for it in test_items])
+    findings = _finding_names(test_items)
+    is3d = cfg.data.modality == "bct"
+
+    write_scores_csv(out / "scores.csv", [it.path for it in test_items], y, test.score,
+                     finding=[it.finding for it in test_items], **test.columns())
+    write_metrics_json(out / "metrics.json", metrics)
+
+    scores = {"-log p(normal|x) (posterior)": test.score,
+              "-log p(x|M0) (likelihood)": test.score_likelihood}
+    plots.plot_roc(fig / "roc.png", y, scores, title="S_unknown (test)")
+    plots.plot_roc_per_finding(fig / "roc_per_finding.png", y, test.score, findings,
+                               title="-log p(normal|x) per finding")
+    plots.plot_roc_per_finding(fig / "roc_per_finding_likelihood.png", y, test.score_likelihood,
+                               findings, title="-log p(x|M0) per finding")
+    plots.plot_histograms(fig / "hist_log_posterior.png", test.log_posterior, y,
+                          xlabel="log p(normal|x) (nats, + const)", title="Log posterior")
+    plots.plot_histograms(fig / "hist_log_likelihood.png", test.log_p_m0, y,
+                          xlabel="log p(x|M0) (nats)", title="Log likelihood under M0")
+    plots.plot_scatter(fig / "zero_fraction_likelihood.png", test.zero_fraction, test.log_p_m0, y,
+                       xlabel="fraction of zero pixels", ylabel="log p(x|M0) (nats)",
+                       title="Background vs likelihood (Appendix A)")
+    plots.plot_scatter(fig / "zero_fraction_posterior.png", test.zero_fraction,
+                       test.log_posterior, y, xlabel="fraction of zero pixels",
+                       ylabel="log p(normal|x) (nats)", title="Background vs posterior")
+
+    k = min(int(cfg.eval.n_extremes), len(test_items))
+    order = np.argsort(-test.score, kind="stable")
+    view = "middle axial slice" if is3d else "image"
+    for name, idx in (("most_abnormal", order[:k]), ("least_abnormal", order[::-1][:k])):
+        plots.plot_image_grid(
+            fig / f"{name}.png", [_display(dm.load(test_items[i])) for i in idx],
+            [_caption(test_items[i], test.score[i]) for i in idx], ncols=6,
+            title=f"{name.replace('_', ' ')} ({view}; caption: finding, -log posterior)")
+
+    temperature = float(cfg.glow.sample_temperature)
+    sampled = False
+    if hasattr(m0, "sample"):
+        try:
+            import torch
+
+            with torch.no_grad():
+                n = max(1, int(cfg.glow.n_samples))
+                s = m0.sample(n, temperature).float().cpu().numpy()  # (n,1,H,W) | (n,1,D,H,W)
+            plots.plot_image_grid(fig / "samples_m0.png", [_display(a) for a in s],
+                                  [f"T={temperature:g}"] * len(s), ncols=6,
+                                  title=f"Samples from M0 at temperature {temperature:g}")
+            sampled = True
+        except Exception as e:  # sampling is illustrative; never lose the evaluation for it
+            log.warning("Sampling from M0 failed (%s: %s); no sample figure.", type(e).__name__, e)
+
+    rep = Report(out, "Flow posterior anomaly detection")
+    rep.add_text(
+        "Semi-supervised flow posterior (Shibata et al., arXiv:2001.07847). M0 is a Glow "
+        "trained on S_normal (normal images), M1 a Glow trained on S_mixture (unlabeled normal "
+        "and abnormal images). For every test image, log p(normal|x) = log p(x|M0) - "
+        "log p(x|M1) + const (eq. 3); the anomaly score is -log p(normal|x). The likelihood-only "
+        "score -log p(x|M0) (Appendix A) is shown alongside: it is dominated by the background "
+        "(empty, zero-valued pixels), which the difference of the two models cancels."
+    )
+    rep.add_table([{"set": k, "items": v} for k, v in counts.items()], title="Sets")
+    rep.add_text(
+        f"Decision threshold: {metrics['threshold_source']} (= {metrics['threshold']:.4g}), "
+        "chosen on the validation set and applied unchanged to the test set. AUROC does not "
+        "depend on it. Youden cut-offs marked on the ROC curves below are those of the test "
+        "curves themselves (as in the paper's figures), for illustration only."
+    )
+    rep.add_metrics({k: v for k, v in metrics.items() if not isinstance(v, dict)},
+                    title="Test metrics (S_unknown)")
+    if "per_finding" in metrics:
+        rows = [{"finding": f, "auroc posterior": m.get("auroc"),
+                 "auroc likelihood": metrics["per_finding_likelihood"].get(f, {}).get("auroc"),
+                 "n_abnormal": m.get("n")} for f, m in metrics["per_finding"].items()]
+        rep.add_table(rows, title="AUROC per finding (each finding vs. all normal test images)")
+    rep.add_heading("ROC curves")
+    rep.add_figure(fig / "roc.png", "Posterior vs likelihood-only score on S_unknown.")
+    rep.add_figure(fig / "roc_per_finding.png", "Posterior score, one curve per finding.")
+    rep.add_figure(fig / "roc_per_finding_likelihood.png", "Likelihood-only score per finding.")
+    rep.add_heading("Score distributions")
+    rep.add_figure(fig / "hist_log_posterior.png", "Log posterior per class (higher = normal).")
+    rep.add_figure(fig / "hist_log_likelihood.png", "Log likelihood under M0 per class.")
+    rep.add_heading("Background and likelihood (Appendix A)")
+    rep.add_figure(fig / "zero_fraction_likelihood.png",
+                   f"Fraction of zero pixels vs log p(x|M0) (r = "
+                   f"{metrics['corr_zero_fraction_log_p_m0']:.2f}).")
+    rep.add_figure(fig / "zero_fraction_posterior.png",
+                   f"Fraction of zero pixels vs log p(normal|x) (r = "
+                   f"{metrics['corr_zero_fraction_log_posterior']:.2f}).")
+    rep.add_heading(f"Top {k} most and least likely abnormal")
+    rep.add_figure(fig / "most_abnormal.png", f"Highest -log p(normal|x) ({view}).")
+    rep.add_figure(fig / "least_abnormal.png", f"Lowest -log p(normal|x) ({view}).")
+    if sampled:
+        rep.add_heading("Fictional images from M0")
+        rep.add_figure(fig / "samples_m0.png",
+                       f"Samples from M0 at temperature {temperature:g} (glow.sample_temperature).")
+    return rep.write()
+
+
+# --- the pipeline -----------------------------------------------------------------------------
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    import torch
+
+    from datamodules.factory import build_datamodule
+    from lightning_modules.flow_posterior.scoring import check_models, pick_device, score_items
+    from lightning_modules.glow import load_glow
+
+    out = prepare_run_dir(cfg)
+    torch.manual_seed(cfg.seed)
+    dm = build_datamodule(cfg.data)
+    dm.setup()
+    counts = {
+        "S_normal (train/normal)": len(dm.items("train", "normal")),
+        "S_mixture (train/mixture)": len(dm.items("train", "mixture")),
+        "val/normal": len(dm.items("val", "normal")),
+        "val/abnormal": len(dm.items("val", "abnormal")),
+        "S_unknown normal (test/normal)": len(dm.items("test", "normal")),
+        "S_unknown abnormal (test/abnormal)": len(dm.items("test", "abnormal")),
+    }
+    log.info("Sets: %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+    ckpts = {
+        "m0": ensure_model(cfg, "m0", out, counts["S_normal (train/normal)"], dm),
+        "m1": ensure_model(cfg, "m1", out, counts["S_mixture (train/mixture)"], dm),
+    }
+    m0, m1 = load_glow(ckpts["m0"]), load_glow(ckpts["m1"])
+    test_items, val_items = dm.items("test"), dm.items("val")
+    if not test_items:
+        raise ConfigError("S_unknown (test) is empty: nothing to score. For data=folder put "
+                          "images in <data.root>/test/{normal,abnormal}/.")
+    input_shape = (1, *np.shape(dm.load(test_items[0])))
+    check_models(m0, m1, cfg.data, cfg.glow.n_bits, input_shape)
+
+    device = pick_device(cfg.trainer.accelerator)
+    kw = dict(batch_size=int(cfg.data.batch_size), num_workers=int(cfg.data.num_workers),
+              device=device, n_bits=int(cfg.glow.n_bits), progress=bool(cfg.trainer.progress_bar))
+    log.info("Scoring %d val and %d test items on %s", len(val_items), len(test_items), device)
+    val = score_items(m0, m1, dm, val_items, description="Scoring val", **kw)
+    test = score_items(m0, m1, dm, test_items, description="Scoring S_unknown (test)", **kw)
+
+    metrics = evaluate(val_items, val, test_items, test)
+    metrics["n_train_normal"] = counts["S_normal (train/normal)"]
+    metrics["n_train_mixture"] = counts["S_mixture (train/mixture)"]
+    report = write_outputs(cfg, out, dm, val_items, val, test_items, test, metrics, m0, counts)
+    _log_to_wandb(cfg, out, metrics)
+    log.info("AUROC posterior %.3f, likelihood-only %.3f, val %.3f; report: %s",
+             metrics["auroc"], metrics["auroc_likelihood"], metrics["val/auroc"], report)
+    return metrics
+
+
+def _log_to_wandb(cfg: DictConfig, out: Path, metrics: dict) -> None:
+    from experiments.common import make_logger
+
+    logger = make_logger(cfg, out, name="flow_pipeline")
+    if logger is None:
+        return
+    scalars = {f"test/{k}" if "/" not in k else k: float(v) for k, v in metrics.items()
+               if isinstance(v, int | float) and not isinstance(v, bool)}
+    logger.log_metrics(scalars)
+    logger.experiment.finish()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    setup_logging()
+    return run(load(argv))
+
+
+if __name__ == "__main__":
+    main()

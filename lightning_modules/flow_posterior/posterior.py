@@ -1,0 +1,151 @@
+"""The flow posterior as pure functions (no models, no Trainer).
+
+H. Shibata, S. Hanaoka, Y. Nomura et al., *Versatile anomaly detection method for medical images
+with semi-supervised flow-based generative models*, https://arxiv.org/abs/2001.07847 (IJCARS 2021).
+
+Bayes' theorem with M0 = a flow trained on S_normal (models p(x|normal)) and M1 = a flow trained
+on the unlabeled S_mixture (models p(x))::
+
+    log p(normal|x) = log p(x|normal) + log p(normal) - log p(x)
+                    = log p(x|M0) - log p(x|M1) + const            (paper, eq. 3)
+
+The constant log p(normal) is the same for every image and does not change any ranking, so the
+AUROC does not depend on it; it is 0 unless given. The anomaly score is -log p(normal|x) (higher
+= more anomalous). The likelihood-only baseline -log p(x|M0) (paper, Appendix A) is dominated by
+the image background: both models assign the same high density to empty (zero) pixels, and the
+difference of the two log-likelihoods cancels it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+ArrayLike = np.ndarray | torch.Tensor
+
+# Hyper-parameters that define what a model's input is. Two models whose log-likelihoods are
+# subtracted must agree on all of them; otherwise the difference compares different things.
+PREPROCESSING_KEYS: tuple[str, ...] = (
+    "input_shape", "n_bits", "modality", "image_size", "volume_size",
+)
+
+
+class PreprocessingMismatch(ValueError):
+    """M0, M1 and the data configuration disagree on how an image enters the model."""
+
+
+def log_posterior(log_p_m0: ArrayLike, log_p_m1: ArrayLike,
+                  log_prior_normal: float = 0.0) -> ArrayLike:
+    """log p(normal|x) = log p(x|M0) - log p(x|M1) + log p(normal) (paper, eq. 3), in nats."""
+    if log_p_m0.shape != log_p_m1.shape:
+        raise ValueError(
+            f"log p(x|M0) and log p(x|M1) must have the same shape, got "
+            f"{tuple(log_p_m0.shape)} and {tuple(log_p_m1.shape)}"
+        )
+    return log_p_m0 - log_p_m1 + log_prior_normal
+
+
+def posterior_score(log_post: ArrayLike) -> ArrayLike:
+    """Anomaly score = -log p(normal|x): higher = more anomalous."""
+    return -log_post
+
+
+def likelihood_score(log_p_m0: ArrayLike) -> ArrayLike:
+    """The likelihood-only baseline -log p(x|M0) (paper, Appendix A)."""
+    return -log_p_m0
+
+
+def zero_fraction(images: torch.Tensor, n_bits: int = 8) -> torch.Tensor:
+    """Fraction of pixels (voxels) per item that quantise to 0 at ``n_bits`` (Appendix A, Fig. A.20).
+
+    ``images``: (B, C, H, W) or (B, C, D, H, W) in [0, 1]. A pixel counts as zero when it would
+    be stored as 0 at the model's bit depth (< half a quantisation step), so resampling does not
+    turn an empty background into "non-zero" values like 1e-7.
+    """
+    step = 1.0 / (2**n_bits - 1)
+    flat = images.reshape(images.shape[0], -1)  # (B, N)
+    return (flat < 0.5 * step).float().mean(dim=1)  # (B,)
+
+
+def bits_per_dim(log_p: ArrayLike, n_dims: int, n_bits: int = 8) -> ArrayLike:
+    """Bits per dimension of a discrete image with ``n_bits`` levels, from log p(x) in nats of the
+    continuous density on [0, 1]^n_dims: bpd = (-log p(x) / n_dims + n_bits log 2) / log 2."""
+    return (-log_p / n_dims + n_bits * np.log(2.0)) / np.log(2.0)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings / dataclasses / OmegaConf configs -> {"a.b.c": leaf}."""
+    if hasattr(tree, "__dataclass_fields__"):
+        tree = {k: getattr(tree, k) for k in tree.__dataclass_fields__}
+    if not isinstance(tree, Mapping):
+        try:  # DictConfig
+            from omegaconf import DictConfig, OmegaConf
+
+            if isinstance(tree, DictConfig):
+                tree = OmegaConf.to_container(tree, resolve=True)
+        except ImportError:  # pragma: no cover
+            pass
+    if not isinstance(tree, Mapping):
+        return {prefix.rstrip("."): tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+
+
+def _normalise(value: Any) -> Any:
+    if isinstance(value, torch.Size | list | tuple):
+        return tuple(_normalise(v) for v in value)
+    if hasattr(value, "__iter__") and not isinstance(value, str | bytes | Mapping):
+        return tuple(_normalise(v) for v in value)  # ListConfig
+    return value
+
+
+def preprocessing_signature(hparams: Any) -> dict[str, Any]:
+    """The preprocessing a model was trained with, read from its (nested) hyper-parameters.
+
+    Looks for the leaves named in :data:`PREPROCESSING_KEYS` at any depth (``n_bits`` may sit
+    under ``glow``, ``image_size`` under ``data``). Only the size that applies to the modality is
+    kept: ``image_size`` for 2D (cxr), ``volume_size`` for 3D (bct). Keys not found are absent.
+    """
+    flat = _flatten(hparams)
+    found: dict[str, Any] = {}
+    for key in PREPROCESSING_KEYS:
+        hits = {k: v for k, v in flat.items() if k == key or k.endswith("." + key)}
+        if not hits:
+            continue
+        # The shallowest occurrence wins (a top-level input_shape over a nested one).
+        best = min(hits, key=lambda k: k.count("."))
+        found[key] = _normalise(hits[best])
+    modality = found.get("modality")
+    if modality == "cxr":
+        found.pop("volume_size", None)
+    elif modality == "bct":
+        found.pop("image_size", None)
+    return found
+
+
+def check_same_preprocessing(signatures: Mapping[str, Mapping[str, Any]]) -> None:
+    """Raise :class:`PreprocessingMismatch` naming every key on which the signatures disagree.
+
+    ``signatures``: {"M0": {...}, "M1": {...}, "data config": {...}}. A key is compared among the
+    signatures that have it; a key only one of them has is not an error (nothing to compare).
+    """
+    names = list(signatures)
+    keys = sorted({k for s in signatures.values() for k in s})
+    problems = []
+    for key in keys:
+        values = {n: signatures[n][key] for n in names if key in signatures[n]}
+        if len(set(map(repr, values.values()))) > 1:
+            problems.append(f"{key} (" + ", ".join(f"{n}: {v!r}" for n, v in values.items()) + ")")
+    if problems:
+        raise PreprocessingMismatch(
+            "The flow posterior subtracts log-likelihoods of the same input under two models, "
+            f"so {', '.join(names)} must share their preprocessing, but they differ in: "
+            + "; ".join(problems)
+            + ". Train M0 and M1 with the same data/glow settings (delete OUT/m0 or OUT/m1 to "
+            "retrain one), or score with the data settings the models were trained with."
+        )

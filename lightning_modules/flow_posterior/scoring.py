@@ -1,0 +1,178 @@
+"""Batched scoring of images with the two flows M0 and M1 (Shibata et al., arXiv 2001.07847).
+
+A model is anything with ``log_likelihood(x) -> (B,)`` log p(x) in nats for x in [0, 1] as
+returned by ``MedicalDataModule.load`` (the project's ``GlowModule``, or a stand-in in tests).
+Its preprocessing is read from ``model.hparams`` (what ``save_hyperparameters`` stored in the
+checkpoint) and must match the other model's and the data configuration's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from experiments.common import track
+from lightning_modules.flow_posterior.posterior import (
+    check_same_preprocessing,
+    likelihood_score,
+    log_posterior,
+    posterior_score,
+    preprocessing_signature,
+    zero_fraction,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FlowScores:
+    """Per-item results, aligned with the scored items (float64 numpy arrays, nats)."""
+
+    log_p_m0: np.ndarray
+    log_p_m1: np.ndarray
+    zero_fraction: np.ndarray
+    log_prior_normal: float = 0.0
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def log_posterior(self) -> np.ndarray:
+        """log p(normal|x) = log p(x|M0) - log p(x|M1) (+ log p(normal))."""
+        return log_posterior(self.log_p_m0, self.log_p_m1, self.log_prior_normal)
+
+    @property
+    def score(self) -> np.ndarray:
+        """Anomaly score -log p(normal|x); higher = more anomalous."""
+        return posterior_score(self.log_posterior)
+
+    @property
+    def score_likelihood(self) -> np.ndarray:
+        """Likelihood-only baseline -log p(x|M0) (Appendix A)."""
+        return likelihood_score(self.log_p_m0)
+
+    def __len__(self) -> int:
+        return len(self.log_p_m0)
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """The extra columns of scores.csv."""
+        return {
+            "log_p_m0": self.log_p_m0,
+            "log_p_m1": self.log_p_m1,
+            "log_posterior": self.log_posterior,
+            "score_likelihood": self.score_likelihood,
+            "zero_fraction": self.zero_fraction,
+        }
+
+
+def pick_device(accelerator: str = "auto") -> torch.device:
+    """``trainer.accelerator`` -> the device to score on (the GPU when present for ``auto``)."""
+    if accelerator == "cpu":
+        return torch.device("cpu")
+    if accelerator in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"trainer.accelerator={accelerator} but CUDA is not available; "
+                "use trainer.accelerator=cpu or auto."
+            )
+        return torch.device("cuda")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_hparams(model: Any) -> Mapping[str, Any]:
+    """The hyper-parameters a model was saved with (``LightningModule.hparams``), or {}."""
+    hp = getattr(model, "hparams", None)
+    return hp if hp is not None else {}
+
+
+def data_signature(data_cfg: Any, n_bits: int | None = None,
+                   input_shape: Sequence[int] | None = None) -> dict[str, Any]:
+    """The preprocessing the current configuration feeds the models, in the keys of
+    :func:`preprocessing_signature`."""
+    tree: dict[str, Any] = {"data": data_cfg}
+    if n_bits is not None:
+        tree["n_bits"] = n_bits
+    if input_shape is not None:
+        tree["input_shape"] = tuple(input_shape)
+    return preprocessing_signature(tree)
+
+
+def check_models(m0: Any, m1: Any, data_cfg: Any = None, n_bits: int | None = None,
+                 input_shape: Sequence[int] | None = None) -> dict[str, Any]:
+    """Check that M0, M1 (and the data configuration, if given) share their preprocessing.
+
+    Raises :class:`PreprocessingMismatch` naming the mismatching keys; returns M0's signature.
+    """
+    sigs = {
+        "M0": preprocessing_signature(model_hparams(m0)),
+        "M1": preprocessing_signature(model_hparams(m1)),
+    }
+    if data_cfg is not None or input_shape is not None:
+        sigs["data config"] = data_signature(data_cfg or {}, n_bits, input_shape)
+    for name in ("M0", "M1"):
+        if not sigs[name]:
+            log.warning("%s has no preprocessing hyper-parameters to check against.", name)
+    check_same_preprocessing(sigs)
+    return sigs["M0"]
+
+
+def _check_finite(name: str, values: np.ndarray) -> None:
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        raise FloatingPointError(
+            f"{name} returned a non-finite log-likelihood for {bad.size} of {values.size} items "
+            f"(positions {bad[:10].tolist()}{' ...' if bad.size > 10 else ''}). Check the "
+            "checkpoint (training diverged?) and that inputs lie in [0, 1]."
+        )
+
+
+@torch.no_grad()
+def score_batches(m0: Any, m1: Any, batches: Iterable[Any], *, device: torch.device | str = "cpu",
+                  n_bits: int = 8, total: int | None = None, progress: bool = True,
+                  description: str = "Scoring with M0 and M1") -> FlowScores:
+    """log p(x|M0), log p(x|M1) and the zero-pixel fraction of every image in ``batches``.
+
+    ``batches`` yields (B, C, ...) tensors or dicts with an ``"image"`` tensor in [0, 1]. Both
+    models see exactly the same tensor. log-likelihoods are kept in float32 on the device and
+    gathered as float64 (a 512² NLL is ~1e5-1e6 nats).
+    """
+    device = torch.device(device)
+    for m in (m0, m1):
+        if isinstance(m, torch.nn.Module):
+            m.to(device).eval()
+    lp0, lp1, zf = [], [], []
+    for batch in track(batches, description, total=total, enabled=progress):
+        x = batch["image"] if isinstance(batch, Mapping) else batch
+        x = x.to(device, dtype=torch.float32, non_blocking=True)  # (B, C, H, W) | (B, C, D, H, W)
+        lp0.append(m0.log_likelihood(x).float().reshape(-1).cpu())  # (B,)
+        lp1.append(m1.log_likelihood(x).float().reshape(-1).cpu())  # (B,)
+        zf.append(zero_fraction(x, n_bits).cpu())  # (B,)
+    if not lp0:
+        empty = np.zeros(0, dtype=np.float64)
+        return FlowScores(empty, empty.copy(), empty.copy())
+    out = FlowScores(
+        log_p_m0=torch.cat(lp0).double().numpy(),
+        log_p_m1=torch.cat(lp1).double().numpy(),
+        zero_fraction=torch.cat(zf).double().numpy(),
+    )
+    _check_finite("M0", out.log_p_m0)
+    _check_finite("M1", out.log_p_m1)
+    return out
+
+
+def score_items(m0: Any, m1: Any, dm: Any, items: Sequence[Any], *, batch_size: int = 8,
+                num_workers: int = 0, device: torch.device | str = "cpu", n_bits: int = 8,
+                progress: bool = True, description: str = "Scoring with M0 and M1") -> FlowScores:
+    """Score data-module items (``dm.load(item)``) with both models, batched."""
+    from datamodules.base import ItemDataset
+
+    loader = DataLoader(
+        ItemDataset(dm, list(items)), batch_size=batch_size, shuffle=False,
+        num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
+    )
+    return score_batches(m0, m1, loader, device=device, n_bits=n_bits, total=len(loader),
+                         progress=progress, description=description)

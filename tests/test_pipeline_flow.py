@@ -1,0 +1,222 @@
+"""Flow posterior pipeline: configuration, val threshold, evaluation, and end to end on phantoms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from datamodules.base import Item
+from experiments import pipeline_flow
+from experiments.config import ConfigError
+from lightning_modules.flow_posterior import FlowScores
+
+
+def _items(labels, findings=None):
+    findings = findings or [""] * len(labels)
+    return [Item(f"img{i}.png", y, f) for i, (y, f) in enumerate(zip(labels, findings))]
+
+
+def test_split_argv_takes_config_and_finds_modality():
+    rest, preset, mod = pipeline_flow.split_argv(["method=flow", "--config=flow_bct_paper", "a=1"])
+    assert rest == ["method=flow", "a=1"] and preset == "flow_bct_paper" and mod == "bct"
+    assert pipeline_flow.split_argv(["data.modality=bct"])[2] == "bct"
+    # the command line wins over the preset
+    assert pipeline_flow.split_argv(["config=flow_bct_paper", "data.modality=cxr"])[2] == "cxr"
+    assert pipeline_flow.split_argv([])[2] == "cxr"
+    with pytest.raises(ConfigError, match="flow_nope"):
+        pipeline_flow.split_argv(["config=flow_nope"])
+    with pytest.raises(ConfigError, match="modality"):
+        pipeline_flow.split_argv(["data.modality=mri"])
+
+
+def test_threshold_is_youden_on_val_never_test():
+    y_val = np.array([0, 0, 0, 1, 1, 1])
+    s_val = np.array([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+    thr, how = pipeline_flow.val_threshold(y_val, s_val)
+    assert 2.0 < thr < 3.0 and "Youden" in how
+    val = FlowScores(-s_val, np.zeros(6), np.zeros(6))  # score = -log_p_m0 + log_p_m1 = s_val
+    # On test, the best cut-off lies elsewhere (between 10 and 11): the val one must be used.
+    s_test = np.array([9.0, 10.0, 11.0, 12.0])
+    test = FlowScores(-s_test, np.zeros(4), np.zeros(4))
+    m = pipeline_flow.evaluate(_items(y_val), val, _items([0, 0, 1, 1]), test)
+    assert m["threshold"] == pytest.approx(thr) and m["val/threshold"] == pytest.approx(thr)
+    assert m["auroc"] == 1.0 and m["specificity"] == 0.0 and m["sensitivity"] == 1.0
+    assert m["val/auroc"] == 1.0
+
+
+def test_threshold_without_val_abnormals_is_a_val_percentile():
+    thr, how = pipeline_flow.val_threshold(np.zeros(100, int), np.arange(100.0))
+    assert thr == pytest.approx(94.05) and "95th" in how
+    with pytest.raises(ConfigError, match="val/normal"):
+        pipeline_flow.val_threshold(np.ones(3, int), np.arange(3.0))
+
+
+def test_evaluate_reports_likelihood_and_per_finding_aurocs():
+    rng = np.random.default_rng(0)
+    labels = [0] * 20 + [1] * 20
+    findings = [""] * 20 + ["Lung Opacity"] * 10 + ["No Lung Opacity / Not Normal"] * 10
+    # posterior separates only 'Lung Opacity'; the likelihood ranks the classes backwards
+    post = np.r_[rng.normal(0, 1, 20), rng.normal(5, 1, 10), rng.normal(0, 1, 10)]
+    lik = np.r_[np.full(20, 10.0), np.full(20, 0.0)] + rng.normal(0, 0.1, 40)
+    scores = FlowScores(log_p_m0=-lik, log_p_m1=-lik + post, zero_fraction=np.zeros(40))
+    np.testing.assert_allclose(scores.score, post)
+    m = pipeline_flow.evaluate(_items(labels, findings), scores, _items(labels, findings), scores)
+    assert m["auroc_likelihood"] == 0.0
+    assert m["per_finding"]["Lung Opacity"]["auroc"] == 1.0
+    assert 0.2 < m["per_finding"]["No Lung Opacity / Not Normal"]["auroc"] < 0.8
+    assert m["per_finding_likelihood"]["Lung Opacity"]["auroc"] == 0.0
+    assert m["per_finding"]["Lung Opacity"]["n"] == 10
+
+
+def test_evaluate_needs_both_classes_in_test():
+    s = FlowScores(np.zeros(3), np.zeros(3), np.zeros(3))
+    with pytest.raises(ConfigError, match="S_unknown"):
+        pipeline_flow.evaluate(_items([0, 1, 1]), s, _items([1, 1, 1]), s)
+
+
+# --- end to end on tiny phantoms (fast tier) ---------------------------------------------------
+
+def _phantom_volume_hu(rng: np.random.Generator, abnormal: bool, shape=(8, 16, 16)) -> np.ndarray:
+    """A head-CT-like volume in HU: brain (~30 HU) in air (-1000 HU, 0 after the brain window);
+    abnormal: more air around it and a hyperdense (~75 HU, haemorrhage-like) lesion."""
+    d, h, w = shape
+    m = int(rng.integers(3, 5) if abnormal else rng.integers(1, 3))
+    vol = np.full(shape, -1000.0, np.float32)
+    vol[1:d - 1, m:h - m, m:w - m] = rng.normal(30, 4, (d - 2, h - 2 * m, w - 2 * m))
+    if abnormal:
+        z, r, c = rng.integers(1, d - 3), *rng.integers(m, h - m - 3, size=2)
+        vol[z:z + 2, r:r + 3, c:c + 3] = 75.0
+    return vol.astype(np.int16)
+
+
+def write_folder_phantoms(root, modality: str, seed: int = 0, n_train: int = 32,
+                          n_eval: int = 8) -> None:
+    """The folder layout (DESIGN.md §3) with tiny 2D PNGs or 3D .npy HU volumes."""
+    from PIL import Image
+    from test_flow_posterior import phantom
+
+    rng = np.random.default_rng(seed)
+    groups = {("train", "normal"): [0] * n_train,
+              ("train", "mixture"): [0] * (n_train // 2) + [1] * (n_train // 2),
+              ("val", "normal"): [0] * n_eval, ("val", "abnormal"): [1] * n_eval,
+              ("test", "normal"): [0] * n_eval, ("test", "abnormal"): [1] * n_eval}
+    for (split, group), labels in groups.items():
+        folder = root / split / group
+        folder.mkdir(parents=True)
+        for i, y in enumerate(labels):
+            if modality == "cxr":
+                img = (phantom(rng, bool(y)) * 255).round().astype(np.uint8)
+                Image.fromarray(img).save(folder / f"{group}{i:03d}.png")
+            else:
+                np.save(folder / f"{group}{i:03d}.npy", _phantom_volume_hu(rng, bool(y)))
+
+
+TINY = {
+    "cxr": ["data.image_size=16", "glow.levels=2"],
+    "bct": ["data.volume_size=[8,16,16]", "glow.levels=2"],
+}
+
+
+def _argv(root, out, modality, *extra):
+    return ["method=flow", "data=folder", f"data.root={root}", f"data.modality={modality}",
+            "profile=cpu", f"out_dir={out}", "logger=none", "trainer.progress_bar=false",
+            "glow.steps=2", "glow.hidden_channels=16", "data.batch_size=16",
+            "trainer.max_epochs=3", "eval.n_extremes=6", "glow.n_samples=1", *TINY[modality],
+            *extra]
+
+
+def _run(root, out, modality, *extra):
+    from experiments.pipeline import main
+
+    return main(_argv(root, out, modality, *extra))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is as fast and immune to CPU oversubscription (OpenMP spinning)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("modality", ["cxr", "bct"])
+def test_pipeline_end_to_end(out_dir, modality, monkeypatch, one_thread):
+    import csv
+    import json
+
+    from lightning_modules.flow_posterior import PreprocessingMismatch
+
+    root, out = out_dir / "data", out_dir / "run"
+    write_folder_phantoms(root, modality)
+    metrics = _run(root, out, modality)
+
+    for f in ("scores.csv", "metrics.json", "report.html", "config.yaml", "m0/flow_model.json",
+              "m1/flow_model.json", "figures/roc.png", "figures/hist_log_posterior.png",
+              "figures/hist_log_likelihood.png", "figures/most_abnormal.png",
+              "figures/least_abnormal.png", "figures/zero_fraction_likelihood.png",
+              "figures/roc_per_finding.png", "figures/samples_m0.png"):
+        assert (out / f).is_file(), f
+    with open(out / "scores.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 16
+    assert list(rows[0])[:3] == ["path", "label", "score"]
+    assert {"log_p_m0", "log_p_m1", "log_posterior", "score_likelihood", "finding",
+            "zero_fraction"} <= set(rows[0])
+    for r in rows:  # score = -log posterior = log p(x|M1) - log p(x|M0)
+        assert float(r["score"]) == pytest.approx(-float(r["log_posterior"]))
+        assert float(r["log_posterior"]) == pytest.approx(
+            float(r["log_p_m0"]) - float(r["log_p_m1"]), rel=1e-9, abs=1e-6)
+        assert float(r["score_likelihood"]) == pytest.approx(-float(r["log_p_m0"]))
+    saved = json.loads((out / "metrics.json").read_text())
+    for k in ("auroc", "accuracy", "precision", "sensitivity", "specificity", "threshold",
+              "auroc_likelihood", "val/auroc", "per_finding"):
+        assert k in saved, k
+    assert 0.0 <= metrics["auroc"] <= 1.0 and metrics["threshold_source"] == "Youden's J on val"
+    html = (out / "report.html").read_text()
+    assert "figures/roc.png" in html and "Youden" in html
+
+    # A second run reuses both models (no retraining) ...
+    def no_training(cfg, datamodule=None):
+        raise AssertionError("M0/M1 should have been reused, not retrained")
+
+    monkeypatch.setattr("experiments.train_glow.train", no_training)
+    cfg = pipeline_flow.load(_argv(root, out, modality))
+    ckpt = pipeline_flow.ensure_model(cfg, "m0", out, n_items=1)
+    assert ckpt == Path(json.loads((out / "m0" / "flow_model.json").read_text())["ckpt"])
+    # ... and refuses to combine them with data preprocessed differently.
+    other = ["data.image_size=32"] if modality == "cxr" else ["data.volume_size=[16,16,16]"]
+    key = "image_size" if modality == "cxr" else "volume_size"
+    with pytest.raises(PreprocessingMismatch, match=key):
+        _run(root, out, modality, *other)
+
+
+@pytest.mark.parametrize("modality", ["cxr", "bct"])
+def test_load_stacks_glow_of_the_modality_and_flow(modality):
+    cfg = pipeline_flow.load(["method=flow", "data=folder", f"data.modality={modality}",
+                              "profile=cpu"])
+    assert cfg.method == "flow" and cfg.job == "pipeline" and cfg.data.modality == modality
+    assert cfg.glow.n_bits == (8 if modality == "cxr" else 7)  # from glow_<modality>.yaml
+    assert cfg.eval.n_extremes == 36  # from flow.yaml
+    assert cfg.out_dir == f"outputs/flow/{modality}"
+
+
+@pytest.mark.parametrize("preset,sizes", [
+    ("flow_rsna_paper", (7808, 6553, 6631, 1358, 13863)),
+    ("flow_bct_paper", (250, 250, 250, 33, 33)),
+])
+def test_paper_presets_give_the_papers_set_sizes(preset, sizes):
+    cfg = pipeline_flow.load([f"config={preset}", "profile=paper"])
+    d = cfg.data
+    assert (d.n_normal, d.n_mixture_normal, d.n_mixture_abnormal, d.n_unknown_normal,
+            d.n_unknown_abnormal) == sizes
+    assert d.modality == ("cxr" if "rsna" in preset else "bct")
+    assert d.name == ("rsna" if "rsna" in preset else "bct")
+    # the paper's Glow of that modality (Appendix B for CT)
+    assert (cfg.glow.levels, cfg.glow.steps) == ((7, 32) if "rsna" in preset else (4, 32))
+    # the command line still wins
+    assert pipeline_flow.load([f"config={preset}", "data.n_normal=10"]).data.n_normal == 10
