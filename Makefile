@@ -11,13 +11,15 @@ MODEL ?= m0
 DATA ?=
 ARGS ?=
 SWEEP ?=
+SEED ?=
+NAME ?=
 COUNT ?=
 OUT ?= outputs
 DATA_ARG := $(if $(DATA),data.root=$(DATA),)
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-slow test-gpu lint format demo train-simclr train-simclr-all \
-        train-glow sweep sweep-offline benchmarks clean
+        train-glow sweep sweep-offline benchmarks phantoms check-data clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -47,6 +49,32 @@ lint: install ## ruff check
 
 format: install ## ruff format + autofix
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
+
+demo: install ## Both methods end to end on phantom data (profile=cpu): metrics table + report paths
+	$(PY) -m experiments.demo $(ARGS)
+
+train-glow: install ## Train Glow M0/M1: MODALITY=cxr|bct MODEL=m0|m1 [DATA=DIR] [ARGS="k=v ..."]
+	$(PY) -m experiments.train_glow modality=$(MODALITY) glow.model=$(MODEL) \
+	  $(if $(and $(filter bct,$(MODALITY)),$(filter m1,$(MODEL))),trainer.max_epochs=20,) \
+	  $(DATA_ARG) $(ARGS)
+
+sweep: install ## W&B sweep: create SWEEP=configs/sweeps/<name>.yaml on W&B and run an agent here [COUNT=n] [ARGS="key=value ..."]
+	@test -n "$(SWEEP)" || { echo "Usage: make sweep SWEEP=configs/sweeps/<name>.yaml [COUNT=n] [ARGS=\"key=value ...\"]"; exit 2; }
+	$(PY) -m experiments.sweep $(SWEEP) $(if $(COUNT),--count $(COUNT)) $(ARGS)
+
+sweep-offline: install ## Same sweep file without W&B: grid/random trials here, summary in outputs/sweeps/<name>/ [COUNT=n] [SEED=s] [ARGS=...]
+	@test -n "$(SWEEP)" || { echo "Usage: make sweep-offline SWEEP=configs/sweeps/<name>.yaml [COUNT=n] [SEED=s] [ARGS=\"key=value ...\"]"; exit 2; }
+	$(PY) -m experiments.sweep_offline $(SWEEP) $(if $(COUNT),--count $(COUNT)) $(if $(SEED),--seed $(SEED)) $(ARGS)
+
+phantoms: install ## Write every phantom data set format into $(OUT)/phantoms
+	$(PY) -m datamodules.phantoms --format padchest --out $(OUT)/phantoms/padchest --n 40
+	$(PY) -m datamodules.phantoms --format rsna --out $(OUT)/phantoms/rsna --n 20
+	$(PY) -m datamodules.phantoms --format bct --out $(OUT)/phantoms/bct --n 10
+	$(PY) -m datamodules.phantoms --format folder --modality cxr --out $(OUT)/phantoms/folder-cxr --n 40
+	$(PY) -m datamodules.phantoms --format folder --modality bct --out $(OUT)/phantoms/folder-bct --n 10
+
+check-data: install ## Index and check a data set: make check-data NAME=padchest DATA=/data/padchest
+	$(PY) -m datamodules.factory data=$(or $(NAME),folder) $(DATA_ARG) $(ARGS)
 
 clean: ## Remove outputs and caches (keeps .venv)
 	rm -rf outputs .pytest_cache .ruff_cache

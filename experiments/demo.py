@@ -1,5 +1,6 @@
 """``make demo``: both methods end to end on embedded phantom data with ``profile=cpu``.
 
+W&B is off (``logger=none``) to keep it fast; pass ``logger=wandb`` for offline runs.
 Runs the patch detector on phantom chest radiographs, then the flow posterior on phantom chest
 radiographs (2D Glow) and phantom head-CT volumes (3D Glow); prints each metrics table, the
 report paths and the wall time. Extra ``key=value`` arguments go to every pipeline run.
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     for name, args in RUNS:
         t0 = time.perf_counter()
         results[name] = pipeline.main(
-            [*args, "profile=cpu", f"out_dir={out_root / name}", *extra]
+            [*args, "profile=cpu", "logger=none", f"out_dir={out_root / name}", *extra]
         )
         times[name] = time.perf_counter() - t0
     total = time.perf_counter() - t_all
