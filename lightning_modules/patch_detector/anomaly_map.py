@@ -132,7 +132,9 @@ class MapNormalizer:
         return fuse_log_maps(maps, self.scales, self.weights, self.fusion)  # (B, h, w)
 
     def normalize(self, fused: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid((fused - self.center) / self.spread)
+        # float64: a float32 sigmoid saturates at 1 already 17 spreads above the cut-off,
+        # which would tie the most anomalous images
+        return torch.sigmoid((fused.double() - self.center) / self.spread)
 
     def to_dict(self) -> dict:
         return asdict(self)
