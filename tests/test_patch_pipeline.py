@@ -77,3 +77,29 @@ def test_detect_image_scores_a_new_image(run_dir, tmp_path, capsys):
 def test_bad_fusion_fails():
     with pytest.raises(ConfigError, match="patch.fusion"):
         pipeline.main([*TINY, "patch.fusion=sum"])
+
+
+def test_ablation_table2_reuses_the_run(run_dir):
+    from experiments import ablations
+
+    out, _ = run_dir
+    enc = sorted((out / "encoders").rglob("*.ckpt"))
+    mtimes = [p.stat().st_mtime for p in enc]
+    rows = ablations.main(["configs/ablations/table2.yaml", *TINY, f"out_dir={out}"])
+    assert len(rows) == 3 * 4  # sizes x distances
+    assert {r["distance"] for r in rows} == {"euclidean", "manhattan", "cosine", "mahalanobis"}
+    assert (out / "ablations" / "table2.csv").is_file()
+    assert (out / "ablations" / "table2.md").read_text().count("\n|") >= 13
+    assert [p.stat().st_mtime for p in enc] == mtimes
+
+
+def test_ablation_grid_expansion():
+    from experiments.ablations import expand_grid
+
+    v = expand_grid({"weights": [[1, 1], [0, 1]], "fusion": ["geometric", "product"]},
+                    [32, 64], [0.1, 1.2], "mahalanobis", "geometric")
+    assert len(v) == 3  # product with a zero weight is skipped
+    assert expand_grid({"sizes": "each"}, [32, 64], [0.1, 1.2], "cosine", "geometric") == [
+        {"sizes": [32], "weights": [1.0], "distance": "cosine", "fusion": "geometric"},
+        {"sizes": [64], "weights": [1.0], "distance": "cosine", "fusion": "geometric"},
+    ]
