@@ -14,7 +14,8 @@ TINY = [
     "data.image_size=64", "data.phantom_size=64", "data.phantom_count=24", "data.batch_size=32",
     "patch.patch_sizes=[16,32,64]", "patch.locality=[1,0,0]", "patch.weights=[0.5,1.0,1.0]",
     "simclr.input_size=16", "simclr.proj_hidden_dim=32", "simclr.proj_out_dim=16",
-    "simclr.val_max_patches=32", "trainer.max_epochs=1", "eval.n_extremes=4",
+    "simclr.val_max_patches=32", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+    "patch.encoder_epochs=null", "eval.n_extremes=4",
     "eval.n_overlays=2",
 ]
 
@@ -103,3 +104,11 @@ def test_ablation_grid_expansion():
         {"sizes": [32], "weights": [1.0], "distance": "cosine", "fusion": "geometric"},
         {"sizes": [64], "weights": [1.0], "distance": "cosine", "fusion": "geometric"},
     ]
+
+
+@pytest.mark.slow
+def test_cross_validation_reports_mean_and_sd(tmp_path):
+    metrics = pipeline.main([*TINY, "patch.n_folds_run=2", f"out_dir={tmp_path}"])
+    assert metrics["n_folds"] == 2 and "auroc_sd" in metrics
+    assert (tmp_path / "fold0" / "metrics.json").is_file()
+    assert (tmp_path / "fold1" / "report.html").is_file()

@@ -110,7 +110,8 @@ def pairwise(q: torch.Tensor, r: torch.Tensor, kernel: str) -> torch.Tensor:
     large inputs) and returns *squared* distances: callers take ``sqrt`` of the minima only.
     """
     if kernel == "l2":
-        d2 = (q * q).sum(1, keepdim=True) + (r * r).sum(1)[None, :] - 2.0 * (q @ r.T)
+        d2 = torch.addmm((r * r).sum(1)[None, :], q, r.T, alpha=-2.0)  # one fused pass
+        d2 += (q * q).sum(1, keepdim=True)
         return d2.clamp_min_(0.0)
     if kernel == "l1":
         return torch.cdist(q, r, p=1.0)
