@@ -23,6 +23,7 @@ prints the table.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import sys
 from pathlib import Path
@@ -83,6 +84,25 @@ def expand_grid(grid: dict, sizes: list[int], weights: list[float], distance: st
     return variants
 
 
+def run_overrides(argv: list[str]) -> list[str]:
+    """The data/simclr/patch settings of the run in ``out_dir=`` (its ``config.yaml``) as
+    overrides, so that ``out_dir=RUN`` alone reproduces the run's detector."""
+    out_dir = None
+    for a in argv:
+        item = a[2:] if a.startswith("--") else a
+        if item.startswith("out_dir="):
+            out_dir = item.split("=", 1)[1]
+    if out_dir is None or not (Path(out_dir) / "config.yaml").is_file():
+        return []
+    saved = OmegaConf.load(Path(out_dir) / "config.yaml")
+    items = []
+    for section in ("data", "simclr", "patch"):
+        for key, value in OmegaConf.to_container(saved[section]).items():
+            items.append(f"{section}.{key}={json.dumps(value)}")
+    log.info("Using the data/simclr/patch settings of %s/config.yaml", out_dir)
+    return items
+
+
 def markdown_table(rows: list[dict]) -> str:
     cols = list(rows[0])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -105,7 +125,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise ConfigError("usage: python -m experiments.ablations configs/ablations/<name>.yaml "
                           "[overrides...]")
     spec = load_spec(argv[0])
-    cfg = pp.load(["method=patch", *spec.get("overrides", []), *argv[1:]])
+    cfg = pp.load(["method=patch", *run_overrides(argv[1:]), *spec.get("overrides", []),
+                   *argv[1:]])
     out = prepare_run_dir(cfg)
     dm, det, _, shas = pp.prepare(cfg)
     use_cache = True  # the point of an ablation: compute the features once
