@@ -418,7 +418,24 @@ def run_single(cfg: DictConfig, dm=None) -> dict:
     save_state(cfg, out, det, ckpts, shas)
     report = write_outputs(cfg, out, det, dm, val, test, metrics)
     log.info("Report: %s", report)
+    log_to_wandb(cfg, out, metrics)
     return metrics
+
+
+def log_to_wandb(cfg: DictConfig, out: Path, metrics: dict) -> None:
+    """Scalar test/val metrics to W&B (offline by default; nothing for logger=none)."""
+    from experiments.common import make_logger
+    from experiments.evaluation import flatten_metrics
+
+    logger = make_logger(cfg, out, name="patch-pipeline")
+    if logger is None:
+        return
+    scalars = {(k if "/" in k else f"test/{k}"): float(v)
+               for k, v in flatten_metrics(metrics).items()
+               if isinstance(v, int | float) and not isinstance(v, bool)}
+    logger.log_metrics(scalars)
+    logger.finalize("success")
+    logger.experiment.finish()
 
 
 def run(cfg: DictConfig) -> dict:

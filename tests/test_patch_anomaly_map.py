@@ -91,3 +91,15 @@ def test_scales_are_validation_normal_medians():
     n = MapNormalizer.fit_scales([torch.tensor([1.0, 2.0, 3.0]), torch.tensor([[10.0, 30.0, 20.0]])],
                                  [32, 64], [1.0, 1.0], "geometric")
     assert n.scales == [2.0, 20.0]
+
+
+def test_youden_cutoff_agrees_with_the_shared_evaluation():
+    from experiments.evaluation import roc_with_youden
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 80)
+    s = rng.normal(size=80) + y
+    c = youden_cutoff(y, s)
+    shared = roc_with_youden(y, s)[3]
+    # both are "score > c" rules at the same split of the sorted scores
+    assert ((s > c) == (s > shared)).all()
