@@ -127,12 +127,21 @@ def ensure_encoders(cfg: DictConfig, dm, out: Path) -> dict[int, Path]:
             c.trainer.max_epochs = int(p.encoder_epochs[i])
         log.info("Encoder res %d: training SimCLR into %s", size, folder)
         result = Path(train(c, datamodule=dm))
+        _finish_wandb()  # one W&B run per encoder: train() leaves its run open
         ckpt = result if result.is_file() else find_encoder_checkpoint(folder)
         if ckpt is None:
             raise RuntimeError(f"SimCLR training for size {size} wrote no checkpoint in "
                                f"{folder} (trainer.fast_dev_run saves none)")
         paths[size] = ckpt
     return paths
+
+
+def _finish_wandb() -> None:
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
 
 
 def build_detector(cfg: DictConfig, ckpts: dict[int, Path], device: torch.device
@@ -427,6 +436,7 @@ def log_to_wandb(cfg: DictConfig, out: Path, metrics: dict) -> None:
     from experiments.common import make_logger
     from experiments.evaluation import flatten_metrics
 
+    _finish_wandb()
     logger = make_logger(cfg, out, name="patch-pipeline")
     if logger is None:
         return
