@@ -13,13 +13,14 @@ ARGS ?=
 SWEEP ?=
 SEED ?=
 NAME ?=
+RUN ?= $(OUT)/demo/patch
 COUNT ?=
 OUT ?= outputs
 DATA_ARG := $(if $(DATA),data.root=$(DATA),)
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-slow test-gpu lint format demo train-simclr train-simclr-all \
-        train-glow sweep sweep-offline benchmarks phantoms check-data clean
+        train-glow sweep sweep-offline benchmarks phantoms check-data ablations clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -52,6 +53,9 @@ format: install ## ruff format + autofix
 
 demo: install ## Both methods end to end on phantom data (profile=cpu): metrics table + report paths
 	$(PY) -m experiments.demo $(ARGS)
+
+ablations: install ## Kim et al. Tables 2 and 3 on a patch run (RUN=outputs/demo/patch; builds what is missing)
+	for t in table2 table3; do $(PY) -m experiments.ablations configs/ablations/$$t.yaml out_dir=$(RUN) $(ARGS) || exit 1; done
 
 train-glow: install ## Train Glow M0/M1: MODALITY=cxr|bct MODEL=m0|m1 [DATA=DIR] [ARGS="k=v ..."]
 	$(PY) -m experiments.train_glow modality=$(MODALITY) glow.model=$(MODEL) \

@@ -61,8 +61,9 @@ class TrainerConfig:
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
     sync_batchnorm: bool = False
     fast_dev_run: bool = False
-    limit_train_batches: float = 1.0
-    limit_val_batches: float = 1.0
+    # Lightning: a float is a fraction of the batches, an int a number of batches.
+    limit_train_batches: Any = 1.0
+    limit_val_batches: Any = 1.0
     log_every_n_steps: int = 10
     check_val_every_n_epoch: int = 1
     deterministic: bool = False
@@ -118,6 +119,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "glow.model": ("m0", "m1"),
     "glow.coupling_scale": ("paper", "glow"),
     "patch.distance": ("euclidean", "manhattan", "cosine", "mahalanobis"),
+    "patch.fusion": ("geometric", "product"),
     "optim.name": ("lars", "adam", "adamw", "sgd"),
     "optim.lr_scaling": ("none", "linear", "sqrt"),
     "optim.scheduler": ("cosine", "none"),
