@@ -138,7 +138,7 @@ def train(cfg: DictConfig, datamodule=None) -> Path:
     train_loader, val_loader = build_loaders(cfg, datamodule, trainer.world_size)
     module = build_module(cfg)
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader,
-                ckpt_path=resolve_ckpt_path(cfg, out))
+                ckpt_path=resolve_ckpt_path(cfg, out), weights_only=True)
 
     ckpt_cb = trainer.checkpoint_callback
     best = Path(ckpt_cb.best_model_path) if ckpt_cb and ckpt_cb.best_model_path else None
