@@ -146,7 +146,8 @@ def train(cfg: DictConfig, datamodule=None) -> Path:
     result = best or (last if last.is_file() else out / "checkpoints")
     if trainer.is_global_zero:
         metrics = _float_metrics(trainer.callback_metrics)
-        metrics.update({"epoch": int(trainer.current_epoch), "global_step": int(trainer.global_step),
+        metrics.update({"epoch": int(trainer.current_epoch),
+                        "global_step": int(trainer.global_step),
                         "patch_size": res, "backbone": str(s.backbone),
                         "best_checkpoint": str(best) if best else None,
                         "last_checkpoint": str(last) if last.is_file() else None})

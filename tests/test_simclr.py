@@ -138,8 +138,10 @@ def test_warmup_cosine_schedule_per_step():
     assert lrs[0] == pytest.approx(lr / 20) and lrs[19] == pytest.approx(lr)
     assert all(b > a for a, b in zip(lrs[:19], lrs[1:20]))  # linear warm-up
     assert all(b <= a for a, b in zip(lrs[20:], lrs[21:]))  # cosine decay
-    mid = 20 + 40  # halfway through the cosine part
-    assert lrs[mid] == pytest.approx(lr * (0.001 + (1 - 0.001) * 0.5 * (1 + math.cos(math.pi * 40 / 79))), rel=1e-6)
+    # cosine part: lr * (end + (1 - end) * (1 + cos(pi * t / (T - 1))) / 2), end = 0.001,
+    # t = step - 20, T = 80 cosine steps (lightly's cosine_warmup_schedule)
+    cosine = 0.001 + (1 - 0.001) * 0.5 * (1 + math.cos(math.pi * 40 / 79))
+    assert lrs[60] == pytest.approx(lr * cosine, rel=1e-6)
     assert lrs[-1] == pytest.approx(lr * 0.001)
 
 
