@@ -20,6 +20,7 @@ import copy
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -174,7 +175,15 @@ def train_all(cfg: DictConfig, datamodule=None) -> dict[int, Path]:
     return {size: train(c, datamodule) for size, c in zip(sizes, cfgs)}
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> Path | None:
+    """Train one size. ``--list-sizes [overrides]`` prints the profile's ``patch.patch_sizes``
+    instead (``make train-simclr-all`` loops over them, one process per size)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--list-sizes" in argv:
+        argv.remove("--list-sizes")
+        cfg = load_config("simclr", argv)
+        print(" ".join(str(int(x)) for x in cfg.patch.patch_sizes))
+        return None
     setup_logging()
     cfg = load_config("simclr", argv)
     log.info("SimCLR config:\n%s", OmegaConf.to_yaml(cfg.simclr))

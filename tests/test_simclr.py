@@ -145,6 +145,17 @@ def test_warmup_cosine_schedule_per_step():
     assert lrs[-1] == pytest.approx(lr * 0.001)
 
 
+def test_extended_resume_stretches_the_schedule_horizon():
+    m = SimCLRModule(32, warmup_epochs=1, **TINY)
+    _attach_fake_trainer(m, total_steps=20, max_epochs=2)
+    sched = m.configure_optimizers()["lr_scheduler"]["scheduler"]
+    # resumed with trainer.max_epochs=4: the restored scheduler still ends at step 20
+    m.trainer = SimpleNamespace(estimated_stepping_batches=40, max_epochs=4,
+                                lr_scheduler_configs=[SimpleNamespace(scheduler=sched)])
+    m.on_train_start()
+    assert (sched.max_epochs, sched.warmup_epochs) == (40, 10)
+
+
 def test_view_transform_shapes_range_and_parameters():
     t = view_transform(24, crop_scale=0.5, rotation_deg=5.0)
     rot, crop = t.transforms[0], t.transforms[1]
@@ -203,6 +214,15 @@ def test_config_paper_and_cpu_profiles():
     assert cpu.data.root is None and cpu.data.name == "folder"  # phantoms when no DATA
     with pytest.raises(ConfigError, match="simclr.tempertaure"):
         load_config("simclr", ["simclr.tempertaure=0.1"])
+
+
+def test_list_sizes_follows_the_profile(capsys):
+    from experiments.train_simclr import main
+
+    main(["--list-sizes", "profile=paper"])
+    assert capsys.readouterr().out.split() == ["128", "256", "512", "1024"]
+    main(["--list-sizes", "profile=cpu"])
+    assert capsys.readouterr().out.split() == ["32", "64", "128", "256"]
 
 
 def test_per_device_batch_size():

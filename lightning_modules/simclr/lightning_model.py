@@ -162,12 +162,13 @@ class SimCLRModule(pl.LightningModule):
         if self.trainer.world_size > 1:
             # Every rank gets every rank's features; the metrics are computed identically on all.
             out = {k: v.reshape(-1, *v.shape[2:]) for k, v in self.all_gather(out).items()}
-        self.log("val/alignment", alignment(out["h0"], out["h1"]))
+        # Equal on every rank; sync_dist only averages identical values (and keeps DDP quiet).
+        self.log("val/alignment", alignment(out["h0"], out["h1"]), sync_dist=True)
         if out["h"].shape[0] > 1:
-            self.log("val/uniformity", uniformity(out["h"]))
+            self.log("val/uniformity", uniformity(out["h"]), sync_dist=True)
         acc = knn_balanced_accuracy(out["h"], out["label"], out["image"], self.hparams.knn_k)
         if acc is not None:
-            self.log("val/knn_acc", acc)
+            self.log("val/knn_acc", acc, sync_dist=True)
 
     # --- optimisation ----------------------------------------------------------------------
     def configure_optimizers(self):
