@@ -325,8 +325,8 @@ def test_resume_from_last_continues_the_epoch_count(trained, monkeypatch):
     after = torch.load(trained.out / "checkpoints" / "last.ckpt", weights_only=True)
     assert after["global_step"] == 4
     # Lightning's epoch counter: one epoch started before the interruption, two in total
-    started = [c["loops"]["fit_loop"]["epoch_progress"]["total"]["started"] for c in (before, after)]
-    assert started == [1, 2]
+    progress = [c["loops"]["fit_loop"]["epoch_progress"]["total"] for c in (before, after)]
+    assert [p["started"] for p in progress] == [1, 2]
     sb, sa = before["lr_schedulers"][0], after["lr_schedulers"][0]
     assert sb["max_epochs"] == sa["max_epochs"] == 4  # same horizon: an exact resume
     assert sa["last_epoch"] == sb["last_epoch"] + 2  # the schedule continued, not restarted
