@@ -158,7 +158,7 @@ class ImageStore:
 
 
 class PatchDataset(Dataset):
-    """Every grid patch of one size from a list of 2D items, with one or more augmented views.
+    """Every grid patch of one size from a list of 2D items, with two augmented views.
 
     Each sample is a dict: ``view0``, ``view1`` (augmented views, (1, S, S)), ``patch`` (the
     un-augmented patch resized to the encoder's input size, only with ``include_patch``),
@@ -166,7 +166,8 @@ class PatchDataset(Dataset):
 
     ``seed`` fixes the random views per sample (for validation metrics that must be comparable
     across epochs); ``None`` draws fresh views each time (training).
-    ``max_patches`` keeps a fixed random subset of the patches.
+    ``max_patches`` keeps a fixed random subset of the patches; then only those patches are
+    kept in memory (each needed image is read once), not the whole images.
     """
 
     def __init__(self, dm: MedicalDataModule, items: list[Item], patch_size: int,
@@ -176,19 +177,50 @@ class PatchDataset(Dataset):
                  include_patch: bool = False,
                  patch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  description: str = "Loading images"):
-        self.store = ImageStore(dm, items, cache_max_gb=cache_max_gb, description=description)
-        self.items = self.store.items
+        self.items = list(items)
         self.view_transform = view_transform
         self.patch_transform = patch_transform
         self.include_patch = include_patch
         self.seed = seed
-        self.cells = patch_grid(self.store.shape, patch_size, stride) if self.items else []
-        n = len(self.items) * len(self.cells)
+        self.store: ImageStore | None = None
+        self.crops: np.ndarray | None = None  # (n, s, s) uint16, subset mode only
+        if not self.items:
+            self.cells, self.index = [], np.zeros(0, dtype=np.int64)
+            return
+        n_total_images = len(self.items)
+        if max_patches is None:
+            self.store = ImageStore(dm, self.items, cache_max_gb=cache_max_gb,
+                                    description=description)
+            self.cells = patch_grid(self.store.shape, patch_size, stride)
+            self.index = np.arange(n_total_images * len(self.cells), dtype=np.int64)
+            return
+        first = ImageStore(dm, self.items[:1], cache_max_gb=float("inf"))
+        self.cells = patch_grid(first.shape, patch_size, stride)
+        n = n_total_images * len(self.cells)
         index = np.arange(n, dtype=np.int64)
-        if max_patches is not None and n > max_patches:
+        if n > max_patches:
             rng = np.random.default_rng(0 if seed is None else seed)
             index = np.sort(rng.choice(n, size=max_patches, replace=False))
         self.index = index  # flat index = image * n_cells + cell
+        self.crops = self._load_crops(dm, first, description)
+
+    def _load_crops(self, dm: MedicalDataModule, first: ImageStore,
+                    description: str) -> np.ndarray:
+        from experiments.common import track
+
+        img_of = self.index // len(self.cells)
+        s = self.cells[0].size
+        crops = np.empty((len(self.index), s, s), dtype=np.uint16)
+        needed = np.unique(img_of)
+        for img in track(needed, description, total=len(needed), enabled=len(needed) > 64):
+            store = first if img == 0 else ImageStore(dm, [self.items[img]], float("inf"))
+            if store.shape != first.shape:
+                raise ValueError(f"{self.items[img].path}: image shape {store.shape} differs "
+                                 f"from {first.shape}; data.image_size must apply to all")
+            for j in np.nonzero(img_of == img)[0]:
+                c = self.cells[int(self.index[j]) % len(self.cells)]
+                crops[j] = store.array[0, c.y:c.y + s, c.x:c.x + s]
+        return crops
 
     def __len__(self) -> int:
         return len(self.index)
@@ -200,7 +232,10 @@ class PatchDataset(Dataset):
         flat = int(self.index[i])
         img_idx, cell_idx = divmod(flat, len(self.cells))
         cell = self.cells[cell_idx]
-        patch = self.store.crop(img_idx, cell)  # (1, s, s)
+        if self.crops is not None:
+            patch = torch.from_numpy(self.crops[i].astype(np.float32) / 65535.0).unsqueeze(0)
+        else:
+            patch = self.store.crop(img_idx, cell)  # (1, s, s)
         if self.seed is None:
             v0, v1 = self._views(patch)
         else:

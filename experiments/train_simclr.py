@@ -20,6 +20,7 @@ import copy
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -138,7 +139,7 @@ def train(cfg: DictConfig, datamodule=None) -> Path:
     train_loader, val_loader = build_loaders(cfg, datamodule, trainer.world_size)
     module = build_module(cfg)
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader,
-                ckpt_path=resolve_ckpt_path(cfg, out))
+                ckpt_path=resolve_ckpt_path(cfg, out), weights_only=True)
 
     ckpt_cb = trainer.checkpoint_callback
     best = Path(ckpt_cb.best_model_path) if ckpt_cb and ckpt_cb.best_model_path else None
@@ -146,7 +147,8 @@ def train(cfg: DictConfig, datamodule=None) -> Path:
     result = best or (last if last.is_file() else out / "checkpoints")
     if trainer.is_global_zero:
         metrics = _float_metrics(trainer.callback_metrics)
-        metrics.update({"epoch": int(trainer.current_epoch), "global_step": int(trainer.global_step),
+        metrics.update({"epoch": int(trainer.current_epoch),
+                        "global_step": int(trainer.global_step),
                         "patch_size": res, "backbone": str(s.backbone),
                         "best_checkpoint": str(best) if best else None,
                         "last_checkpoint": str(last) if last.is_file() else None})
@@ -173,7 +175,15 @@ def train_all(cfg: DictConfig, datamodule=None) -> dict[int, Path]:
     return {size: train(c, datamodule) for size, c in zip(sizes, cfgs)}
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> Path | None:
+    """Train one size. ``--list-sizes [overrides]`` prints the profile's ``patch.patch_sizes``
+    instead (``make train-simclr-all`` loops over them, one process per size)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--list-sizes" in argv:
+        argv.remove("--list-sizes")
+        cfg = load_config("simclr", argv)
+        print(" ".join(str(int(x)) for x in cfg.patch.patch_sizes))
+        return None
     setup_logging()
     cfg = load_config("simclr", argv)
     log.info("SimCLR config:\n%s", OmegaConf.to_yaml(cfg.simclr))

@@ -129,6 +129,23 @@ def test_val_dataset_fixed_views_labels_and_subset():
     assert torch.equal(a["view0"], b["view0"]) and torch.equal(a["view1"], b["view1"])
     assert not torch.equal(a["view0"], a["view1"])  # two different random views
     assert a["patch"].shape == (1, 16, 16)
+    # the kept crops are the image's grid cells (uint16 in memory)
+    for i in (0, 13, 39):
+        flat = int(ds.index[i])
+        img, cell = divmod(flat, 16)
+        c = ds.cells[cell]
+        ref = dm.load(ds.items[img])[c.y:c.y + 16, c.x:c.x + 16]
+        assert np.abs(ds[i]["patch"][0].numpy() - ref).max() <= 0.5 / 65535 + 1e-6
+        assert ds[i]["image"] == img and ds[i]["label"] == ds.items[img].label
+
+
+def test_val_subset_reads_only_the_images_it_needs():
+    from lightning_modules.simclr.transforms import resize_transform, view_transform
+
+    dm = FakeCXR(n_val=20, size=32)
+    ds = val_patch_dataset(dm, 16, view_transform(16), resize_transform(16), max_patches=2)
+    assert len(ds) == 2 and ds.crops.shape == (2, 16, 16)
+    assert dm.n_loads <= 3  # the first image (for the grid) + at most the 2 needed ones
 
 
 def test_train_dataset_errors_without_normal_images():

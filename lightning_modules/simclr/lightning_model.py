@@ -26,6 +26,7 @@ from lightly.loss import NTXentLoss
 from lightly.models.utils import get_weight_decay_parameters
 from lightly.utils.lars import LARS
 from lightly.utils.scheduler import CosineWarmupScheduler
+from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_modules.simclr.torch_model import PatchEncoder, SimCLRModel, build_backbone
 
@@ -161,12 +162,13 @@ class SimCLRModule(pl.LightningModule):
         if self.trainer.world_size > 1:
             # Every rank gets every rank's features; the metrics are computed identically on all.
             out = {k: v.reshape(-1, *v.shape[2:]) for k, v in self.all_gather(out).items()}
-        self.log("val/alignment", alignment(out["h0"], out["h1"]))
+        # Equal on every rank; sync_dist only averages identical values (and keeps DDP quiet).
+        self.log("val/alignment", alignment(out["h0"], out["h1"]), sync_dist=True)
         if out["h"].shape[0] > 1:
-            self.log("val/uniformity", uniformity(out["h"]))
+            self.log("val/uniformity", uniformity(out["h"]), sync_dist=True)
         acc = knn_balanced_accuracy(out["h"], out["label"], out["image"], self.hparams.knn_k)
         if acc is not None:
-            self.log("val/knn_acc", acc)
+            self.log("val/knn_acc", acc, sync_dist=True)
 
     # --- optimisation ----------------------------------------------------------------------
     def configure_optimizers(self):
@@ -189,15 +191,32 @@ class SimCLRModule(pl.LightningModule):
             raise ValueError(f"optim.name={hp.optimizer!r} is not one of lars|sgd|adam|adamw")
         if hp.scheduler == "none":
             return opt
-        total = int(self.trainer.estimated_stepping_batches)
-        max_epochs = self.trainer.max_epochs
-        if max_epochs and max_epochs > 0:
-            warmup = int(round(hp.warmup_epochs * total / max_epochs))
-        else:  # max_steps-bounded run: warm-up measured in steps of an epoch is unknown
-            warmup = 0
-        warmup = min(warmup, total)
+        warmup, total = self._schedule_steps()
         sched = CosineWarmupScheduler(opt, warmup_epochs=warmup, max_epochs=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _schedule_steps(self) -> tuple[int, int]:
+        """(warm-up steps, total steps) of this run: warm-up epochs converted to steps."""
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        max_epochs = self.trainer.max_epochs
+        if max_epochs and max_epochs > 0:
+            warmup = int(round(self.hparams.warmup_epochs * total / max_epochs))
+        else:  # max_steps-bounded run: no epoch length to convert warm-up epochs with
+            warmup = 0
+        return min(warmup, total), total
+
+    def on_train_start(self) -> None:
+        # Resuming restores the scheduler's step count *and* its horizon. An exact resume
+        # keeps both; a resume with a longer trainer.max_epochs (extending a run) must
+        # stretch the horizon, or the lr would stay at its final value.
+        if self.hparams.scheduler == "none" or not self.trainer.lr_scheduler_configs:
+            return
+        sched = self.trainer.lr_scheduler_configs[0].scheduler
+        warmup, total = self._schedule_steps()
+        if isinstance(sched, CosineWarmupScheduler) and sched.max_epochs != total:
+            rank_zero_info(f"lr schedule horizon {sched.max_epochs} -> {total} steps "
+                           "(trainer.max_epochs changed since the checkpoint)")
+            sched.max_epochs, sched.warmup_epochs = total, warmup
 
     # --- checkpoint ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
