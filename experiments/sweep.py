@@ -338,14 +338,25 @@ def config_for_command(argv: list[str]) -> DictConfig:
 # --------------------------------------------------------------------------- online (W&B)
 
 
-def check_wandb_access() -> None:
-    """Raise :class:`SweepError` unless W&B can be used online: not in offline/disabled mode and
-    credentials present (``WANDB_API_KEY``, ``wandb login`` / ~/.netrc, settings file)."""
-    hint = "Without W&B access, run the same sweep locally: make sweep-offline SWEEP=<file>"
+def _offline_hint(path: str | Path = "<file>") -> str:
+    return f"Without W&B access, run the same sweep locally: make sweep-offline SWEEP={path}"
+
+
+def check_wandb_mode(path: str | Path = "<file>") -> None:
+    """Raise :class:`SweepError` when ``WANDB_MODE`` says offline/disabled (no import needed)."""
     mode = os.environ.get("WANDB_MODE", "").lower()
+    if not mode:
+        os.environ.pop("WANDB_MODE", None)  # wandb rejects an empty WANDB_MODE
     if mode in ("offline", "dryrun", "disabled"):
         raise SweepError(f"WANDB_MODE={mode}: a W&B sweep needs the W&B server. Unset WANDB_MODE "
-                         f"(or set WANDB_MODE=online). {hint}")
+                         f"(or set WANDB_MODE=online). {_offline_hint(path)}")
+
+
+def check_wandb_access(path: str | Path = "<file>") -> None:
+    """Raise :class:`SweepError` unless W&B can be used online: not in offline/disabled mode and
+    credentials present (``WANDB_API_KEY``, ``wandb login`` / ~/.netrc, settings file)."""
+    hint = _offline_hint(path)
+    check_wandb_mode(path)
     import wandb
 
     settings = wandb.setup().settings
@@ -404,6 +415,7 @@ def main(argv: list[str] | None = None) -> str:
 def _run_online(args: argparse.Namespace) -> str:
     path = Path(args.sweep)
     sweep = load_sweep(path)
+    check_wandb_mode(path)
     name = sweep_name(sweep, path)
     overrides = parse_overrides(args.overrides)
     swept = set(flat_parameters(sweep, path))
@@ -421,7 +433,7 @@ def _run_online(args: argparse.Namespace) -> str:
                or Config().logger.project)
     entity = args.entity or sweep.get("entity") or items.get("logger.entity")
 
-    check_wandb_access()
+    check_wandb_access(path)
     import wandb
 
     # Runs started by the agent log online (make_logger is offline unless asked), and the
@@ -429,7 +441,7 @@ def _run_online(args: argparse.Namespace) -> str:
     os.environ["WANDB_MODE"] = "online"
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent),
                                           os.environ.get("PATH", "")])
-    hint = f"Use `make sweep-offline SWEEP={path}` to run the sweep without W&B."
+    hint = _offline_hint(path)
     try:
         sweep_id = args.sweep_id or wandb.sweep(cfg, entity=entity, project=project)
     except _network_errors() as e:
