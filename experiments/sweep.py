@@ -404,7 +404,12 @@ def main(argv: list[str] | None = None) -> str:
                         help="join an existing sweep (another machine's agent) instead")
     parser.add_argument("overrides", nargs="*",
                         help="key=value added to every run's command (e.g. data=padchest)")
-    args = parser.parse_args(argv)
+    # Overrides may sit anywhere and may be written --key=value as well.
+    args, unknown = parser.parse_known_intermixed_args(argv)
+    bad = [u for u in unknown if not (u.startswith("--") and "=" in u)]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides = [*args.overrides, *unknown]
     try:
         return _run_online(args)
     except (SweepError, ConfigError) as e:
@@ -422,18 +427,25 @@ def _run_online(args: argparse.Namespace) -> str:
     clash = [o for o in overrides if o.split("=", 1)[0] in swept]
     if clash:
         raise SweepError(f"{clash} set keys that {path} sweeps over; drop them or edit the sweep")
+    items = dict(o.split("=", 1) for o in overrides)
+    if items.get("logger.name") == "none":
+        raise SweepError("logger=none: the W&B sweep would never see the runs' metrics")
+    project = (args.project or sweep.get("project") or items.get("logger.project")
+               or Config().logger.project)
+    entity = args.entity or sweep.get("entity") or items.get("logger.entity")
+    # The runs' WandbLogger must log to the sweep's project/entity, or the sweep never sees them.
+    if items.get("logger.project", project) != project:
+        raise SweepError(f"logger.project={items['logger.project']} differs from the sweep's "
+                         f"project {project}; give one of them")
+    overrides += [f"logger.project={project}"] if "logger.project" not in items else []
+    overrides += [f"logger.entity={entity}"] if entity and "logger.entity" not in items else []
+    check_wandb_access(path)
     cfg = server_config(sweep, name, overrides)
     # The first run would fail on a bad override: fail now, before anything is created.
     try:
         config_for_command(agent_command(cfg["command"], {}, cfg.get("program")))
     except ConfigError as e:
         raise SweepError(f"{path}: the command does not parse: {e}") from None
-    items = dict(o.split("=", 1) for o in overrides)
-    project = (args.project or sweep.get("project") or items.get("logger.project")
-               or Config().logger.project)
-    entity = args.entity or sweep.get("entity") or items.get("logger.entity")
-
-    check_wandb_access(path)
     import wandb
 
     # Runs started by the agent log online (make_logger is offline unless asked), and the

@@ -411,7 +411,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--force", action="store_true", help="re-run finished trials")
     parser.add_argument("overrides", nargs="*",
                         help="key=value added to every trial (e.g. profile=cpu data=padchest)")
-    args = parser.parse_args(argv)
+    # Overrides may sit anywhere and may be written --key=value as well.
+    args, unknown = parser.parse_known_intermixed_args(argv)
+    bad = [u for u in unknown if not (u.startswith("--") and "=" in u)]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides = [*args.overrides, *unknown]
     for a in args.overrides:
         if a in ARG_MACROS:
             parser.error(f"{a} is a command macro, not an override")

@@ -387,3 +387,36 @@ def test_online_sweep_without_credentials_says_so(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out
     assert "No W&B credentials" in out and "make sweep-offline" in out
+
+
+def test_online_sweep_creates_sweep_and_agent(monkeypatch, tmp_path):
+    """The W&B calls themselves are replaced (no server here): what we send and start."""
+    import wandb
+
+    import experiments.sweep as sweep_mod
+
+    calls = {}
+    monkeypatch.setenv("WANDB_MODE", "online")  # restored after the test
+    monkeypatch.setenv("PATH", os.environ["PATH"])
+    monkeypatch.setattr(sweep_mod, "check_wandb_access", lambda path: None)
+    monkeypatch.setattr(wandb, "sweep", lambda cfg, entity, project: calls.update(
+        cfg=cfg, entity=entity, project=project) or "sw123")
+    monkeypatch.setattr(wandb, "agent", lambda sweep_id, entity, project, count: calls.update(
+        agent=(sweep_id, entity, project, count)))
+    sid = sweep_mod.main(["configs/sweeps/glow_cxr.yaml", "--count", "2", "--project", "p1",
+                          "data.batch_size=2"])
+    assert sid == "sw123"
+    assert calls["project"] == "p1" and calls["agent"] == ("sw123", None, "p1", 2)
+    cmd = calls["cfg"]["command"]
+    assert cmd[-1] == "${args_no_hyphens}"
+    assert "data.batch_size=2" in cmd and "logger.project=p1" in cmd
+    assert os.environ["WANDB_MODE"] == "online"  # the agent's runs log online
+    monkeypatch.setenv("WANDB_RUN_ID", "run9")
+    conf = config_for_command(agent_command(cmd, {"optim.lr": 0.001, "glow.steps": 8,
+                                                  "glow.hidden_channels": 128}))
+    assert conf.logger.project == "p1" and conf.data.batch_size == 2
+    assert conf.out_dir == "outputs/sweeps/glow_cxr/run9"
+    with pytest.raises(SystemExit):
+        sweep_mod.main(["configs/sweeps/glow_cxr.yaml", "logger=none"])
+    with pytest.raises(SystemExit):
+        sweep_mod.main(["configs/sweeps/glow_cxr.yaml", "optim.lr=0.1"])  # swept key
