@@ -34,6 +34,17 @@ class DataConfig:
     n_mixture_abnormal: int | None = None
     n_unknown_normal: int | None = None
     n_unknown_abnormal: int | None = None
+    # S_mixture may reuse S_normal / S_unknown cases when too few are left (the paper's RSNA
+    # Table 1 sizes need it); S_normal and S_unknown never share a case.
+    mixture_overlap: bool = False
+    # Share of S_unknown (flow method) held out as the val split for thresholds.
+    val_fraction: float = 0.15
+    # Check every item before training: quick (headers / PNG CRCs, cached) | full (decode all)
+    # | none. Unreadable items are skipped, counted and logged.
+    verify: str = "quick"
+    # Image folder for rsna (stage_2_train_images) relative to root; PadChest images are found
+    # at <root>/<ImageDir>/<ImageID> or <root>/<ImageID>.
+    image_dir: str | None = None
     # Phantom generation (used when root is empty).
     phantom_count: int = 48
     phantom_size: int = 256

@@ -1,0 +1,125 @@
+"""Head CT (BCT) volumes for the 3D flow posterior (Shibata et al. 2021, section 3.2).
+
+Layout under ``data.root``::
+
+    labels.csv                  case,label[,finding][,mask]
+    <case>/                     one DICOM series per folder (slices in any order / names), or
+    <case>.npy                  a (D, H, W) volume in HU
+
+``case`` is a folder or file name relative to the root (``.npy`` may be omitted). ``label``
+is ``normal`` / ``abnormal`` (or 0 / 1); ``finding`` (e.g. ``haemorrhage``, ``infarction``)
+is kept for per-finding ROC curves; ``mask`` is an optional (D, H, W) ``.npy`` lesion mask.
+Preprocessing (paper appendix B): modality LUT -> HU -> I = clip(HU + 14, 0, 127) -> trilinear
+resample to ``data.volume_size`` (paper: 32x128x128) -> /127. Sets: S_normal 250 /
+S_mixture 250 + 250 / S_unknown 33 + 33 in the paper (``configs/data/bct.yaml``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import pandas as pd
+
+from datamodules.base import ABNORMAL, NORMAL, UNLABELED, Item
+from datamodules.common import FileDataModule, _cfg
+from datamodules.splits import FlowSetSizes, flow_sets
+
+log = logging.getLogger(__name__)
+
+LABELS_CSV = "labels.csv"
+_LABEL_VALUES = {"normal": NORMAL, "0": NORMAL, "abnormal": ABNORMAL, "1": ABNORMAL}
+
+
+def _text(value) -> str:
+    """A CSV cell as str ("" for missing / NaN)."""
+    return value if isinstance(value, str) else ""
+
+
+def load_index(csv_path: str | Path, root: str | Path | None = None) -> pd.DataFrame:
+    """Rows ``case, label (0/1), finding, path, mask_path`` (path None when absent)."""
+    csv_path = Path(csv_path)
+    root = Path(root) if root is not None else csv_path.parent
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"{csv_path}: BCT labels CSV not found (columns case,label).")
+    df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    missing = [c for c in ("case", "label") if c not in df.columns]
+    if missing:
+        raise ValueError(f"{csv_path}: missing required column(s) {missing}; found "
+                         f"{list(df.columns)}. Expected case,label[,finding][,mask].")
+    labels = df["label"].str.strip().str.lower().map(_LABEL_VALUES)
+    if labels.isna().any():
+        bad = sorted(set(df.loc[labels.isna(), "label"]))[:5]
+        raise ValueError(f"{csv_path}: label must be normal/abnormal or 0/1; found {bad}.")
+    if df["case"].duplicated().any():
+        raise ValueError(f"{csv_path}: duplicate case(s) {df.loc[df['case'].duplicated(), 'case'].tolist()[:5]}.")
+
+    def resolve(case: str) -> str | None:
+        for p in (root / case, root / f"{case}.npy"):
+            if p.is_dir() or (p.is_file() and p.suffix.lower() == ".npy"):
+                return str(p)
+        return None
+
+    out = pd.DataFrame({
+        "case": df["case"],
+        "label": labels.astype(int),
+        "finding": df["finding"].str.strip() if "finding" in df.columns else "",
+        "path": df["case"].map(resolve),
+        "mask_path": df["mask"].map(lambda m: str(root / m) if m else None)
+        if "mask" in df.columns else None,
+    })
+    return out
+
+
+class BrainCTDataModule(FileDataModule):
+    """One case = one DICOM series folder or one ``.npy`` HU volume."""
+
+    is_3d = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        root = _cfg(cfg, "root", "")
+        if not root:
+            raise ValueError("BrainCTDataModule needs data.root (the folder holding labels.csv).")
+        self.root = Path(root).expanduser()
+
+    def index_items(self) -> dict[tuple[str, str], list[Item]]:
+        csv = _cfg(self.cfg, "labels_csv", "") or LABELS_CSV
+        csv_path = Path(csv) if Path(csv).is_absolute() else self.root / csv
+        df = load_index(csv_path, self.root)
+        absent = df["path"].isna()
+        if absent.any():
+            log.warning("BCT: %d of %d cases listed in %s have no folder/.npy under %s and were "
+                        "dropped.", int(absent.sum()), len(df), csv_path.name, self.root)
+        df = df[~absent]
+        rows = {r.case: r for r in df.itertuples(index=False)}
+        c = self.cfg
+        sets = flow_sets(
+            df.loc[df["label"] == NORMAL, "case"].tolist(),
+            df.loc[df["label"] == ABNORMAL, "case"].tolist(),
+            FlowSetSizes(_cfg(c, "n_normal", None), _cfg(c, "n_mixture_normal", None),
+                         _cfg(c, "n_mixture_abnormal", None), _cfg(c, "n_unknown_normal", None),
+                         _cfg(c, "n_unknown_abnormal", None)),
+            seed=int(_cfg(c, "split_seed", 0)), fold=int(_cfg(c, "fold", 0)),
+            n_folds=int(_cfg(c, "n_folds", 5)),
+            mixture_overlap=bool(_cfg(c, "mixture_overlap", False)),
+            val_fraction=float(_cfg(c, "val_fraction", 0.15)),
+        )
+
+        def items(cases, label, labelled=True):
+            return [Item(path=rows[k].path, label=label,
+                         finding=_text(rows[k].finding) if labelled else "",
+                         mask_path=(_text(rows[k].mask_path) or None) if labelled else None,
+                         group_id=k) for k in cases]
+
+        mixture = sorted(sets["mixture_normal"] + sets["mixture_abnormal"])
+        random.Random(int(_cfg(c, "split_seed", 0))).shuffle(mixture)
+        return {
+            ("train", "normal"): items(sets["normal"], NORMAL),
+            ("train", "mixture"): items(mixture, UNLABELED, labelled=False),
+            ("val", "normal"): items(sets["val_normal"], NORMAL),
+            ("val", "abnormal"): items(sets["val_abnormal"], ABNORMAL),
+            ("test", "normal"): items(sets["test_normal"], NORMAL),
+            ("test", "abnormal"): items(sets["test_abnormal"], ABNORMAL),
+        }

@@ -1,0 +1,259 @@
+"""What every file-based data module shares: loading at the configured size, masks, and the
+check of every indexed item before training (unreadable items are skipped, counted and
+summarised; a split left empty is an error).
+
+Verification (``data.verify``):
+    quick  parse headers / PNG chunk CRCs, check a DICOM decoder exists (no decompression);
+           results are cached in ``.cache/verified/`` keyed by file size + mtime, so a large
+           data set (PadChest: ~24k PNGs) is read once, not per run
+    full   decode every item (slow; finds everything)
+    none   trust the files (a broken one then fails at load time, naming the file)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from datamodules.base import SPLIT_GROUPS, Item, MedicalDataModule
+from datamodules.dicom import (
+    list_series,
+    load_brain_volume,
+    read_npy_volume,
+    verify_dicom,
+)
+from datamodules.images import (
+    DICOM_SUFFIXES,
+    ImageReadError,
+    read_2d,
+    read_mask,
+    resize_2d,
+    resize_mask,
+    verify_png,
+)
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CACHE_DIR = REPO_ROOT / ".cache"
+VERIFY_MODES = ("quick", "full", "none")
+
+
+class EmptySplitError(ValueError):
+    """A (split, group) that the methods need has no usable item."""
+
+
+def _cfg(cfg, key, default):
+    """Read an optional config field (data modules also accept plain dicts / older configs)."""
+    try:
+        value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+    except Exception:
+        value = getattr(cfg, key, default)
+    return default if value is None else value
+
+
+class FileDataModule(MedicalDataModule):
+    """Base for the data modules that read files: loads items, masks, verifies the index.
+
+    Subclasses implement :meth:`index_items` (returning the raw index) and may set
+    ``expect_16bit`` (PadChest) or ``is_3d``.
+    """
+
+    expect_16bit: bool | None = None
+    # (split, group) pairs that must not be empty; train/mixture is only needed by the flow
+    # method, so it may be empty.
+    required = (("train", "normal"), ("val", "normal"), ("val", "abnormal"),
+                ("test", "normal"), ("test", "abnormal"))
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.skipped: list[tuple[Item, str]] = []
+
+    # --- index --------------------------------------------------------------------------
+    def index_items(self) -> dict[tuple[str, str], list[Item]]:
+        raise NotImplementedError
+
+    def build_index(self) -> dict[tuple[str, str], list[Item]]:
+        index = self.index_items()
+        for key in index:
+            if key[0] not in SPLIT_GROUPS or key[1] not in SPLIT_GROUPS[key[0]]:
+                raise ValueError(f"bad (split, group) {key}")
+        index = self.verify_index(index)
+        self.check_not_empty(index)
+        counts = ", ".join(f"{s}/{g}={len(v)}" for (s, g), v in sorted(index.items()))
+        log.info("%s: %s", type(self).__name__, counts)
+        return index
+
+    def check_not_empty(self, index: dict[tuple[str, str], list[Item]]) -> None:
+        empty = [f"{s}/{g}" for s, g in self.required if not index.get((s, g))]
+        if empty:
+            raise EmptySplitError(
+                f"{type(self).__name__} (data.root={_cfg(self.cfg, 'root', '')}): no usable "
+                f"items in {', '.join(empty)}. Check the data layout and the log above for "
+                "skipped files."
+            )
+
+    def verify_index(
+        self, index: dict[tuple[str, str], list[Item]]
+    ) -> dict[tuple[str, str], list[Item]]:
+        mode = str(_cfg(self.cfg, "verify", "quick"))
+        if mode not in VERIFY_MODES:
+            raise ValueError(f"data.verify={mode!r} is not one of {list(VERIFY_MODES)}")
+        if mode == "none":
+            return index
+        all_items = [it for items in index.values() for it in items]
+        errors = self._verify_all(all_items, mode)
+        if not errors:
+            return index
+        self.skipped.extend((it, errors[it.path]) for it in all_items if it.path in errors)
+        reasons = Counter(_reason_kind(e) for e in errors.values())
+        examples = "; ".join(sorted(set(errors.values()))[:3])
+        log.warning(
+            "%d of %d items skipped (%s). First errors: %s",
+            len(errors), len(all_items),
+            ", ".join(f"{n} {k}" for k, n in reasons.most_common()), examples,
+        )
+        out = {}
+        for key, items in index.items():
+            kept = [it for it in items if it.path not in errors]
+            if items and not kept:
+                raise EmptySplitError(
+                    f"every item of {key[0]}/{key[1]} is unreadable ({len(items)} skipped); "
+                    f"e.g. {errors[items[0].path]}"
+                )
+            out[key] = kept
+        return out
+
+    def _verify_all(self, items: list[Item], mode: str) -> dict[str, str]:
+        """path -> error message for unreadable items."""
+        paths = sorted({it.path for it in items})
+        by_path = {it.path: it for it in items}
+        cache_file = CACHE_DIR / "verified" / (
+            hashlib.sha1(str(_cfg(self.cfg, "root", "")).encode()).hexdigest()[:16] + ".json"
+        )
+        cache = {}
+        if mode == "quick" and cache_file.is_file():
+            try:
+                cache = json.loads(cache_file.read_text())
+            except (OSError, ValueError):
+                cache = {}
+
+        def stamp(p: str) -> list:
+            try:
+                st = os.stat(p)
+                return [st.st_size, st.st_mtime_ns]
+            except OSError:
+                return [-1, -1]
+
+        def check(p: str) -> str | None:
+            try:
+                if mode == "full":
+                    self.load(by_path[p])
+                    if by_path[p].mask_path:
+                        self.load_mask(by_path[p])
+                else:
+                    verify_item(p)
+                    if by_path[p].mask_path:
+                        verify_item(by_path[p].mask_path)
+            except ImageReadError as e:
+                return str(e)
+            except Exception as e:  # never lose an item silently: count it with its reason
+                return f"{p}: {type(e).__name__}: {e}"
+            return None
+
+        todo = []
+        results: dict[str, str | None] = {}
+        for p in paths:
+            s = stamp(p)
+            hit = cache.get(p)
+            if hit is not None and hit[:2] == s and not Path(p).is_dir():
+                results[p] = hit[2]
+            else:
+                todo.append(p)
+        if todo:
+            from experiments.common import track
+
+            workers = min(8, (os.cpu_count() or 2) * 2)
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for p, err in track(
+                    zip(todo, pool.map(check, todo)), f"Checking {len(todo)} items",
+                    total=len(todo), enabled=len(todo) > 200,
+                ):
+                    results[p] = err
+            if mode == "quick":
+                cache.update({p: stamp(p) + [results[p]] for p in todo})
+                try:
+                    cache_file.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = cache_file.with_suffix(".tmp")
+                    tmp.write_text(json.dumps(cache))
+                    tmp.replace(cache_file)
+                except OSError as e:
+                    log.debug("verification cache not written: %s", e)
+        return {p: e for p, e in results.items() if e}
+
+    # --- loading ------------------------------------------------------------------------
+    def load(self, item: Item) -> np.ndarray:
+        if self.is_3d:
+            shape = tuple(int(s) for s in _cfg(self.cfg, "volume_size", [32, 128, 128]))
+            return load_brain_volume(item.path, shape)  # (D, H, W) in [0, 1]
+        img = read_2d(item.path, expect_16bit=self.expect_16bit)  # (H, W) in [0, 1]
+        return resize_2d(img, int(_cfg(self.cfg, "image_size", 1024)))
+
+    def load_mask(self, item: Item) -> np.ndarray | None:
+        if not item.mask_path:
+            return None
+        path = Path(item.mask_path)
+        if path.suffix.lower() == ".npy":
+            mask = read_npy_volume(path) > 0
+        else:
+            mask = read_mask(path)
+        if self.is_3d:
+            if mask.ndim != 3:
+                raise ImageReadError(f"{path}: a 3D item needs a (D, H, W) .npy mask.")
+            shape = tuple(int(s) for s in _cfg(self.cfg, "volume_size", [32, 128, 128]))
+            return resize_mask(mask, shape)
+        return resize_mask(mask, int(_cfg(self.cfg, "image_size", 1024)))
+
+
+def verify_item(path: str | Path) -> None:
+    """Quick check of one item (file or series folder); raises :class:`ImageReadError`."""
+    path = Path(path)
+    if path.is_dir():
+        groups = list_series(path)
+        if not groups:
+            raise ImageReadError(f"{path}: no DICOM image slices found.")
+        if len(groups) > 1:
+            raise ImageReadError(
+                f"{path}: holds {len(groups)} image series; keep one series per folder."
+            )
+        for f, _ in next(iter(groups.values())):
+            verify_dicom(f)
+        return
+    suffix = path.suffix.lower()
+    if not path.exists():
+        raise ImageReadError(f"{path}: file not found.")
+    if suffix in DICOM_SUFFIXES:
+        verify_dicom(path)
+    elif suffix == ".npy":
+        read_npy_volume(path)
+    else:
+        verify_png(path)
+
+
+def _reason_kind(message: str) -> str:
+    m = message.split(": ", 1)[-1].lower()  # messages start with the path
+    for key, kind in (
+        ("not found", "missing"), ("decoder", "no decoder"), ("truncated", "truncated"),
+        ("part 10", "no file meta"), ("nan/inf", "NaN/Inf"), ("series", "series"),
+        ("png", "broken PNG"),
+    ):
+        if key in m:
+            return kind
+    return "unreadable"

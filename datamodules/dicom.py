@@ -1,0 +1,390 @@
+"""DICOM readers: single radiographs and head-CT series (pydicom 3).
+
+- :func:`read_image`: one 2D image -> float32 (H, W) in [0, 1], MONOCHROME2 polarity.
+- :func:`read_series`: a folder of slices -> HU volume (D, H, W) sorted along the slice
+  normal, and its spacing (dz, dy, dx) in mm.
+- :func:`brain_window`: I = clip(HU + 14, 0, 127) (Shibata et al. 2021, appendix B: 7-bit
+  brain window), applied before any resampling so that padding (-2000 ...) maps to 0 instead
+  of bleeding into the brain.
+
+Compressed transfer syntaxes: JPEG Baseline and JPEG 2000 decode with Pillow; JPEG Lossless
+and JPEG-LS (common from PACS) need ``pylibjpeg`` + ``pylibjpeg-libjpeg`` or ``python-gdcm``.
+Without a decoder a :class:`MissingDecoderError` names the file, its transfer syntax and the
+package to install. No header values are logged (patient data); errors name files only.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.uid import UID
+
+from datamodules.images import ImageReadError, resize_3d
+
+log = logging.getLogger(__name__)
+
+# Brain window of Shibata et al. (eq. in appendix B): I = clip(HU + 14, 0, 127).
+BRAIN_WINDOW_OFFSET = 14
+BRAIN_WINDOW_MAX = 127
+
+_INSTALL_HINT = {
+    # Transfer syntax UID -> what to install (pydicom's own plugin list names the same ones).
+    "1.2.840.10008.1.2.4.57": "pip install pylibjpeg pylibjpeg-libjpeg  (or: pip install python-gdcm)",
+    "1.2.840.10008.1.2.4.70": "pip install pylibjpeg pylibjpeg-libjpeg  (or: pip install python-gdcm)",
+    "1.2.840.10008.1.2.4.80": "pip install pylibjpeg pylibjpeg-libjpeg  (or: pip install python-gdcm)",
+    "1.2.840.10008.1.2.4.81": "pip install pylibjpeg pylibjpeg-libjpeg  (or: pip install python-gdcm)",
+    "1.2.840.10008.1.2.4.50": "pip install pillow  (or: pip install pylibjpeg pylibjpeg-libjpeg)",
+    "1.2.840.10008.1.2.4.51": "pip install pylibjpeg pylibjpeg-libjpeg  (or: pip install python-gdcm)",
+    "1.2.840.10008.1.2.4.90": "pip install pillow  (with OpenJPEG) or pylibjpeg pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.91": "pip install pillow  (with OpenJPEG) or pylibjpeg pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.5": "pip install numpy  (pydicom's own RLE decoder) or pylibjpeg-rle",
+}
+_DEFAULT_HINT = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg  (or: python-gdcm)"
+
+
+class DicomReadError(ImageReadError):
+    """A DICOM file that cannot be read or decoded."""
+
+
+class MissingDecoderError(DicomReadError):
+    """Compressed pixel data and no installed plugin can decode its transfer syntax."""
+
+
+class SeriesError(ImageReadError):
+    """A folder that does not hold exactly one usable image series."""
+
+
+# --- single files ---------------------------------------------------------------------------
+
+
+def dcmread(path: str | Path, stop_before_pixels: bool = False) -> pydicom.Dataset:
+    """``pydicom.dcmread`` with errors that name the file and the fix."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            # pydicom warns on every non-conforming value (e.g. bad VR); errors surface below.
+            warnings.simplefilter("ignore", UserWarning)
+            return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except FileNotFoundError:
+        raise DicomReadError(f"{path}: file not found.") from None
+    except InvalidDicomError:
+        raise DicomReadError(
+            f"{path}: not a DICOM Part 10 file (no 128-byte preamble + 'DICM' + file meta "
+            "header). Re-export it from the PACS as DICOM Part 10, or convert it with "
+            "`dcmconv +F` / `gdcmconv`."
+        ) from None
+    except Exception as e:  # pydicom raises many types on malformed input
+        raise DicomReadError(f"{path}: cannot parse DICOM ({type(e).__name__}: {e}).") from None
+
+
+def transfer_syntax(ds: pydicom.Dataset) -> UID:
+    meta = getattr(ds, "file_meta", None)
+    tsuid = meta.get("TransferSyntaxUID") if meta is not None else None
+    return UID(tsuid) if tsuid else UID("1.2.840.10008.1.2")  # implicit VR LE by default
+
+
+def check_decoder(ds: pydicom.Dataset, path: str | Path) -> None:
+    """Raise :class:`MissingDecoderError` if the pixel data's transfer syntax cannot be decoded."""
+    uid = transfer_syntax(ds)
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError:
+        raise MissingDecoderError(
+            f"{path}: transfer syntax {uid.name} ({uid}) is not supported by pydicom; "
+            "convert the file to Explicit VR Little Endian (`gdcmconv --raw`)."
+        ) from None
+    if not decoder.is_available:
+        hint = _INSTALL_HINT.get(str(uid), _DEFAULT_HINT)
+        raise MissingDecoderError(
+            f"{path}: compressed pixel data in transfer syntax {uid.name} ({uid}) and no "
+            f"installed decoder can read it. Install one: {hint}"
+        )
+
+
+def pixel_array(ds: pydicom.Dataset, path: str | Path) -> np.ndarray:
+    """Decoded stored values (no LUT applied); errors name the file."""
+    if "PixelData" not in ds:
+        raise DicomReadError(f"{path}: the DICOM file has no pixel data.")
+    check_decoder(ds, path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return ds.pixel_array
+    except RuntimeError as e:
+        uid = transfer_syntax(ds)
+        if "missing dependencies" in str(e):
+            hint = _INSTALL_HINT.get(str(uid), _DEFAULT_HINT)
+            raise MissingDecoderError(
+                f"{path}: no installed decoder for {uid.name} ({uid}). Install one: {hint}"
+            ) from None
+        raise DicomReadError(f"{path}: cannot decode {uid.name} pixel data ({e}).") from None
+    except Exception as e:
+        raise DicomReadError(
+            f"{path}: pixel data unreadable ({type(e).__name__}: {e}). The file is probably "
+            "truncated or has a malformed image header; re-export it."
+        ) from None
+
+
+def _modality_lut(arr: np.ndarray, ds: pydicom.Dataset, path: str | Path) -> np.ndarray:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    except Exception as e:
+        raise DicomReadError(f"{path}: cannot apply the modality LUT ({e}).") from None
+
+
+def _stored_range(ds: pydicom.Dataset) -> tuple[int, int]:
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
+    if int(ds.get("PixelRepresentation", 0)) == 1:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """One 2D DICOM image as float32 (H, W) in [0, 1] with MONOCHROME2 polarity.
+
+    Stored values go through the modality LUT (rescale slope/intercept or LUT sequence) and are
+    scaled by the LUT image of the stored range (BitsStored, PixelRepresentation), so the scale
+    is fixed per acquisition type rather than per image (no intensity normalisation).
+    MONOCHROME1 images are inverted (1 - v). Colour images are converted to gray (luma) with a
+    warning. Multi-frame files are rejected (one image per file).
+    """
+    path = Path(path)
+    ds = dcmread(path)
+    arr = pixel_array(ds, path)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise DicomReadError(
+            f"{path}: multi-frame DICOM ({frames} frames); a 2D item must hold one image."
+        )
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    if arr.ndim == 3:  # colour, already converted to RGB by pydicom
+        warnings.warn(f"{path}: colour DICOM ({photometric}) converted to gray.", stacklevel=2)
+        rgb = arr[..., :3].astype(np.float64)
+        maxval = 2 ** int(ds.get("BitsStored", 8)) - 1
+        gray = rgb @ np.array([0.299, 0.587, 0.114])
+        return np.clip(gray / maxval, 0.0, 1.0).astype(np.float32)
+    if arr.ndim != 2:
+        raise DicomReadError(f"{path}: expected a 2D image, got pixel array shape {arr.shape}.")
+
+    values = _modality_lut(arr, ds, path)
+    lo, hi = _modality_lut(np.array(_stored_range(ds)), ds, path)
+    lo, hi = min(lo, hi), max(lo, hi)
+    if hi <= lo:
+        raise DicomReadError(f"{path}: degenerate modality LUT (empty output range).")
+    img = np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+    if photometric == "MONOCHROME1":
+        img = 1.0 - img
+    elif photometric not in ("MONOCHROME2", ""):
+        raise DicomReadError(f"{path}: unsupported photometric interpretation {photometric!r}.")
+    return img.astype(np.float32)
+
+
+def verify_dicom(path: str | Path) -> None:
+    """Cheap check (no decompression): parses, has pixel data, a decoder exists, and native
+    pixel data has the expected length. Raises :class:`DicomReadError`."""
+    ds = dcmread(path)
+    if "PixelData" not in ds:
+        raise DicomReadError(f"{path}: the DICOM file has no pixel data.")
+    check_decoder(ds, path)
+    if not transfer_syntax(ds).is_compressed:
+        try:
+            rows, cols = int(ds.Rows), int(ds.Columns)
+            spp = int(ds.get("SamplesPerPixel", 1))
+            bits = int(ds.BitsAllocated)
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+        except Exception as e:
+            raise DicomReadError(f"{path}: malformed image header ({e}).") from None
+        expected = rows * cols * spp * frames * bits // 8
+        if len(ds.PixelData) < expected:
+            raise DicomReadError(
+                f"{path}: truncated pixel data ({len(ds.PixelData)} of {expected} bytes)."
+            )
+
+
+# --- series -> volume -----------------------------------------------------------------------
+
+
+def _is_localizer(ds: pydicom.Dataset) -> bool:
+    image_type = ds.get("ImageType", [])
+    if isinstance(image_type, str):
+        image_type = [image_type]
+    return any(str(v).upper() == "LOCALIZER" for v in image_type)
+
+
+def _slice_normal(ds: pydicom.Dataset) -> np.ndarray | None:
+    iop = ds.get("ImageOrientationPatient")
+    if iop is None or len(iop) != 6:
+        return None
+    row, col = np.asarray(iop[:3], dtype=float), np.asarray(iop[3:], dtype=float)
+    n = np.cross(row, col)
+    norm = np.linalg.norm(n)
+    return n / norm if norm > 0 else None
+
+
+def list_series(folder: str | Path) -> dict[str, list[tuple[Path, pydicom.Dataset]]]:
+    """Headers of every non-localizer DICOM file under ``folder``, grouped by SeriesInstanceUID.
+
+    Files that are not DICOM (DICOMDIR, notes, thumbnails) are skipped and counted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SeriesError(f"{folder}: not a folder of DICOM slices.")
+    groups: dict[str, list[tuple[Path, pydicom.Dataset]]] = defaultdict(list)
+    n_other = n_localizer = 0
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if f.name.upper() == "DICOMDIR" or f.suffix.lower() in (".txt", ".json", ".csv", ".npy"):
+            n_other += 1
+            continue
+        try:
+            ds = dcmread(f, stop_before_pixels=True)
+        except DicomReadError:
+            n_other += 1
+            continue
+        if "SOPInstanceUID" not in ds or "Rows" not in ds:
+            n_other += 1
+            continue
+        if _is_localizer(ds):
+            n_localizer += 1
+            continue
+        groups[str(ds.get("SeriesInstanceUID", ""))].append((f, ds))
+    if n_other or n_localizer:
+        log.debug("%s: skipped %d non-image files and %d localizer images",
+                  folder.name, n_other, n_localizer)
+    return dict(groups)
+
+
+def read_series(
+    folder: str | Path, series_uid: str | None = None
+) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Read one DICOM series as an HU volume.
+
+    Files are grouped by SeriesInstanceUID; LOCALIZER images are dropped. A folder with several
+    series is an error listing them unless ``series_uid`` picks one. Slices are sorted by the
+    projection of ImagePositionPatient on the slice normal (cross product of the two
+    ImageOrientationPatient vectors), never by InstanceNumber, which can run backwards. Each
+    slice goes through the modality LUT (slopes may differ per slice).
+
+    Returns ``(hu (D, H, W) float32, (dz, dy, dx) in mm)``.
+    """
+    folder = Path(folder)
+    groups = list_series(folder)
+    if not groups:
+        raise SeriesError(f"{folder}: no DICOM image slices found (localizers excluded).")
+    if series_uid is not None:
+        if series_uid not in groups:
+            raise SeriesError(f"{folder}: series {series_uid} not found; found {sorted(groups)}.")
+        uid = series_uid
+    elif len(groups) > 1:
+        listing = "; ".join(
+            f"{u} ({len(v)} slices, SeriesNumber {v[0][1].get('SeriesNumber', '?')})"
+            for u, v in sorted(groups.items())
+        )
+        raise SeriesError(
+            f"{folder}: holds {len(groups)} image series: {listing}. Keep one series per "
+            "folder, or pass series_uid=<SeriesInstanceUID>."
+        )
+    else:
+        uid = next(iter(groups))
+    slices = groups[uid]
+
+    normal = _slice_normal(slices[0][1])
+    positions = [s[1].get("ImagePositionPatient") for s in slices]
+    if normal is not None and all(p is not None and len(p) == 3 for p in positions):
+        for f, ds in slices[1:]:
+            n = _slice_normal(ds)
+            if n is None or abs(float(np.dot(n, normal))) < 0.999:
+                raise SeriesError(f"{f}: slice orientation differs from the rest of the series.")
+        key = np.array([float(np.dot(np.asarray(p, dtype=float), normal)) for p in positions])
+    else:
+        warnings.warn(
+            f"{folder}: slices lack ImagePositionPatient/ImageOrientationPatient; sorted by "
+            "InstanceNumber instead (check the slice order).", stacklevel=2,
+        )
+        key = np.array([float(s[1].get("InstanceNumber", i)) for i, s in enumerate(slices)])
+    order = np.argsort(key, kind="stable")
+    slices = [slices[i] for i in order]
+    key = key[order]
+    if len(key) > 1 and np.any(np.diff(key) < 1e-4):
+        n_dup = int(np.sum(np.diff(key) < 1e-4))
+        raise SeriesError(
+            f"{folder}: {n_dup} slices share a position along the slice normal (two "
+            "acquisitions in one series?); split them into separate folders."
+        )
+
+    hu_slices = []
+    shape = None
+    for f, _ in slices:
+        ds = dcmread(f)
+        arr = pixel_array(ds, f)
+        if arr.ndim != 2:
+            raise SeriesError(f"{f}: expected one 2D slice per file, got shape {arr.shape}.")
+        if shape is None:
+            shape = arr.shape
+        elif arr.shape != shape:
+            raise SeriesError(f"{f}: slice size {arr.shape} differs from {shape}.")
+        hu_slices.append(_modality_lut(arr, ds, f).astype(np.float32))
+    hu = np.stack(hu_slices)  # (D, H, W)
+
+    first = slices[0][1]
+    dy, dx = (float(v) for v in first.get("PixelSpacing", [1.0, 1.0]))
+    if len(key) > 1 and normal is not None:
+        dz = float(np.median(np.diff(key)))
+    else:
+        dz = float(first.get("SpacingBetweenSlices", first.get("SliceThickness", 1.0)) or 1.0)
+    return hu, (dz, dy, dx)
+
+
+def brain_window(hu: np.ndarray) -> np.ndarray:
+    """I = clip(HU + 14, 0, 127) as uint8 (Shibata et al. 2021, appendix B)."""
+    hu = np.asarray(hu)
+    return np.clip(np.rint(hu + BRAIN_WINDOW_OFFSET), 0, BRAIN_WINDOW_MAX).astype(np.uint8)
+
+
+def read_npy_volume(path: str | Path) -> np.ndarray:
+    """A (D, H, W) HU volume stored as ``.npy``; rejects NaN/Inf and wrong shapes."""
+    path = Path(path)
+    try:
+        vol = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: file not found.") from None
+    except Exception as e:
+        raise ImageReadError(f"{path}: cannot load .npy ({type(e).__name__}: {e}).") from None
+    if vol.ndim != 3:
+        raise ImageReadError(f"{path}: expected a (D, H, W) HU volume, got shape {vol.shape}.")
+    if not (np.issubdtype(vol.dtype, np.number) or vol.dtype == np.bool_):
+        raise ImageReadError(f"{path}: non-numeric array dtype {vol.dtype}.")
+    if np.issubdtype(vol.dtype, np.floating) and not np.isfinite(vol).all():
+        n_bad = int((~np.isfinite(vol)).sum())
+        raise ImageReadError(f"{path}: {n_bad} NaN/Inf voxels; fix or remove the volume.")
+    return vol.astype(np.float32)
+
+
+def read_volume_hu(path: str | Path) -> np.ndarray:
+    """HU volume (D, H, W) from a DICOM series folder or a ``.npy`` file."""
+    path = Path(path)
+    if path.is_dir():
+        return read_series(path)[0]
+    if path.suffix.lower() == ".npy":
+        return read_npy_volume(path)
+    raise ImageReadError(
+        f"{path}: a 3D item must be a folder of DICOM slices or a .npy (D, H, W) HU volume."
+    )
+
+
+def load_brain_volume(path: str | Path, shape: tuple[int, int, int]) -> np.ndarray:
+    """HU -> brain window -> trilinear resample to ``shape`` -> /127: float32 in [0, 1].
+
+    The window comes first: resampling raw HU would blend padding (-2000 ...) and bone into the
+    brain voxels at the edges."""
+    windowed = brain_window(read_volume_hu(path)).astype(np.float32)  # (D, H, W) in 0..127
+    vol = resize_3d(windowed, shape) / BRAIN_WINDOW_MAX
+    return np.clip(vol, 0.0, 1.0).astype(np.float32)

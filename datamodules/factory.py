@@ -1,0 +1,162 @@
+"""``build_datamodule(data_cfg)``: the one place a data module is chosen from the config.
+
+``data.name``: padchest | rsna | bct | folder | phantom_cxr | phantom_bct. When ``data.root``
+is null/empty, phantom data are generated in that data set's real on-disk format by
+:mod:`datamodules.phantoms` into ``.cache/phantoms/<name>-<modality>-<size>-<count>-<seed>/``
+under the repository root (reused when its completion marker exists), and a WARNING says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from datamodules.base import MedicalDataModule
+from datamodules.common import CACHE_DIR, _cfg
+
+log = logging.getLogger(__name__)
+
+PHANTOM_DIR = CACHE_DIR / "phantoms"
+MARKER = ".complete"
+NAMES = ("padchest", "rsna", "bct", "folder", "phantom_cxr", "phantom_bct")
+
+
+def _classes():
+    from datamodules.brainct import BrainCTDataModule
+    from datamodules.folder import FolderDataModule
+    from datamodules.padchest import PadChestDataModule
+    from datamodules.rsna import RSNADataModule
+
+    return {"padchest": PadChestDataModule, "rsna": RSNADataModule, "bct": BrainCTDataModule,
+            "folder": FolderDataModule, "phantom_cxr": FolderDataModule,
+            "phantom_bct": FolderDataModule}
+
+
+def _with(cfg, **values):
+    """A copy of ``cfg`` (DictConfig, dataclass or dict) with ``values`` set."""
+    if dataclasses.is_dataclass(cfg):
+        return dataclasses.replace(cfg, **values)
+    out = copy.deepcopy(cfg)
+    for k, v in values.items():
+        out[k] = v
+    return out
+
+
+def modality_of(cfg) -> str:
+    name = str(_cfg(cfg, "name", "folder"))
+    if name in ("bct", "phantom_bct"):
+        return "bct"
+    if name in ("padchest", "rsna", "phantom_cxr"):
+        return "cxr"
+    return str(_cfg(cfg, "modality", "cxr"))
+
+
+def phantom_root(cfg) -> Path:
+    name = str(_cfg(cfg, "name", "folder"))
+    name = "folder" if name.startswith("phantom_") else name
+    size = int(_cfg(cfg, "phantom_size", 256))
+    count = int(_cfg(cfg, "phantom_count", 48))
+    seed = int(_cfg(cfg, "phantom_seed", 0))
+    return PHANTOM_DIR / f"{name}-{modality_of(cfg)}-{size}-{count}-{seed}"
+
+
+def _phantom_writer(name: str):
+    try:
+        from datamodules import phantoms
+    except ImportError as e:
+        raise ImportError(
+            "data.root is empty, so phantom data would be generated, but datamodules.phantoms "
+            f"is not importable ({e}). Set data.root=DIR to use real data."
+        ) from None
+    attr = {"padchest": "write_padchest", "rsna": "write_rsna", "bct": "write_bct"}.get(
+        name, "write_folder")
+    fn = getattr(phantoms, attr, None)
+    if fn is None:
+        raise ImportError(f"datamodules.phantoms has no {attr}(); cannot generate phantom data.")
+    return fn
+
+
+def _phantom_kwargs(fn, cfg) -> dict:
+    """Keyword arguments for a phantom writer, from ``data.phantom_*``; only those that the
+    writer's signature accepts are passed."""
+    count = int(_cfg(cfg, "phantom_count", 48))
+    size = int(_cfg(cfg, "phantom_size", 256))
+    modality = modality_of(cfg)
+    n_val = max(2, count // 8)
+    candidates = {
+        "modality": modality,
+        "size": size,
+        "seed": int(_cfg(cfg, "phantom_seed", 0)),
+        # write_folder: counts per folder
+        "n_train_normal": max(2, count // 2),
+        "n_train_mixture": max(2, count // 4),
+        "n_val": n_val,
+        "n_test": n_val,
+        # write_padchest / write_rsna / write_bct: total number of images / cases
+        "n": count,
+        "n_images": count,
+        "n_cases": count,
+        "count": count,
+    }
+    if modality == "bct":
+        vs = [int(v) for v in _cfg(cfg, "volume_size", [32, 128, 128])]
+        candidates["shape"] = (vs[0], size, size) if size else tuple(vs)
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        names = {"modality", "size", "seed", "n_train_normal", "n_train_mixture", "n_val",
+                 "n_test"}
+        return {k: v for k, v in candidates.items() if k in names}
+    return {k: v for k, v in candidates.items() if k in params}
+
+
+def ensure_phantoms(cfg) -> Path:
+    """Generate (once) and return the phantom data folder for ``cfg``."""
+    root = phantom_root(cfg)
+    if (root / MARKER).is_file():
+        log.warning("data.root is empty: using PHANTOM data from %s (synthetic images, not "
+                    "patient data; results say nothing about real performance).", root)
+        return root
+    name = str(_cfg(cfg, "name", "folder"))
+    fn = _phantom_writer(name)
+    kwargs = _phantom_kwargs(fn, cfg)
+    log.warning("data.root is empty: generating PHANTOM data (%s) in %s. Set data.root=DIR to "
+                "use real data.", fn.__name__, root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a temporary sibling and rename, so an interrupted or concurrent run never sees
+    # a half-written folder; the marker is written last.
+    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
+    try:
+        fn(tmp, **kwargs)
+        (tmp / MARKER).write_text("complete\n")
+        try:
+            tmp.rename(root)
+        except OSError:
+            if not (root / MARKER).is_file():  # not a concurrent winner: a real failure
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def build_datamodule(data_cfg) -> MedicalDataModule:
+    """The data module for ``data_cfg`` (the ``data`` config section)."""
+    name = str(_cfg(data_cfg, "name", "folder"))
+    classes = _classes()
+    if name not in classes:
+        raise ValueError(f"data.name={name!r} is not one of {list(classes)}")
+    cfg = data_cfg
+    if name in ("phantom_cxr", "phantom_bct") or name == "bct":
+        cfg = _with(cfg, modality=modality_of(cfg))
+    if not _cfg(cfg, "root", ""):
+        root = ensure_phantoms(cfg)
+        # Set sizes from the real-data YAMLs (e.g. the paper's RSNA Table 1) do not apply to
+        # the small phantom set: use every phantom case with the default shares.
+        cfg = _with(cfg, root=str(root), n_normal=None, n_mixture_normal=None,
+                    n_mixture_abnormal=None, n_unknown_normal=None, n_unknown_abnormal=None)
+    return classes[name](cfg)
