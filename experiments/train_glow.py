@@ -1,0 +1,190 @@
+"""Train a 2D/3D Glow M0 (normal images) or M1 (unlabeled mixture) (Shibata et al.).
+
+    python -m experiments.train_glow modality=cxr|bct glow.model=m0|m1 [data.root=DIR] ...
+
+``modality`` picks ``configs/glow_<modality>.yaml`` (paper settings; ``profile=cpu`` gives a
+model that trains in minutes on a CPU). Writes checkpoints (best/last) under
+``<out_dir>/checkpoints``, ``<out_dir>/samples.png`` (fictional images at
+``glow.sample_temperature``) and ``<out_dir>/metrics.json`` with ``val/bpd``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from experiments.common import build_trainer, make_logger, resolve_ckpt_path, setup_logging
+from experiments.config import ConfigError, load_config, parse_overrides, prepare_run_dir
+
+log = logging.getLogger(__name__)
+
+MODALITIES = ("cxr", "bct")
+TRAIN_GROUP = {"m0": "normal", "m1": "mixture"}  # S_normal / S_mixture
+
+
+def input_shape(data_cfg) -> list[int]:
+    """(1, H, W) for radiographs, (1, D, H, W) for CT volumes."""
+    if data_cfg.modality == "bct":
+        return [1, *(int(s) for s in data_cfg.volume_size)]
+    return [1, int(data_cfg.image_size), int(data_cfg.image_size)]
+
+
+def preprocessing(data_cfg) -> dict:
+    """What the model's inputs depend on; stored in the checkpoint so M0 and M1 can be checked
+    to match before they are combined into a posterior."""
+    out = {"name": str(data_cfg.name), "modality": str(data_cfg.modality)}
+    if data_cfg.modality == "bct":
+        out["volume_size"] = [int(s) for s in data_cfg.volume_size]
+    else:
+        out["image_size"] = int(data_cfg.image_size)
+    return out
+
+
+def per_device_batch_size(cfg: DictConfig) -> int:
+    """data.batch_size is global (the paper's); under DDP each device gets its share."""
+    devices = cfg.trainer.devices
+    n = devices if isinstance(devices, int) else len(devices) if not isinstance(devices, str) \
+        else 1
+    world = max(1, n * int(cfg.trainer.num_nodes))
+    if world > 1 and cfg.data.batch_size % world:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by the "
+                          f"{world} devices")
+    return max(1, cfg.data.batch_size // world)
+
+
+def build_loaders(cfg: DictConfig, dm) -> tuple[DataLoader, DataLoader | None]:
+    """M0 trains on train/normal, M1 on train/mixture; validation: val/normal for M0 (what it
+    models), all of val (normal + abnormal, like the mixture) for M1."""
+    group = TRAIN_GROUP[cfg.glow.model]
+    train_items = dm.items("train", group)
+    if not train_items:
+        raise ConfigError(
+            f"No training items in train/{group} (glow.model={cfg.glow.model}); check data.root "
+            f"(expected DIR/train/{group}/ for data=folder)"
+        )
+    val_items = dm.items("val", "normal" if cfg.glow.model == "m0" else None)
+    from datamodules.base import ItemDataset
+
+    bs, nw = per_device_batch_size(cfg), cfg.data.num_workers
+    train = DataLoader(ItemDataset(dm, train_items), batch_size=bs, shuffle=True,
+                       num_workers=nw, drop_last=False, persistent_workers=nw > 0)
+    val = None
+    if val_items:
+        val = DataLoader(ItemDataset(dm, val_items), batch_size=bs, shuffle=False,
+                         num_workers=nw, persistent_workers=nw > 0)
+    log.info("Glow %s: %d training items (train/%s), %d validation items", cfg.glow.model,
+             len(train_items), group, len(val_items))
+    return train, val
+
+
+def save_samples_png(path: Path, samples: torch.Tensor, n_slices: int = 8) -> Path:
+    """2D: a grid of samples; 3D: one row per sample, ``n_slices`` evenly spaced axial slices."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = samples.detach().cpu().float().numpy()[:, 0]  # (N, H, W) or (N, D, H, W)
+    if s.ndim == 3:
+        n = len(s)
+        cols = int(np.ceil(np.sqrt(n)))
+        rows = int(np.ceil(n / cols))
+        tiles = [[s[r * cols + c] if r * cols + c < n else np.zeros_like(s[0])
+                  for c in range(cols)] for r in range(rows)]
+    else:
+        idx = np.linspace(0, s.shape[1] - 1, min(n_slices, s.shape[1])).round().astype(int)
+        tiles = [[v[i] for i in idx] for v in s]
+    grid = np.block([[t for t in row] for row in tiles])
+    fig, ax = plt.subplots(figsize=(min(16, 2 + grid.shape[1] / 64),
+                                    min(16, 2 + grid.shape[0] / 64)))
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def train(cfg: DictConfig, datamodule=None) -> Path:
+    """Train Glow per ``cfg``; returns the best checkpoint (or last if no validation)."""
+    import pytorch_lightning as pl
+
+    from lightning_modules.glow import GlowModule
+
+    out = prepare_run_dir(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    if datamodule is None:
+        from datamodules.factory import build_datamodule  # lazy: the data helper's module
+
+        datamodule = build_datamodule(cfg.data)
+    train_loader, val_loader = build_loaders(cfg, datamodule)
+    module = GlowModule(
+        glow=OmegaConf.to_container(cfg.glow, resolve=True),
+        input_shape=input_shape(cfg.data),
+        n_bits=int(cfg.glow.n_bits),
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        data=preprocessing(cfg.data),
+    )
+    monitor = "val/bpd" if val_loader is not None else "train/bpd"
+    logger = make_logger(cfg, out, name=f"glow_{cfg.data.modality}_{cfg.glow.model}")
+    trainer = build_trainer(
+        cfg, out, monitor=monitor, mode="min", logger=logger,
+        gradient_clip_val=cfg.optim.grad_clip, gradient_clip_algorithm="norm",
+        num_sanity_val_steps=0,  # ActNorm must be initialised from training data first
+    )
+    trainer.fit(module, train_loader, val_loader, ckpt_path=resolve_ckpt_path(cfg, out))
+
+    ckpt_cb = trainer.checkpoint_callback
+    best = Path(ckpt_cb.best_model_path) if ckpt_cb.best_model_path else \
+        out / "checkpoints" / "last.ckpt"
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+               if k.startswith(("train/", "val/"))}
+    if ckpt_cb.best_model_score is not None:
+        metrics[monitor] = float(ckpt_cb.best_model_score)  # the score of the best checkpoint
+    metrics.update(best_ckpt=str(best), epochs=int(trainer.current_epoch),
+                   global_step=int(trainer.global_step))
+    if trainer.is_global_zero:
+        module.eval()
+        torch.manual_seed(cfg.seed)
+        samples = module.sample(int(cfg.glow.n_samples), float(cfg.glow.sample_temperature))
+        save_samples_png(out / "samples.png", samples)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        log.info("Glow %s: %s", cfg.glow.model, {k: v for k, v in metrics.items()
+                                                  if k.startswith("val/")})
+    return best
+
+
+def split_modality(argv: list[str]) -> tuple[str, list[str]]:
+    """``modality=cxr|bct`` selects the YAML; it is not a config key, so it is removed."""
+    modality, rest = "cxr", []
+    for arg, item in zip(argv, parse_overrides(argv)):
+        key, value = item.split("=", 1)
+        if key == "modality":
+            modality = value
+        else:
+            rest.append(arg)
+    if modality not in MODALITIES:
+        raise ConfigError(f"modality={modality!r} is not one of {list(MODALITIES)}")
+    return modality, rest
+
+
+def load(argv: list[str] | None = None) -> DictConfig:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    modality, rest = split_modality(argv)
+    return load_config(f"glow_{modality}", rest)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    setup_logging()
+    return train(load(argv))
+
+
+if __name__ == "__main__":
+    main()

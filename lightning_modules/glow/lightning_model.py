@@ -1,0 +1,185 @@
+"""Lightning wrapper of the 2D/3D Glow (Shibata et al., https://arxiv.org/abs/2001.07847).
+
+Thin: dequantisation, NLL in bits/dim, optimiser, ActNorm initialisation under DDP, exact
+resume (RNG state in the checkpoint), a clear stop on a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from .torch_model import (
+    Glow,
+    bits_per_dim,
+    build_glow,
+    dequantize,
+    discrete_log_likelihood,
+    samples_to_unit,
+)
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN/inf; raised instead of writing a broken checkpoint."""
+
+
+class GlowModule(pl.LightningModule):
+    """Glow trained by maximum likelihood on dequantised ``n_bits`` data.
+
+    Args:
+        glow: the ``glow`` config section as a plain dict (levels, steps, hidden_channels, ...).
+        input_shape: (C, H, W) or (C, D, H, W).
+        n_bits: bit depth of the data (8: RSNA radiographs, 7: brain-window CT).
+        optim: the ``optim`` section as a plain dict (name, lr, weight_decay, scheduler, ...).
+        data: preprocessing the model was trained with (modality, image_size / volume_size,
+            name); stored so that the posterior scorer can check that M0 and M1 match.
+    """
+
+    def __init__(self, glow: dict, input_shape: list[int], n_bits: int = 8,
+                 optim: dict | None = None, data: dict | None = None):
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.model: Glow = build_glow(glow, input_shape)
+        self.n_bits = int(n_bits)
+        self.n_dims = math.prod(input_shape)
+        self.optim_cfg = dict(optim or {"name": "adam", "lr": 1e-3, "weight_decay": 0.0})
+        self._rng_to_restore: dict | None = None
+
+    # --- likelihood ------------------------------------------------------------------------
+    def _log_p_discrete(self, x: torch.Tensor, noise: bool) -> torch.Tensor:
+        y = dequantize(x, self.n_bits, noise)  # (B, C, ...) in [-1/2, 1/2)
+        return discrete_log_likelihood(self.model.log_prob(y), self.n_dims, self.n_bits)
+
+    @torch.no_grad()
+    def log_likelihood(self, x: torch.Tensor) -> torch.Tensor:
+        """log p(x) in nats of the discretised data, (B,) float32; deterministic (bin centres).
+
+        x: (B, C, ...) or (B, ...) (channel added) in [0, 1] as ``MedicalDataModule.load``.
+        """
+        if x.dim() == len(self.hparams.input_shape):
+            x = x.unsqueeze(1)
+        if tuple(x.shape[1:]) != tuple(self.hparams.input_shape):
+            raise ValueError(
+                f"Glow was trained on inputs of shape {tuple(self.hparams.input_shape)}, got "
+                f"{tuple(x.shape[1:])}; use the same data.image_size / data.volume_size"
+            )
+        was_training = self.training
+        self.eval()
+        p = next(self.model.parameters())
+        lp = self._log_p_discrete(x.to(device=p.device, dtype=p.dtype), noise=False)
+        self.train(was_training)
+        return lp.float()
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 0.7) -> torch.Tensor:
+        """n fictional images/volumes (n, C, ...) in [0, 1] at the given temperature."""
+        y, _ = self.model.sample(n, temperature=temperature)
+        return samples_to_unit(y.float(), self.n_bits)
+
+    # --- training --------------------------------------------------------------------------
+    def _bpd(self, batch: dict, noise: bool) -> torch.Tensor:
+        return bits_per_dim(self._log_p_discrete(batch["image"], noise), self.n_dims)  # (B,)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self._bpd(batch, noise=True).mean()
+        finite = bool(torch.isfinite(loss).item())
+        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            raise NonFiniteLossError(
+                f"Glow training loss is not finite ({loss.item()}) at global step "
+                f"{self.global_step} (epoch {self.current_epoch}); stopped before any "
+                "checkpoint of this state was written. Try a lower optim.lr, gradient clipping "
+                "(optim.grad_clip), trainer.precision=32-true, or resume from the last good "
+                "checkpoint (ckpt_path=last) with a lower learning rate."
+            )
+        self.log("train/bpd", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        bpd = self._bpd(batch, noise=False)
+        self.log("val/bpd", bpd.mean(), prog_bar=True, sync_dist=True,
+                 batch_size=bpd.shape[0])
+
+    def on_train_start(self) -> None:
+        """ActNorm data-dependent initialisation, once, identical on every rank.
+
+        Every rank initialises from its own first batch, then rank 0's values are broadcast
+        (so all replicas start from rank 0's batch statistics; DDP only syncs parameters at
+        wrap time, before this). Skipped when resuming (the flags are in the checkpoint).
+        """
+        if self._rng_to_restore is not None:
+            _set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+        if self.model.initialized:
+            return
+        batch = next(iter(self.trainer.train_dataloader))
+        x = batch["image"].to(self.device)
+        self.model.initialize_actnorm(dequantize(x, self.n_bits, noise=True))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for a in self.model.actnorms():
+                for t in (a.s.data, a.t.data, a.data_dep_init_done):
+                    torch.distributed.broadcast(t, src=0)
+        log.info("ActNorm initialised from a batch of %d", x.shape[0])
+
+    def configure_optimizers(self):
+        o = self.optim_cfg
+        name, lr, wd = o.get("name", "adam"), float(o.get("lr", 1e-3)), float(
+            o.get("weight_decay", 0.0))
+        params = self.model.parameters()
+        if name == "adam":
+            opt = torch.optim.Adam(params, lr=lr, weight_decay=wd)
+        elif name == "adamw":
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+        elif name == "sgd":
+            opt = torch.optim.SGD(params, lr=lr, momentum=float(o.get("momentum", 0.9)),
+                                  weight_decay=wd)
+        else:
+            raise ValueError(f"optim.name={name!r}: Glow supports adam | adamw | sgd")
+        if o.get("scheduler", "none") == "none":
+            return opt
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=max(1, int(self.trainer.estimated_stepping_batches)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # --- exact resume ----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # dequantisation noise and the shuffling order come from torch's global RNG
+        checkpoint["glow_rng"] = _get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng_to_restore = checkpoint.get("glow_rng")
+
+
+def _get_rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_glow(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> GlowModule:
+    """A trained :class:`GlowModule` in eval mode. The checkpoint is read with
+    ``weights_only=True`` (no unpickling of arbitrary objects)."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Glow checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    hp = ckpt.get("hyper_parameters")
+    if not hp or "glow" not in hp:
+        raise ValueError(f"{path} is not a GlowModule checkpoint (no glow hyper-parameters)")
+    module = GlowModule(**{k: hp[k] for k in ("glow", "input_shape", "n_bits", "optim", "data")
+                           if k in hp})
+    module.load_state_dict(ckpt["state_dict"])
+    return module.eval()
