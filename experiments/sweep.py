@@ -69,8 +69,7 @@ ENTRY_POINT_METRICS: dict[str, tuple[str, ...]] = {
 # Job YAMLs an entry point loads, for checking a command when the entry point module has no
 # ``load(argv)`` of its own; names that do not exist (yet) fall back to the schema + base.yaml.
 _ENTRY_POINT_JOBS = {
-    "experiments.train_simclr": lambda cfg_items: ["simclr"],
-    "experiments.train_glow": lambda cfg_items: [f"glow_{cfg_items.get('data.modality', 'cxr')}"],
+    "experiments.train_simclr": ["simclr"],
 }
 
 
@@ -329,9 +328,8 @@ def config_for_command(argv: list[str]) -> DictConfig:
             mod = None
         if mod is not None and hasattr(mod, "load"):
             return mod.load(overrides)
-    items = dict(i.split("=", 1) for i in parse_overrides(overrides))
-    jobs = _ENTRY_POINT_JOBS.get(module, lambda _: [])(items)
-    jobs = [j for j in jobs if (CONFIG_DIR / f"{j}.yaml").is_file()] or ["base"]
+    jobs = [j for j in _ENTRY_POINT_JOBS.get(module, []) if (CONFIG_DIR / f"{j}.yaml").is_file()]
+    jobs = jobs or ["base"]
     return load_config(jobs, overrides)
 
 
