@@ -322,7 +322,10 @@ def print_summary(rows: list[dict[str, Any]], title: str) -> None:
     for row in rows:
         style = None if row["status"] == "ok" else "red"
         table.add_row(*(_fmt(row[c]) for c in cols), style=style)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a log file: do not squeeze the columns to 80 characters
+        console = Console(width=max(80, sum(len(c) + 12 for c in cols)))
+    console.print(table)
 
 
 # --------------------------------------------------------------------------- driver

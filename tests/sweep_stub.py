@@ -4,7 +4,7 @@ metric computed from the swept values, trains nothing.
 
     val/bpd = (log10(optim.lr) + 3)^2 + 0.1 * glow.steps       (minimum at lr = 1e-3)
 
-``seed=666`` makes it fail, to test how a sweep reports failed trials.
+``optim.lr=0.5`` makes it fail, to test how a sweep reports failed trials.
 """
 
 from __future__ import annotations
@@ -13,9 +13,21 @@ import json
 import math
 import os
 import sys
+import types
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# The stub stands in for an entry point's parsing, not its models: register the model packages
+# as bare namespaces so that importing their ``config.py`` schema files does not run package
+# ``__init__``s that import torch/Lightning (~13 s per trial here, which is not under test).
+for _pkg in ("lightning_modules.glow", "lightning_modules.simclr",
+             "lightning_modules.patch_detector"):
+    if _pkg not in sys.modules:
+        _mod = types.ModuleType(_pkg)
+        _mod.__path__ = [str(ROOT / _pkg.replace(".", "/"))]
+        sys.modules[_pkg] = _mod
 
 from experiments.config import load_config, prepare_run_dir  # noqa: E402
 
@@ -26,8 +38,8 @@ def stub_metric(lr: float, steps: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = load_config("base", argv)
-    if cfg.seed == 666:
-        raise SystemExit("sweep_stub: seed=666 fails on purpose")
+    if cfg.optim.lr == 0.5:
+        raise SystemExit("sweep_stub: optim.lr=0.5 fails on purpose")
     out = prepare_run_dir(cfg)
     metrics = {
         "val/bpd": stub_metric(cfg.optim.lr, cfg.glow.steps),
