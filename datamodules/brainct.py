@@ -8,7 +8,8 @@ Layout under ``data.root``::
 
 ``case`` is a folder or file name relative to the root (``.npy`` may be omitted). ``label``
 is ``normal`` / ``abnormal`` (or 0 / 1); ``finding`` (e.g. ``haemorrhage``, ``infarction``)
-is kept for per-finding ROC curves; ``mask`` is an optional (D, H, W) ``.npy`` lesion mask.
+is kept for per-finding ROC curves; ``mask`` is an optional (D, H, W) ``.npy`` lesion mask
+(default: ``masks/<case>.npy`` when present).
 Preprocessing (paper appendix B): modality LUT -> HU -> I = clip(HU + 14, 0, 127) -> trilinear
 resample to ``data.volume_size`` (paper: 32x128x128) -> /127. Sets: S_normal 250 /
 S_mixture 250 + 250 / S_unknown 33 + 33 in the paper (``configs/data/bct.yaml``).
@@ -61,13 +62,18 @@ def load_index(csv_path: str | Path, root: str | Path | None = None) -> pd.DataF
                 return str(p)
         return None
 
+    def mask_of(row) -> str | None:
+        if "mask" in df.columns and row["mask"]:
+            return str(root / row["mask"])
+        default = root / "masks" / f"{Path(row['case']).name.removesuffix('.npy')}.npy"
+        return str(default) if default.is_file() else None
+
     out = pd.DataFrame({
         "case": df["case"],
         "label": labels.astype(int),
         "finding": df["finding"].str.strip() if "finding" in df.columns else "",
         "path": df["case"].map(resolve),
-        "mask_path": df["mask"].map(lambda m: str(root / m) if m else None)
-        if "mask" in df.columns else None,
+        "mask_path": df.apply(mask_of, axis=1) if len(df) else [],
     })
     return out
 

@@ -146,7 +146,12 @@ class FileDataModule(MedicalDataModule):
                 cache = {}
 
         def stamp(p: str) -> list:
+            """[size, mtime] of a file; [total size, latest mtime, file count] of a folder."""
             try:
+                if os.path.isdir(p):
+                    sts = [f.stat() for f in Path(p).rglob("*") if f.is_file()]
+                    return [sum(st.st_size for st in sts),
+                            max((st.st_mtime_ns for st in sts), default=0), len(sts)]
                 st = os.stat(p)
                 return [st.st_size, st.st_mtime_ns]
             except OSError:
@@ -173,8 +178,8 @@ class FileDataModule(MedicalDataModule):
         for p in paths:
             s = stamp(p)
             hit = cache.get(p)
-            if hit is not None and hit[:2] == s and not Path(p).is_dir():
-                results[p] = hit[2]
+            if hit is not None and hit[:-1] == s:
+                results[p] = hit[-1]
             else:
                 todo.append(p)
         if todo:

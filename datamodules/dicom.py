@@ -196,6 +196,12 @@ def verify_dicom(path: str | Path) -> None:
     if "PixelData" not in ds:
         raise DicomReadError(f"{path}: the DICOM file has no pixel data.")
     check_decoder(ds, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        _check_native_length(ds, path)
+
+
+def _check_native_length(ds: pydicom.Dataset, path: str | Path) -> None:
     if not transfer_syntax(ds).is_compressed:
         try:
             rows, cols = int(ds.Rows), int(ds.Columns)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import logging
 import shutil
 import tempfile
@@ -59,10 +58,12 @@ def modality_of(cfg) -> str:
 def phantom_root(cfg) -> Path:
     name = str(_cfg(cfg, "name", "folder"))
     name = "folder" if name.startswith("phantom_") else name
-    size = int(_cfg(cfg, "phantom_size", 256))
+    modality = modality_of(cfg)
+    size = "x".join(map(str, _volume_shape(cfg))) if modality == "bct" else \
+        str(int(_cfg(cfg, "phantom_size", 256)))
     count = int(_cfg(cfg, "phantom_count", 48))
     seed = int(_cfg(cfg, "phantom_seed", 0))
-    return PHANTOM_DIR / f"{name}-{modality_of(cfg)}-{size}-{count}-{seed}"
+    return PHANTOM_DIR / f"{name}-{modality}-{size}-{count}-{seed}"
 
 
 def _phantom_writer(name: str):
@@ -81,37 +82,31 @@ def _phantom_writer(name: str):
     return fn
 
 
-def _phantom_kwargs(fn, cfg) -> dict:
-    """Keyword arguments for a phantom writer, from ``data.phantom_*``; only those that the
-    writer's signature accepts are passed."""
-    count = int(_cfg(cfg, "phantom_count", 48))
+def _phantom_kwargs(name: str, cfg) -> dict:
+    """Arguments of the phantom writer for ``data.name``, from ``data.phantom_*``.
+
+    ``phantom_count`` = number of normal images/cases; abnormal ones are half as many (split
+    between the lesion kinds), and the folder layout gets ``count`` mixture items and
+    ``count / 8`` val/test items per class."""
+    count = max(int(_cfg(cfg, "phantom_count", 48)), 8)
     size = int(_cfg(cfg, "phantom_size", 256))
+    seed = int(_cfg(cfg, "phantom_seed", 0))
+    if name == "padchest":
+        return dict(n_normal=count, n_abnormal=count // 2, size=size, seed=seed)
+    if name == "rsna":
+        return dict(n_normal=count, n_not_normal=count // 4, n_opacity=count // 4, size=size,
+                    seed=seed)
+    if name == "bct":
+        return dict(n_normal=count, n_haemorrhage=count // 4, n_infarct=count // 4,
+                    shape=_volume_shape(cfg), seed=seed)
     modality = modality_of(cfg)
-    n_val = max(2, count // 8)
-    candidates = {
-        "modality": modality,
-        "size": size,
-        "seed": int(_cfg(cfg, "phantom_seed", 0)),
-        # write_folder: counts per folder
-        "n_train_normal": max(2, count // 2),
-        "n_train_mixture": max(2, count // 4),
-        "n_val": n_val,
-        "n_test": n_val,
-        # write_padchest / write_rsna / write_bct: total number of images / cases
-        "n": count,
-        "n_images": count,
-        "n_cases": count,
-        "count": count,
-    }
-    if modality == "bct":
-        vs = [int(v) for v in _cfg(cfg, "volume_size", [32, 128, 128])]
-        candidates["shape"] = (vs[0], size, size) if size else tuple(vs)
-    params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        names = {"modality", "size", "seed", "n_train_normal", "n_train_mixture", "n_val",
-                 "n_test"}
-        return {k: v for k, v in candidates.items() if k in names}
-    return {k: v for k, v in candidates.items() if k in params}
+    return dict(modality=modality, n_train_normal=count, n_train_mixture=count,
+                n_val=max(2, count // 8), n_test=max(2, count // 8),
+                size=_volume_shape(cfg) if modality == "bct" else size, seed=seed)
+
+
+def _volume_shape(cfg) -> tuple[int, int, int]:
+    return tuple(int(v) for v in _cfg(cfg, "volume_size", [32, 128, 128]))
 
 
 def ensure_phantoms(cfg) -> Path:
@@ -123,7 +118,7 @@ def ensure_phantoms(cfg) -> Path:
         return root
     name = str(_cfg(cfg, "name", "folder"))
     fn = _phantom_writer(name)
-    kwargs = _phantom_kwargs(fn, cfg)
+    kwargs = _phantom_kwargs("folder" if name.startswith("phantom_") else name, cfg)
     log.warning("data.root is empty: generating PHANTOM data (%s) in %s. Set data.root=DIR to "
                 "use real data.", fn.__name__, root)
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -160,3 +155,30 @@ def build_datamodule(data_cfg) -> MedicalDataModule:
         cfg = _with(cfg, root=str(root), n_normal=None, n_mixture_normal=None,
                     n_mixture_abnormal=None, n_unknown_normal=None, n_unknown_abnormal=None)
     return classes[name](cfg)
+
+
+def main(argv: list[str] | None = None) -> MedicalDataModule:
+    """Index and check a data set before a long run, e.g.::
+
+        python -m datamodules.factory data=padchest data.root=/data/padchest
+
+    Prints the number of items per split/group and the skipped (unreadable) items."""
+    from experiments.common import setup_logging
+    from experiments.config import load_config
+
+    setup_logging()
+    cfg = load_config("base", argv)
+    dm = build_datamodule(cfg.data)
+    dm.setup()
+    print(f"{type(dm).__name__} ({'3D' if dm.is_3d else '2D'}):")
+    for (split, group), items in sorted(dm._index.items()):
+        print(f"  {split:5s}/{group:8s} {len(items):7d}")
+    skipped = getattr(dm, "skipped", [])
+    print(f"  skipped {len(skipped)}")
+    for _item, reason in skipped[:20]:
+        print(f"    {reason}")
+    return dm
+
+
+if __name__ == "__main__":
+    main()

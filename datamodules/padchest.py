@@ -39,6 +39,8 @@ OPTIONAL_COLUMNS = ("StudyID", "StudyDate_DICOM", "PatientSex_DICOM", "PatientBi
 EXCLUDE_TAG = "exclude"
 SUBOPTIMAL_TAG = "suboptimal study"
 POLICIES = ("drop", "keep")
+# Optional lesion masks <root>/masks/<ImageID> (not part of PadChest; the phantoms write them).
+MASK_DIR = "masks"
 
 
 def parse_labels(value) -> list[str] | None:
@@ -188,11 +190,14 @@ class PadChestDataModule(FileDataModule):
             fold=int(_cfg(self.cfg, "fold", 0)), n_folds=int(_cfg(self.cfg, "n_folds", 5)),
             seed=int(_cfg(self.cfg, "split_seed", 0)),
         )
+        masks = _listing(self.root / MASK_DIR)
         index: dict[tuple[str, str], list[Item]] = {}
         for (split, group), row in zip(assign, df.itertuples(index=False)):
             index.setdefault((split, group), []).append(Item(
                 path=row.path, label=NORMAL if row.is_normal else ABNORMAL,
                 finding="" if row.is_normal else ", ".join(row.labels),
+                mask_path=str(self.root / MASK_DIR / row.ImageID)
+                if row.ImageID in masks else None,
                 group_id=row.PatientID,
             ))
         return index

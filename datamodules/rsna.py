@@ -35,6 +35,8 @@ CLASS_CSV = "stage_2_detailed_class_info.csv"
 IMAGE_DIR = "stage_2_train_images"
 CLASSES = ("Normal", "No Lung Opacity / Not Normal", "Lung Opacity")
 NORMAL_CLASS = "Normal"
+# Optional lesion masks <root>/masks/<patientId>.png (not part of RSNA; the phantoms write them).
+MASK_DIR = "masks"
 
 
 def _read(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
@@ -128,9 +130,14 @@ class RSNADataModule(FileDataModule):
             val_fraction=float(_cfg(c, "val_fraction", 0.15)),
         )
 
+        masks = {p.stem for p in (self.root / MASK_DIR).glob("*.png")}
+
         def items(ids, label, keep_finding=True):
             return [Item(path=str(image_dir / f"{p}.dcm"), label=label,
-                         finding=cls[p] if keep_finding else "", group_id=p) for p in ids]
+                         finding=cls[p] if keep_finding else "",
+                         mask_path=str(self.root / MASK_DIR / f"{p}.png")
+                         if keep_finding and p in masks else None,
+                         group_id=p) for p in ids]
 
         # Unlabeled by construction: the class is not passed on, and the order is shuffled so
         # that it does not give the labels away either.

@@ -115,8 +115,8 @@ def flow_sets(
     exceed the 26,684 images of the data set, so its sets must overlap. Requested sizes larger
     than what is available are clipped, and the clipping is logged as a WARNING.
 
-    Defaults (size None): S_unknown = 20 % of each class, S_normal = half of the remaining
-    normals, S_mixture = the rest (normals) and all remaining abnormals.
+    Defaults (size None): S_unknown = 20 % of each class (at least 2), S_normal = half of the
+    remaining normals (rounded up), S_mixture = the rest (normals) and all remaining abnormals.
 
     S_unknown is cut into val (``val_fraction``, for thresholds) and test. Returns lists of ids
     under keys ``normal``, ``mixture_normal``, ``mixture_abnormal``, ``val_normal``,
@@ -126,12 +126,15 @@ def flow_sets(
     normals = _rotated_permutation(normal_ids, seed, fold, n_folds)
     abnormals = _rotated_permutation(abnormal_ids, seed + 1, fold, n_folds)
 
-    unk_n = _take(normals, sizes.n_unknown_normal, len(normals) // 5, "S_unknown normal", warn)
-    unk_a = _take(abnormals, sizes.n_unknown_abnormal, len(abnormals) // 5,
-                  "S_unknown abnormal", warn)
+    # Defaults keep two S_unknown cases per class (one val, one test) on tiny data sets.
+    unk_n = _take(normals, sizes.n_unknown_normal,
+                  min(max(2, len(normals) // 5), max(len(normals) - 1, 0)),
+                  "S_unknown normal", warn)
+    unk_a = _take(abnormals, sizes.n_unknown_abnormal, min(max(2, len(abnormals) // 5),
+                  len(abnormals)), "S_unknown abnormal", warn)
     rest_n = normals[len(unk_n):]
     rest_a = abnormals[len(unk_a):]
-    s_normal = _take(rest_n, sizes.n_normal, len(rest_n) // 2, "S_normal", warn)
+    s_normal = _take(rest_n, sizes.n_normal, (len(rest_n) + 1) // 2, "S_normal", warn)
     free_n = rest_n[len(s_normal):]
     free_a = rest_a
 

@@ -137,7 +137,7 @@ def test_missing_root_is_a_clear_error(tmp_path):
         FolderDataModule(cfg(tmp_path / "nowhere")).setup()
 
 
-def test_folder_3d_npy_and_dicom_series(tmp_path, caplog):
+def test_folder_3d_npy_and_dicom_series(tmp_path, caplog, monkeypatch):
     root = tmp_path / "v"
     rng = np.random.default_rng(0)
     for split, group in [("train", "normal"), ("train", "mixture"), ("val", "normal"),
@@ -146,6 +146,8 @@ def test_folder_3d_npy_and_dicom_series(tmp_path, caplog):
         d.mkdir(parents=True)
         np.save(d / f"{split}_{group}.npy", rng.normal(30, 20, (6, 20, 24)).astype(np.float32))
     shutil.copytree(CT5N, root / "train/normal/series1")  # a real DICOM series as one item
+    for src in (CT5N, CT5N.parent.parent / "77654033" / "CT2"):  # two series in one folder
+        shutil.copytree(src, root / "train/normal/two_series" / src.name)
     bad = np.zeros((6, 20, 24), np.float32)
     bad[0, 0, 0] = np.inf
     np.save(root / "train/normal/bad.npy", bad)
@@ -159,7 +161,8 @@ def test_folder_3d_npy_and_dicom_series(tmp_path, caplog):
         dm = FolderDataModule(c)
         dm.setup()
     assert dm.is_3d
-    assert "1 of 8 items skipped" in caplog.text and "NaN/Inf" in caplog.text
+    assert "2 of 9 items skipped (1 NaN/Inf, 1 series)" in caplog.text
+    assert "two_series: holds 2 image series" in caplog.text
     names = sorted(Path(i.path).name for i in dm.items("train", "normal"))
     assert names == ["series1", "train_normal.npy"]
     for it in dm.items("train", "normal"):
@@ -169,6 +172,17 @@ def test_folder_3d_npy_and_dicom_series(tmp_path, caplog):
     assert x.shape == (1, 4, 8, 8)
     mask = dm.load_mask(dm.items("test", "abnormal")[0])
     assert mask.shape == (4, 8, 8) and mask.dtype == bool and mask.any()
+    # Series folders are cached too (keyed by their files' sizes and mtimes).
+    calls = []
+    real = common.verify_item
+    monkeypatch.setattr(common, "verify_item", lambda p: (calls.append(p), real(p)))
+    FolderDataModule(c).setup()
+    assert calls == []
+    slice0 = sorted((root / "train/normal/series1").iterdir())[0]
+    st = slice0.stat()
+    os.utime(slice0, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    FolderDataModule(c).setup()
+    assert calls == [str(root / "train/normal/series1")]
 
 
 # --- factory --------------------------------------------------------------------------------
@@ -201,7 +215,7 @@ def test_factory_generates_phantoms_once_and_warns(tmp_path, monkeypatch, caplog
     assert "PHANTOM" in caplog.text
     root = Path(dm.root)
     assert root.name == "folder-cxr-48-8-3" and (root / factory.MARKER).is_file()
-    assert calls == [dict(modality="cxr", size=48, seed=3, n=4)]
+    assert calls == [dict(modality="cxr", size=48, seed=3, n=8)]
     dm.setup()
     assert len(dm.items("train", "normal")) == 3
     caplog.clear()

@@ -12,6 +12,18 @@ class SimCLRConfig:
     proj_hidden_dim: int = 2048
     proj_out_dim: int = 128
     temperature: float = 0.5  # paper silent; lightly's default
-    crop_scale: float = 0.5  # random crop keeping 50 % of the patch (paper)
+    crop_scale: float = 0.5  # random crop keeping 50 % of the patch area (paper)
+    # Upper bound of the kept area fraction; None = crop_scale (exactly 50 %, the paper's wording).
+    crop_scale_max: float | None = None
     rotation_deg: float = 5.0  # random rotation +-5 deg (paper)
     input_size: int | None = None  # resize patches to this before the encoder; None = patch_size
+    # Patch grid stride in pixels; None = patch_size (the paper's non-overlapping grid).
+    stride: int | None = None
+    # Keep the training/val images in memory (uint16) when they need at most this many GiB.
+    cache_max_gb: float = 8.0
+    # Validation: at most this many val patches (fixed random subset) for the
+    # alignment / uniformity / kNN metrics; k of the kNN classifier.
+    val_max_patches: int = 2048
+    knn_k: int = 5
+    val_seed: int = 0  # seeds the val views so the metrics are comparable across epochs
+    channels_last: bool = False  # memory format for the encoder (faster convolutions on GPU)
