@@ -11,8 +11,22 @@ class PatchConfig:
     locality: list[int] = field(default_factory=lambda: [2, 1, 0, 0])  # Chebyshev d per size
     weights: list[float] = field(default_factory=lambda: [0.1, 1.2, 1.2, 1.0])  # eq. 6
     distance: str = "mahalanobis"  # euclidean | manhattan | cosine | mahalanobis
+    # How eq. 6 combines the per-size maps: geometric (weights as exponents, default: in a plain
+    # product the weights are a constant factor that the normalisation removes) | product
+    fusion: str = "geometric"
     threshold: float = 0.5
-    shrinkage: float = 0.1  # covariance shrinkage for Mahalanobis
+    # Mahalanobis: Ledoit-Wolf-style shrinkage a of (1-a) S + a tr(S)/p I; 0 = pseudo-inverse
+    shrinkage: float = 0.1
     stride_fraction: float = 1.0  # 1.0 = paper's non-overlapping grid; 0.5 = overlapping
-    chunk_size: int = 4096
-    encoder_dir: str | None = None  # folder with trained encoders; None = <out_dir>/encoders
+    chunk_size: int = 4096  # rows per block of the locality search (bounds memory)
+    feature_batch_size: int = 256  # patches per encoder forward pass
+    encoder_dir: str | None = None  # folder with res<s>/ encoders; None = <out_dir>/encoders
+    # Train the encoders that are missing (false: a missing encoder is an error)
+    train_encoders: bool = True
+    # Per-size simclr.input_size used when training an encoder here (None = simclr.input_size)
+    encoder_input_sizes: list[int] | None = None
+    # Per-size trainer.max_epochs when training an encoder here (None = trainer.max_epochs)
+    encoder_epochs: list[int] | None = None
+    cache_features: bool = True  # keep val/test features in <out_dir>/features (ablations)
+    n_folds_run: int = 1  # >1: run folds 0..n-1 of data.n_folds and report mean ± sd
+    device: str = "auto"  # auto | cpu | cuda

@@ -1,0 +1,132 @@
+"""Score new images with a trained multiresolution patch detector (Kim et al., Sci Rep 2023).
+
+    python -m experiments.detect_image IMAGE [IMAGE ...] run_dir=OUT [out=DIR] [threshold=0.5]
+
+``run_dir`` is the ``out_dir`` of a ``python -m experiments.pipeline method=patch`` run: it
+holds ``patch_detector.json`` (settings + the Normalize fitted on validation), the encoders and
+the reference databases (``ckpt=OUT/patch_detector.json`` is accepted too). Images are PNG
+(8/16-bit) or DICOM, read and resized as the data modules do. For each image the score and the
+verdict (abnormal iff score > threshold) are printed, and ``<out>/<name>_overlay.png`` shows the
+final anomaly map on the image (default ``out``: ``<run_dir>/detections``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from experiments.common import setup_logging
+from experiments.config import ConfigError
+from lightning_modules.patch_detector.anomaly_map import MapNormalizer
+from lightning_modules.patch_detector.detector import PatchAnomalyDetector
+from lightning_modules.patch_detector.reference_db import ReferenceDB, file_sha256
+
+log = logging.getLogger(__name__)
+STATE_FILE = "patch_detector.json"
+KEYS = ("run_dir", "ckpt", "out", "threshold", "device")
+
+
+def load_detector(run_dir: str | Path, device: str | torch.device = "cpu"
+                  ) -> tuple[PatchAnomalyDetector, dict]:
+    """The detector of a pipeline run, with its encoders, databases and normalisation."""
+    from lightning_modules.simclr import load_encoder
+
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        run_dir = run_dir.parent
+    path = run_dir / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run_dir must be the out_dir of a "
+                                "finished `python -m experiments.pipeline method=patch` run.")
+    state = json.loads(path.read_text())
+
+    def resolve(p: str) -> Path:
+        q = Path(p)
+        return q if q.is_absolute() else run_dir / q
+
+    encoders, shas = {}, {}
+    for s in state["patch_sizes"]:
+        info = state["encoders"][str(s)]
+        ckpt = resolve(info["checkpoint"])
+        sha = file_sha256(ckpt)
+        if sha != info["sha256"]:
+            raise ValueError(f"Encoder {ckpt} has sha256 {sha}, but the run was built with "
+                             f"sha256 {info['sha256']}: the checkpoint changed after the run.")
+        encoders[int(s)] = load_encoder(ckpt, map_location=device).eval()
+        shas[int(s)] = sha
+    det = PatchAnomalyDetector(
+        encoders, state["image_size"], state["patch_sizes"], state["locality"],
+        distance=state["distance"], shrinkage=state["shrinkage"],
+        stride_fraction=state["stride_fraction"],
+    ).to(device).eval()
+    for s in det.patch_sizes:
+        det.set_db(ReferenceDB.load(resolve(state["databases"][str(s)]), shas[s],
+                                    det.patch_config(s)))
+    det.normalizer = MapNormalizer.from_dict(state["normalizer"])
+    return det, state
+
+
+def read_image(path: str | Path, image_size: int) -> np.ndarray:
+    """PNG or DICOM -> (H, W) float32 in [0, 1] at ``image_size`` (as the data modules load)."""
+    from datamodules.images import read_2d, resize_2d
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist.")
+    return resize_2d(read_2d(path), image_size)
+
+
+def parse_argv(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    paths, opts = [], {}
+    for a in argv:
+        item = a[2:] if a.startswith("--") else a
+        key = item.split("=", 1)[0]
+        if "=" in item and key in KEYS:
+            opts[key] = item.split("=", 1)[1]
+        elif "=" in item and not Path(a).exists():
+            raise ConfigError(f"Unknown option {a!r}; options are {', '.join(KEYS)} (key=value)")
+        else:
+            paths.append(a)
+    if not paths:
+        raise ConfigError("Give one or more image paths (PNG or DICOM).")
+    if "run_dir" not in opts and "ckpt" not in opts:
+        raise ConfigError("Give run_dir=OUT (the out_dir of a patch pipeline run).")
+    return paths, opts
+
+
+@torch.no_grad()
+def main(argv: list[str] | None = None) -> list[dict]:
+    setup_logging()
+    paths, opts = parse_argv(sys.argv[1:] if argv is None else argv)
+    run_dir = Path(opts.get("run_dir") or opts["ckpt"])
+    device = opts.get("device", "cuda" if torch.cuda.is_available() else "cpu")
+    det, state = load_detector(run_dir, device)
+    threshold = float(opts.get("threshold", state["threshold"]))
+    out = Path(opts.get("out") or (run_dir if run_dir.is_dir() else run_dir.parent) / "detections")
+    out.mkdir(parents=True, exist_ok=True)
+
+    from experiments.plots import plot_overlays
+
+    results = []
+    for p in paths:
+        img = read_image(p, det.image_size)  # (H, W)
+        res = det(torch.from_numpy(img)[None, None].to(device))
+        score = float(res["score"][0])
+        verdict = "abnormal" if score > threshold else "normal"
+        name = Path(p).name.split(".")[0]
+        overlay = plot_overlays(out / f"{name}_overlay.png", [img], [res["map"][0].cpu().numpy()],
+                                [f"{name}: {score:.3f} ({verdict})"], vmin=0.0, vmax=1.0,
+                                map_label="A_final", ncases=1)
+        print(f"{p}\tscore={score:.4f}\t{verdict}\t{overlay}")
+        results.append({"path": str(p), "name": name, "score": score, "verdict": verdict,
+                        "overlay": str(overlay)})
+    return results
+
+
+if __name__ == "__main__":
+    main()

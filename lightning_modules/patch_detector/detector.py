@@ -1,0 +1,193 @@
+"""Multiresolution patch anomaly detector as a plain torch model (Kim et al., Sci Rep 2023).
+
+Kim, Moon, Lee et al., *Multiresolution patch-based anomaly detection for chest X-rays*,
+Sci Rep 2023. For every patch size ``s`` a SimCLR
+encoder maps each grid patch to a feature ``h``; the patch's score is the distance to the
+nearest normal reference patch of the same size within Chebyshev distance ``d`` on the grid
+(:mod:`.locality`, :mod:`.distances`); the per-size maps are fused by eq. 6 and normalised
+(:mod:`.anomaly_map`); the image score is the maximum of the final map.
+
+The work is split so that the expensive part is done once: ``features`` (encoders) ->
+``patch_scores`` (locality search, any distance) -> ``fuse`` (weights, normalisation), which is
+what the ablations re-run for each variant.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from datamodules.patches import patch_grid
+from lightning_modules.patch_detector.anomaly_map import (
+    MapNormalizer,
+    map_block,
+    patch_scores_to_map,
+)
+from lightning_modules.patch_detector.distances import fit_transform, prepare
+from lightning_modules.patch_detector.locality import locality_nearest
+from lightning_modules.patch_detector.reference_db import ReferenceDB
+
+
+class PatchAnomalyDetector(nn.Module):
+    """Encoders per patch size + reference databases -> anomaly maps and image scores.
+
+    Args:
+        encoders: ``{patch_size: encoder}``, each mapping (B, 1, s, s) in [0, 1] to (B, D).
+        image_size: side of the (square) input images.
+        patch_sizes, locality: the sizes and their Chebyshev radii ``d`` (paper: 2, 1, 0, 0).
+        stride_fraction: grid stride as a fraction of the patch size (1 = paper, no overlap).
+            ``d`` is given in patch sizes, so with stride s/2 the window spans ``d / 0.5`` cells.
+    """
+
+    def __init__(self, encoders: dict[int, nn.Module], image_size: int, patch_sizes: list[int],
+                 locality: list[int], distance: str = "mahalanobis", shrinkage: float = 0.1,
+                 stride_fraction: float = 1.0, chunk_size: int = 4096,
+                 feature_batch_size: int = 256):
+        super().__init__()
+        self.patch_sizes = [int(s) for s in patch_sizes]
+        if sorted(encoders) != sorted(self.patch_sizes):
+            raise ValueError(f"encoders for sizes {sorted(encoders)} but patch_sizes "
+                             f"{self.patch_sizes}")
+        if not 0.0 < stride_fraction <= 1.0:
+            raise ValueError(f"patch.stride_fraction={stride_fraction} must lie in (0, 1]")
+        self.encoders = nn.ModuleDict({str(s): encoders[s] for s in self.patch_sizes})
+        self.image_size = int(image_size)
+        self.locality = dict(zip(self.patch_sizes, [int(d) for d in locality]))
+        self.distance, self.shrinkage = distance, float(shrinkage)
+        self.stride_fraction = float(stride_fraction)
+        self.chunk_size, self.feature_batch_size = int(chunk_size), int(feature_batch_size)
+        self.dbs: dict[int, ReferenceDB] = {}
+        self.normalizer: MapNormalizer | None = None
+        self._prepared: dict[tuple[int, str], tuple] = {}
+        for s in self.patch_sizes:
+            if s > self.image_size:
+                raise ValueError(f"patch size {s} is larger than the image ({self.image_size})")
+
+    # --- geometry -----------------------------------------------------------------------
+    def stride(self, size: int) -> int:
+        return max(1, int(round(size * self.stride_fraction)))
+
+    def grid(self, size: int):
+        return patch_grid(self.image_size, size, self.stride(size))
+
+    def window(self, size: int) -> int:
+        """Chebyshev radius in grid cells: ``d`` patch sizes = ``d * s / stride`` cells."""
+        return int(round(self.locality[size] * size / self.stride(size)))
+
+    def cell_tensors(self, size: int) -> dict[str, torch.Tensor]:
+        g = self.grid(size)
+        return {k: torch.tensor([getattr(c, k) for c in g], dtype=torch.int32)
+                for k in ("x", "y", "row", "col")}
+
+    @property
+    def block(self) -> int:
+        return map_block(self.image_size, [(s, self.stride(s)) for s in self.patch_sizes])
+
+    def patch_config(self, size: int) -> dict:
+        """Settings that define a reference database of this size (checked when loading)."""
+        return {"image_size": self.image_size, "patch_size": int(size),
+                "stride": self.stride(size)}
+
+    # --- features -----------------------------------------------------------------------
+    def extract(self, images: torch.Tensor, size: int) -> torch.Tensor:
+        """(B, 1, H, W) -> (B * N, 1, s, s) patches in the row-major order of ``grid``."""
+        st = self.stride(size)
+        p = images[:, 0].unfold(1, size, st).unfold(2, size, st)  # (B, nr, nc, s, s)
+        b, nr, nc = p.shape[:3]
+        if nr * nc != len(self.grid(size)):
+            raise ValueError(f"images of shape {tuple(images.shape)} do not match "
+                             f"image_size={self.image_size}")
+        return p.reshape(b * nr * nc, 1, size, size)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, sizes: list[int] | None = None
+                 ) -> dict[int, torch.Tensor]:
+        """Encoder features of every grid patch: ``{size: (B, N, D)}`` (on the images' device)."""
+        out = {}
+        for s in sizes or self.patch_sizes:
+            enc = self.encoders[str(s)]
+            patches = self.extract(images, s)  # (B*N, 1, s, s)
+            feats = [enc(patches[i:i + self.feature_batch_size])
+                     for i in range(0, patches.shape[0], self.feature_batch_size)]
+            out[s] = torch.cat(feats).float().reshape(images.shape[0], -1, feats[0].shape[-1])
+        return out
+
+    # --- reference database and scores -----------------------------------------------------
+    def set_db(self, db: ReferenceDB) -> None:
+        if db.patch_size not in self.patch_sizes:
+            raise ValueError(f"no encoder for the database's patch size {db.patch_size}")
+        want = self.patch_config(db.patch_size)
+        got = {k: db.config.get(k) for k in want}
+        if got != want:
+            raise ValueError(f"reference database of size {db.patch_size} was built with "
+                             f"{got}, the detector uses {want}")
+        self.dbs[db.patch_size] = db
+        self._prepared = {k: v for k, v in self._prepared.items() if k[0] != db.patch_size}
+
+    def _reference(self, size: int, distance: str, device: torch.device):
+        key = (size, distance)
+        if key not in self._prepared:
+            if size not in self.dbs:
+                raise RuntimeError(f"no reference database for patch size {size}")
+            db = self.dbs[size]
+            t = fit_transform(db.features, distance, self.shrinkage)
+            self._prepared[key] = (t, prepare(db.features, t), db.cells)
+        t, ref, cells = self._prepared[key]
+        return t.to(device), ref.to(device), cells.to(device)
+
+    @torch.no_grad()
+    def patch_scores(self, feats: dict[int, torch.Tensor], distance: str | None = None
+                     ) -> dict[int, torch.Tensor]:
+        """Raw patch anomaly scores ``{size: (B, N)}`` (distance to the nearest normal patch
+        within the locality window; ``1 - cos`` for cosine)."""
+        distance = distance or self.distance
+        out = {}
+        for s, f in feats.items():
+            b, n, _ = f.shape
+            t, ref, ref_cells = self._reference(s, distance, f.device)
+            ct = self.cell_tensors(s)
+            q_cells = torch.stack([ct["row"], ct["col"]], 1).long().repeat(b, 1)  # (B*N, 2)
+            scores, _ = locality_nearest(prepare(f.reshape(b * n, -1), t), q_cells, ref,
+                                         ref_cells, self.window(s), t.kernel, self.chunk_size)
+            out[s] = scores.reshape(b, n)
+        return out
+
+    # --- maps -----------------------------------------------------------------------------
+    def size_maps(self, scores: dict[int, torch.Tensor], sizes: list[int] | None = None
+                  ) -> list[torch.Tensor]:
+        """A(s) for each size, on the block grid: list of (B, H/g, W/g)."""
+        g = self.block
+        maps = []
+        for s in sizes or self.patch_sizes:
+            ct = self.cell_tensors(s)
+            maps.append(patch_scores_to_map(scores[s], ct["x"], ct["y"], s, self.image_size, g))
+        return maps
+
+    def upsample(self, block_map: torch.Tensor) -> torch.Tensor:
+        """(B, H/g, W/g) -> (B, H, W) (each block's value on its pixels)."""
+        g = self.block
+        return block_map.repeat_interleave(g, dim=-2).repeat_interleave(g, dim=-1)
+
+    def fuse(self, scores: dict[int, torch.Tensor], normalizer: MapNormalizer | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 6 -> (A_final (B, H/g, W/g) in (0, 1), image scores (B,) = max of A_final)."""
+        norm = normalizer or self.normalizer
+        if norm is None:
+            raise RuntimeError("the detector has no fitted normalisation (fit it on validation)")
+        fused = norm.fused_log_map(self.size_maps(scores, norm.sizes))  # (B, h, w)
+        final = norm.normalize(fused)
+        return final, final.flatten(1).max(1).values
+
+    def raw_image_scores(self, scores: dict[int, torch.Tensor], normalizer: MapNormalizer
+                         ) -> torch.Tensor:
+        """max of the fused log-map, before calibration: (B,)."""
+        fused = normalizer.fused_log_map(self.size_maps(scores, normalizer.sizes))
+        return fused.flatten(1).max(1).values
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, 1, H, W) in [0, 1] -> ``map`` (B, H, W) A_final in (0, 1), ``score`` (B,)."""
+        scores = self.patch_scores(self.features(images))
+        final, image_scores = self.fuse(scores)
+        return {"map": self.upsample(final), "score": image_scores,
+                "patch_scores": scores}

@@ -1,0 +1,105 @@
+"""Patch detector model and reference database (Kim et al. 2023), with fixed toy encoders."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lightning_modules.patch_detector.anomaly_map import MapNormalizer
+from lightning_modules.patch_detector.detector import PatchAnomalyDetector
+from lightning_modules.patch_detector.reference_db import (
+    ReferenceDB,
+    ReferenceDBMismatch,
+    file_sha256,
+)
+
+
+class PoolEncoder(nn.Module):
+    """A fixed 'encoder': 4x4 average pooling (16-d features), like h of a trained net."""
+
+    def forward(self, x):  # (B, 1, s, s) -> (B, 16)
+        return nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+
+
+def _images(n, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.linspace(0, 1, size)[None, :] * torch.linspace(0.5, 1, size)[:, None]
+    return (base + 0.05 * torch.randn(n, 1, size, size, generator=g)).clamp(0, 1)
+
+
+def _detector(stride_fraction=1.0):
+    sizes = [8, 16]
+    det = PatchAnomalyDetector({s: PoolEncoder() for s in sizes}, 32, sizes, [1, 0],
+                               distance="euclidean", stride_fraction=stride_fraction)
+    ref = _images(20)
+    feats = det.features(ref)
+    for s in sizes:
+        f = feats[s]
+        n_img, n, d = f.shape
+        ct = det.cell_tensors(s)
+        det.set_db(ReferenceDB(s, f.reshape(-1, d), **{k: v.repeat(n_img) for k, v in ct.items()},
+                               image_index=torch.arange(n_img).repeat_interleave(n).int(),
+                               config=det.patch_config(s)))
+    return det
+
+
+@pytest.mark.parametrize("stride_fraction", [1.0, 0.5])
+def test_planted_outlier_patch_gets_the_top_score(stride_fraction):
+    det = _detector(stride_fraction)
+    q = _images(3, seed=1)
+    q[1, 0, 8:16, 16:24] = 1.0  # a bright lesion filling the 8-px patch at row 1, col 2
+    scores = det.patch_scores(det.features(q))
+    grid = det.grid(8)
+    top = int(scores[8][1].argmax())
+    assert (grid[top].y, grid[top].x) == (8, 16) if stride_fraction == 1.0 else \
+        (8 - 4 <= grid[top].y <= 8 + 4 and 16 - 4 <= grid[top].x <= 16 + 4)
+    assert float(scores[8][1].max()) > 3 * float(scores[8][0].max())
+    # fused: the image with the lesion scores highest, and its map peaks on the lesion
+    val = det.patch_scores(det.features(_images(4, seed=2)))
+    det.normalizer = MapNormalizer.fit_scales([val[s] for s in det.patch_sizes], det.patch_sizes,
+                                              [1.0, 1.0], "geometric")
+    det.normalizer.fit_calibration(det.raw_image_scores(val, det.normalizer).numpy(),
+                                   np.zeros(4, int))
+    final, img_scores = det.fuse(scores)
+    assert int(img_scores.argmax()) == 1
+    # (the sigmoid may saturate at 1 in float32: locate the peak before it)
+    full = det.upsample(det.normalizer.fused_log_map(det.size_maps(scores)))[1]  # (32, 32)
+    peak = np.unravel_index(int(full.argmax()), full.shape)
+    assert 8 <= peak[0] < 16 and 16 <= peak[1] < 24
+    assert ((final >= 0) & (final <= 1)).all() and final.dtype == torch.float64
+
+
+def test_extract_matches_the_shared_patch_grid():
+    from datamodules.patches import extract_patches
+
+    det = _detector(0.5)
+    img = _images(2)
+    mine = det.extract(img, 16)  # (2 * N, 1, 16, 16)
+    theirs, cells = extract_patches(img[1, 0], 16, det.stride(16))
+    n = len(cells)
+    torch.testing.assert_close(mine[n:], theirs)
+    assert det.window(8) == 2  # d = 1 patch = 2 cells at stride 4
+
+
+def test_reference_db_round_trip_and_mismatch(tmp_path):
+    det = _detector()
+    db = det.dbs[8]
+    ckpt = tmp_path / "enc.ckpt"
+    ckpt.write_bytes(b"weights")
+    db.encoder_sha256 = file_sha256(ckpt)
+    path = db.save(tmp_path / "db" / "res8.safetensors")
+    back = ReferenceDB.load(path, db.encoder_sha256, det.patch_config(8))
+    torch.testing.assert_close(back.features, db.features)
+    assert torch.equal(back.cells, db.cells) and back.config == db.config
+    other = "0" * 64
+    with pytest.raises(ReferenceDBMismatch) as e:
+        ReferenceDB.load(path, other)
+    assert db.encoder_sha256 in str(e.value) and other in str(e.value)
+    with pytest.raises(ReferenceDBMismatch, match="stride"):
+        ReferenceDB.load(path, None, {**det.patch_config(8), "stride": 4})
+    # not a pickle: the file is safetensors with a JSON header
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    meta = json.loads(path.read_bytes()[8:8 + header_len])["__metadata__"]
+    assert meta["encoder_sha256"] == db.encoder_sha256

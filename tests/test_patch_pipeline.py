@@ -1,0 +1,105 @@
+"""The patch pipeline end to end on tiny phantoms (fast tier), plus re-use of its outputs."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from experiments import pipeline
+from experiments.config import ConfigError
+
+TINY = [
+    "method=patch", "profile=cpu", "data=phantom_cxr", "logger=none",
+    "data.image_size=64", "data.phantom_size=64", "data.phantom_count=24", "data.batch_size=32",
+    "patch.patch_sizes=[16,32,64]", "patch.locality=[1,0,0]", "patch.weights=[0.5,1.0,1.0]",
+    "simclr.input_size=16", "simclr.proj_hidden_dim=32", "simclr.proj_out_dim=16",
+    "simclr.val_max_patches=32", "trainer.max_epochs=1", "eval.n_extremes=4",
+    "eval.n_overlays=2",
+]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("patch_run")
+    metrics = pipeline.main([*TINY, f"out_dir={out}"])
+    return out, metrics
+
+
+def test_pipeline_writes_the_contracted_outputs(run_dir):
+    out, metrics = run_dir
+    scores = pd.read_csv(out / "scores.csv")
+    assert list(scores.columns[:3]) == ["path", "label", "score"]
+    assert set(scores.label) == {0, 1} and scores.score.between(0, 1).all()
+    m = json.loads((out / "metrics.json").read_text())
+    for k in ("auroc", "accuracy", "precision", "sensitivity", "specificity", "threshold",
+              "val/auroc", "pixel_auroc"):
+        assert k in m, k
+    assert m["threshold"] == 0.5
+    assert (out / "report.html").is_file() and list((out / "figures").glob("*.png"))
+    for s in (16, 32, 64):
+        assert (out / "db" / f"res{s}.safetensors").is_file()
+    state = json.loads((out / "patch_detector.json").read_text())
+    assert state["normalizer"]["sizes"] == [16, 32, 64]
+
+
+def test_val_youden_cut_lands_at_half(run_dir):
+    out, _ = run_dir
+    val = pd.read_csv(out / "val_scores.csv")
+    from lightning_modules.patch_detector.anomaly_map import youden_cutoff
+
+    c = youden_cutoff(val.label.to_numpy(), val.raw_score.to_numpy())
+    assert ((val.score > 0.5) == (val.raw_score > c)).all()
+
+
+def test_second_run_reuses_encoders_and_databases(run_dir, caplog):
+    out, metrics = run_dir
+    enc = sorted((out / "encoders").rglob("*.ckpt"))
+    mtimes = [p.stat().st_mtime for p in enc]
+    again = pipeline.main([*TINY, f"out_dir={out}"])
+    assert [p.stat().st_mtime for p in enc] == mtimes
+    assert "reusing" in caplog.text
+    assert again["auroc"] == pytest.approx(metrics["auroc"])
+
+
+def test_detect_image_scores_a_new_image(run_dir, tmp_path, capsys):
+    from experiments import detect_image
+
+    out, _ = run_dir
+    test = pd.read_csv(out / "scores.csv")
+    row = test.iloc[int(np.argmax(test.score))]
+    results = detect_image.main([row.path, f"run_dir={out}", f"out={tmp_path}"])
+    assert results[0]["score"] == pytest.approx(row.score, abs=1e-5)
+    assert (tmp_path / (results[0]["name"] + "_overlay.png")).is_file()
+    assert "abnormal" in capsys.readouterr().out
+
+
+def test_bad_fusion_fails():
+    with pytest.raises(ConfigError, match="patch.fusion"):
+        pipeline.main([*TINY, "patch.fusion=sum"])
+
+
+def test_ablation_table2_reuses_the_run(run_dir):
+    from experiments import ablations
+
+    out, _ = run_dir
+    enc = sorted((out / "encoders").rglob("*.ckpt"))
+    mtimes = [p.stat().st_mtime for p in enc]
+    rows = ablations.main(["configs/ablations/table2.yaml", *TINY, f"out_dir={out}"])
+    assert len(rows) == 3 * 4  # sizes x distances
+    assert {r["distance"] for r in rows} == {"euclidean", "manhattan", "cosine", "mahalanobis"}
+    assert (out / "ablations" / "table2.csv").is_file()
+    assert (out / "ablations" / "table2.md").read_text().count("\n|") >= 13
+    assert [p.stat().st_mtime for p in enc] == mtimes
+
+
+def test_ablation_grid_expansion():
+    from experiments.ablations import expand_grid
+
+    v = expand_grid({"weights": [[1, 1], [0, 1]], "fusion": ["geometric", "product"]},
+                    [32, 64], [0.1, 1.2], "mahalanobis", "geometric")
+    assert len(v) == 3  # product with a zero weight is skipped
+    assert expand_grid({"sizes": "each"}, [32, 64], [0.1, 1.2], "cosine", "geometric") == [
+        {"sizes": [32], "weights": [1.0], "distance": "cosine", "fusion": "geometric"},
+        {"sizes": [64], "weights": [1.0], "distance": "cosine", "fusion": "geometric"},
+    ]
