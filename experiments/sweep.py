@@ -62,7 +62,7 @@ RUN_DIR_TEMPLATE = SWEEP_ROOT + "/{name}/${{oc.env:WANDB_RUN_ID,local}}"
 # Metrics each entry point writes to <out_dir>/metrics.json and logs to W&B (helper brief,
 # "Every entry point ..."). A sweep may only optimise a validation metric: never the test set.
 ENTRY_POINT_METRICS: dict[str, tuple[str, ...]] = {
-    "experiments.train_simclr": ("val/knn_acc", "val/alignment"),
+    "experiments.train_simclr": ("val/knn_acc", "val/alignment", "val/uniformity", "val/loss"),
     "experiments.train_glow": ("val/bpd",),
     "experiments.pipeline": ("val/auroc",),
 }

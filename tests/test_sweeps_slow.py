@@ -71,6 +71,24 @@ def test_offline_glow_sweep_on_phantoms(tmp_path):
         assert list((Path(r["out_dir"]) / "wandb").glob("offline-run-*")), r["out_dir"]
 
 
+@pytest.mark.parametrize("name, tiny", [
+    ("simclr", ["profile=cpu", "trainer.max_epochs=1", "simclr.input_size=32",
+                "data.phantom_count=16", "simclr.val_max_patches=64", "logger=none",
+                "trainer.progress_bar=false"]),
+])
+def test_offline_sweep_of_real_entry_point_writes_its_metric(name, tiny, tmp_path):
+    """One trial of a shipped sweep file: the entry point writes the sweep's metric."""
+    sweep_path = REPO_ROOT / "configs" / "sweeps" / f"{name}.yaml"
+    sweep = yaml.safe_load(sweep_path.read_text())
+    module = next(c for c in sweep["command"] if str(c).startswith("experiments."))
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not on this branch yet")
+    rows = run_sweep(sweep_path, count=1, overrides=tiny, root=tmp_path)
+    log = (Path(rows[0]["out_dir"]) / "trial.log").read_text()[-3000:]
+    assert rows[0]["status"] == "ok", log
+    assert rows[0][sweep["metric"]["name"]] == rows[0][sweep["metric"]["name"]]  # not NaN
+
+
 def test_unreachable_wandb_server_says_use_sweep_offline(tmp_path):
     """Credentials present but no server (a closed port on this machine): a clear message."""
     env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
