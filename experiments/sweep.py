@@ -250,6 +250,11 @@ def validate_sweep(sweep: dict, path: str | Path = "<sweep>") -> None:
             isinstance(spec.get(k), int) for k in ("min", "max")
         ):
             problems.append(f"parameters.{key}: int_uniform needs integer min and max")
+        bounds = [spec[k] for k in ("min", "max", "q") if k in spec]
+        if any(isinstance(b, bool) or not isinstance(b, int | float) for b in bounds):
+            problems.append(f"parameters.{key}: min/max/q must be numbers, got {bounds} "
+                            "(YAML reads 1e-4 as text: write 0.0001 or 1.0e-4)")
+            continue
         if "min" in spec and "max" in spec and not spec["min"] <= spec["max"]:
             problems.append(f"parameters.{key}: min {spec['min']} > max {spec['max']}")
         for value in _example_values(spec):

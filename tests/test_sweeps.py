@@ -148,6 +148,8 @@ def test_agent_formatting_is_wandbs():
     ({"parameters": {"simclr.input_size": {"values": [None]}}}, "text 'None'"),
     ({"parameters": {"optim": {"parameters": {"lr": {"values": [0.1]}}}}}, "dotted names"),
     ({"parameters": {"optim.lr": {"min": 0.1, "max": 0.01}}}, "min 0.1 > max 0.01"),
+    ({"method": "random", "parameters": {"optim.lr": yaml.safe_load("{min: 1e-4, max: 0.1}")}},
+     "YAML reads 1e-4 as text"),
     ({"parameters": {"optim.lr": {"distribution": "log_uniform_values", "min": 1e-4,
                                   "max": 1e-2}}}, "cannot be used with method: grid"),
     ({"metric": {"name": "test/auroc", "goal": "maximize"}}, "never the test set"),
