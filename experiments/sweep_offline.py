@@ -324,7 +324,8 @@ def print_summary(rows: list[dict[str, Any]], title: str) -> None:
         table.add_row(*(_fmt(row[c]) for c in cols), style=style)
     console = Console()
     if not console.is_terminal:  # a log file: do not squeeze the columns to 80 characters
-        console = Console(width=max(80, sum(len(c) + 12 for c in cols)))
+        widths = [max([len(c)] + [len(_fmt(r[c])) for r in rows]) + 3 for c in cols]
+        console = Console(width=max(80, sum(widths) + 1))
     console.print(table)
 
 
