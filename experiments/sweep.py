@@ -144,7 +144,16 @@ def _example_values(spec: dict) -> list:
         return list(spec["values"])
     if kind in ("log_uniform", "inv_log_uniform", "q_log_uniform"):
         return []  # min/max are exponents (W&B's "v1" distributions), not config values
-    return [spec[k] for k in ("min", "max") if k in spec]
+    ends = [spec[k] for k in ("min", "max") if k in spec]
+    if not all(isinstance(e, int | float) for e in ends):
+        return []  # reported as not numbers
+    if kind.startswith("q_"):  # round(x / q) * q: an int only when q is an int (W&B)
+        q = spec.get("q", 1.0)
+        return [int(round(e / q) * q) if isinstance(q, int) else float(round(e / q) * q)
+                for e in ends]
+    if kind in ("uniform", "log_uniform_values", "inv_log_uniform_values"):
+        return [float(e) for e in ends]  # drawn as floats even when min/max are ints
+    return ends
 
 
 def render_value(value: Any) -> str:

@@ -144,6 +144,10 @@ def test_agent_formatting_is_wandbs():
 @pytest.mark.parametrize("change, message", [
     ({"parameters": {"optim.lrr": {"values": [0.1]}}}, "not a config key"),
     ({"parameters": {"glow.steps": {"values": [2.5]}}}, "glow.steps: value 2.5"),
+    ({"method": "random", "parameters": {"glow.steps": {"distribution": "q_uniform", "min": 2,
+                                                        "max": 8}}}, "glow.steps: value 2.0"),
+    ({"method": "random", "parameters": {"glow.steps": {"distribution": "uniform", "min": 2,
+                                                        "max": 8}}}, "glow.steps: value 2.0"),
     ({"parameters": {"patch.distance": {"values": ["chebyshev"]}}}, "not one of"),
     ({"parameters": {"simclr.input_size": {"values": [None]}}}, "text 'None'"),
     ({"parameters": {"optim": {"parameters": {"lr": {"values": [0.1]}}}}}, "dotted names"),
