@@ -14,13 +14,14 @@ SWEEP ?=
 SEED ?=
 NAME ?=
 RUN ?= $(OUT)/demo/patch
+RESOLUTIONS ?=
 COUNT ?=
 OUT ?= outputs
 DATA_ARG := $(if $(DATA),data.root=$(DATA),)
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-slow test-gpu lint format demo train-simclr train-simclr-all \
-        train-glow sweep sweep-offline benchmarks phantoms check-data ablations clean
+        train-glow sweep sweep-offline phantoms check-data ablations benchmarks clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -54,6 +55,17 @@ format: install ## ruff format + autofix
 demo: install ## Both methods end to end on phantom data (profile=cpu): metrics table + report paths
 	$(PY) -m experiments.demo $(ARGS)
 
+train-simclr: install ## Train the SimCLR encoder of one patch size: RES=256 [DATA=dir] [ARGS="key=value ..."]
+	$(PY) -m experiments.train_simclr simclr.patch_size=$(RES) $(DATA_ARG) $(ARGS)
+
+train-simclr-all: install ## One SimCLR encoder per patch size (profile's patch.patch_sizes, or RESOLUTIONS="128 256")
+	@set -e; sizes="$(RESOLUTIONS)"; \
+	if [ -z "$$sizes" ]; then sizes=$$($(PY) -m experiments.train_simclr --list-sizes $(ARGS)); fi; \
+	for r in $$sizes; do \
+	  echo "== SimCLR res $$r =="; \
+	  $(PY) -m experiments.train_simclr simclr.patch_size=$$r $(DATA_ARG) $(ARGS); \
+	done
+
 ablations: install ## Kim et al. Tables 2 and 3 on a patch run (RUN=outputs/demo/patch; builds what is missing)
 	for t in table2 table3; do $(PY) -m experiments.ablations configs/ablations/$$t.yaml out_dir=$(RUN) $(ARGS) || exit 1; done
 
@@ -79,6 +91,11 @@ phantoms: install ## Write every phantom data set format into $(OUT)/phantoms
 
 check-data: install ## Index and check a data set: make check-data NAME=padchest DATA=/data/padchest
 	$(PY) -m datamodules.factory data=$(or $(NAME),folder) $(DATA_ARG) $(ARGS)
+
+benchmarks: install ## Speed/memory benchmarks, each against its reference in the same run (prints ratios)
+	$(PY) -m experiments.benchmarks.locality_search
+	$(PY) -m experiments.benchmarks.simclr_step
+	$(PY) -m experiments.benchmarks.glow_step
 
 clean: ## Remove outputs and caches (keeps .venv)
 	rm -rf outputs .pytest_cache .ruff_cache
