@@ -20,14 +20,13 @@ S_mixture 250 + 250 / S_unknown 33 + 33 in the paper (``configs/data/bct.yaml``)
 from __future__ import annotations
 
 import logging
-import random
 from pathlib import Path
 
 import pandas as pd
 
-from datamodules.base import ABNORMAL, NORMAL, UNLABELED, Item
+from datamodules.base import ABNORMAL, NORMAL, Item
 from datamodules.common import FileDataModule, _cfg
-from datamodules.splits import FlowSetSizes, flow_sets
+from datamodules.splits import flow_index
 
 log = logging.getLogger(__name__)
 
@@ -105,32 +104,11 @@ class BrainCTDataModule(FileDataModule):
         df = df[~absent]
         rows = {r.case: r for r in df.itertuples(index=False)}
         self.series_uid.update({r.path: r.series_uid for r in rows.values() if r.series_uid})
-        c = self.cfg
-        sets = flow_sets(
-            df.loc[df["label"] == NORMAL, "case"].tolist(),
-            df.loc[df["label"] == ABNORMAL, "case"].tolist(),
-            FlowSetSizes(_cfg(c, "n_normal", None), _cfg(c, "n_mixture_normal", None),
-                         _cfg(c, "n_mixture_abnormal", None), _cfg(c, "n_unknown_normal", None),
-                         _cfg(c, "n_unknown_abnormal", None)),
-            seed=int(_cfg(c, "split_seed", 0)), fold=int(_cfg(c, "fold", 0)),
-            n_folds=int(_cfg(c, "n_folds", 5)),
-            mixture_overlap=bool(_cfg(c, "mixture_overlap", False)),
-            val_fraction=float(_cfg(c, "val_fraction", 0.15)),
-        )
-
-        def items(cases, label, labelled=True):
+        def items(cases, label, labelled):
             return [Item(path=rows[k].path, label=label,
                          finding=_text(rows[k].finding) if labelled else "",
                          mask_path=(_text(rows[k].mask_path) or None) if labelled else None,
                          group_id=k) for k in cases]
 
-        mixture = sorted(sets["mixture_normal"] + sets["mixture_abnormal"])
-        random.Random(int(_cfg(c, "split_seed", 0))).shuffle(mixture)
-        return {
-            ("train", "normal"): items(sets["normal"], NORMAL),
-            ("train", "mixture"): items(mixture, UNLABELED, labelled=False),
-            ("val", "normal"): items(sets["val_normal"], NORMAL),
-            ("val", "abnormal"): items(sets["val_abnormal"], ABNORMAL),
-            ("test", "normal"): items(sets["test_normal"], NORMAL),
-            ("test", "abnormal"): items(sets["test_abnormal"], ABNORMAL),
-        }
+        return flow_index(df.loc[df["label"] == NORMAL, "case"].tolist(),
+                          df.loc[df["label"] == ABNORMAL, "case"].tolist(), self.cfg, items)

@@ -19,14 +19,13 @@ its class in ``Item.finding`` for per-label ROC curves. Images are resized to
 from __future__ import annotations
 
 import logging
-import random
 from pathlib import Path
 
 import pandas as pd
 
-from datamodules.base import ABNORMAL, NORMAL, UNLABELED, Item
+from datamodules.base import Item
 from datamodules.common import FileDataModule, _cfg
-from datamodules.splits import FlowSetSizes, flow_sets
+from datamodules.splits import flow_index
 
 log = logging.getLogger(__name__)
 
@@ -117,37 +116,15 @@ class RSNADataModule(FileDataModule):
                         int(absent.sum()), len(df), image_dir)
         df = df[~absent]
         cls = dict(zip(df["patientId"], df["class"]))
-        c = self.cfg
-        sets = flow_sets(
-            df.loc[df["class"] == NORMAL_CLASS, "patientId"].tolist(),
-            df.loc[df["class"] != NORMAL_CLASS, "patientId"].tolist(),
-            FlowSetSizes(_cfg(c, "n_normal", None), _cfg(c, "n_mixture_normal", None),
-                         _cfg(c, "n_mixture_abnormal", None), _cfg(c, "n_unknown_normal", None),
-                         _cfg(c, "n_unknown_abnormal", None)),
-            seed=int(_cfg(c, "split_seed", 0)), fold=int(_cfg(c, "fold", 0)),
-            n_folds=int(_cfg(c, "n_folds", 5)),
-            mixture_overlap=bool(_cfg(c, "mixture_overlap", False)),
-            val_fraction=float(_cfg(c, "val_fraction", 0.15)),
-        )
-
         masks = {p.stem for p in (self.root / MASK_DIR).glob("*.png")}
 
-        def items(ids, label, keep_finding=True):
+        def items(ids, label, labelled):
             return [Item(path=str(image_dir / f"{p}.dcm"), label=label,
-                         finding=cls[p] if keep_finding else "",
+                         finding=cls[p] if labelled else "",
                          mask_path=str(self.root / MASK_DIR / f"{p}.png")
-                         if keep_finding and p in masks else None,
+                         if labelled and p in masks else None,
                          group_id=p) for p in ids]
 
-        # Unlabeled by construction: the class is not passed on, and the order is shuffled so
-        # that it does not give the labels away either.
-        mixture = sorted(sets["mixture_normal"] + sets["mixture_abnormal"])
-        random.Random(int(_cfg(c, "split_seed", 0))).shuffle(mixture)
-        return {
-            ("train", "normal"): items(sets["normal"], NORMAL),
-            ("train", "mixture"): items(mixture, UNLABELED, keep_finding=False),
-            ("val", "normal"): items(sets["val_normal"], NORMAL),
-            ("val", "abnormal"): items(sets["val_abnormal"], ABNORMAL),
-            ("test", "normal"): items(sets["test_normal"], NORMAL),
-            ("test", "abnormal"): items(sets["test_abnormal"], ABNORMAL),
-        }
+        return flow_index(df.loc[df["class"] == NORMAL_CLASS, "patientId"].tolist(),
+                          df.loc[df["class"] != NORMAL_CLASS, "patientId"].tolist(),
+                          self.cfg, items)

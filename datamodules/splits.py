@@ -170,3 +170,38 @@ def flow_sets(
         "test_normal": unk_n[n_val_n:],
         "test_abnormal": unk_a[n_val_a:],
     }
+
+
+def flow_index(normal_ids: Sequence[str], abnormal_ids: Sequence[str], cfg,
+               make_items) -> dict:
+    """The flow method's sets from the ``data`` config, as ``(split, group) -> items``.
+
+    ``make_items(ids, label, labelled)`` builds the :class:`~datamodules.base.Item` list; for the
+    mixture ``labelled`` is False (S_mixture is unlabeled by construction: no class or mask is
+    passed on, and the order is shuffled so that it does not give the labels away either).
+    """
+    import random
+
+    from datamodules.base import ABNORMAL, NORMAL, UNLABELED
+    from datamodules.common import _cfg
+
+    seed = int(_cfg(cfg, "split_seed", 0))
+    sets = flow_sets(
+        list(normal_ids), list(abnormal_ids),
+        FlowSetSizes(_cfg(cfg, "n_normal", None), _cfg(cfg, "n_mixture_normal", None),
+                     _cfg(cfg, "n_mixture_abnormal", None), _cfg(cfg, "n_unknown_normal", None),
+                     _cfg(cfg, "n_unknown_abnormal", None)),
+        seed=seed, fold=int(_cfg(cfg, "fold", 0)), n_folds=int(_cfg(cfg, "n_folds", 5)),
+        mixture_overlap=bool(_cfg(cfg, "mixture_overlap", False)),
+        val_fraction=float(_cfg(cfg, "val_fraction", 0.15)),
+    )
+    mixture = sorted(sets["mixture_normal"] + sets["mixture_abnormal"])
+    random.Random(seed).shuffle(mixture)
+    return {
+        ("train", "normal"): make_items(sets["normal"], NORMAL, True),
+        ("train", "mixture"): make_items(mixture, UNLABELED, False),
+        ("val", "normal"): make_items(sets["val_normal"], NORMAL, True),
+        ("val", "abnormal"): make_items(sets["val_abnormal"], ABNORMAL, True),
+        ("test", "normal"): make_items(sets["test_normal"], NORMAL, True),
+        ("test", "abnormal"): make_items(sets["test_abnormal"], ABNORMAL, True),
+    }
