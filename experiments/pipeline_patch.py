@@ -154,7 +154,7 @@ def build_detector(cfg: DictConfig, ckpts: dict[int, Path], device: torch.device
         encoders, int(cfg.data.image_size), [int(s) for s in p.patch_sizes],
         [int(d) for d in p.locality], distance=p.distance, shrinkage=p.shrinkage,
         stride_fraction=p.stride_fraction, chunk_size=p.chunk_size,
-        feature_batch_size=p.feature_batch_size,
+        feature_batch_size=p.feature_batch_size, cell_normalize=p.cell_normalize,
     )
     return det.to(device).eval()
 
@@ -384,6 +384,7 @@ def save_state(cfg: DictConfig, out: Path, det: PatchAnomalyDetector,
         "distance": det.distance,
         "shrinkage": det.shrinkage,
         "stride_fraction": det.stride_fraction,
+        "cell_normalize": det.cell_normalize,
         "threshold": float(cfg.patch.threshold),
         "encoders": {str(s): {"checkpoint": rel(ckpts[s]), "sha256": shas[s]}
                      for s in det.patch_sizes},

@@ -75,3 +75,22 @@ def test_empty_window_gives_inf():
     ref_cells = torch.tensor([[0, 0], [0, 1], [1, 0]])
     s, i = locality_nearest(torch.randn(1, 4), torch.tensor([[3, 3]]), ref, ref_cells, 1)
     assert torch.isinf(s).all() and int(i) == -1
+
+
+@pytest.mark.parametrize("d", [0, 1, None])
+def test_groups_exclude_same_image_matches(d):
+    # searching the database against itself: without groups every patch finds itself (0);
+    # with image ids as groups it finds the nearest patch of *another* image (brute force)
+    g = torch.Generator().manual_seed(3)
+    cells = _grid_cells(5, 3)
+    groups = torch.arange(5).repeat_interleave(9)
+    ref = torch.randn(len(cells), 6, generator=g)
+    s_self, _ = locality_nearest(ref, cells, ref, cells, d)
+    assert float(s_self.max()) < 1e-2  # float32 |q|^2+|r|^2-2q.r round-off
+    s, i = locality_nearest(ref, cells, ref, cells, d, chunk_size=7, query_groups=groups,
+                            ref_groups=groups)
+    assert (groups[i] != groups).all() and float(s.min()) > 0.1
+    bs, bi = locality_nearest_bruteforce(ref, cells, ref, cells, d, query_groups=groups,
+                                         ref_groups=groups)
+    assert torch.equal(bi, i)
+    torch.testing.assert_close(bs, s)

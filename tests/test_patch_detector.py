@@ -103,3 +103,38 @@ def test_reference_db_round_trip_and_mismatch(tmp_path):
     header_len = int.from_bytes(path.read_bytes()[:8], "little")
     meta = json.loads(path.read_bytes()[8:8 + header_len])["__metadata__"]
     assert meta["encoder_sha256"] == db.encoder_sha256
+
+
+def test_cell_normalize_divides_by_the_local_normal_spread():
+    # reference images whose top-left 8-px cell varies a lot between images (like the body
+    # outline), the rest little; a query with ordinary variation there and a small lesion
+    # elsewhere: raw distances put the maximum at the variable cell, normalised ones on the
+    # lesion.
+    def imgs(n, seed):
+        x = _images(n, seed=seed)
+        g = torch.Generator().manual_seed(seed + 100)
+        x[:, :, :8, :8] = torch.rand(n, 1, 8, 8, generator=g)  # very variable tissue
+        return x
+
+    sizes = [8]
+    dets = {}
+    for cn in (False, True):
+        det = PatchAnomalyDetector({8: PoolEncoder()}, 32, sizes, [0], distance="euclidean",
+                                   cell_normalize=cn)
+        f = det.features(imgs(30, 0))[8]
+        n_img, n, d = f.shape
+        ct = det.cell_tensors(8)
+        det.set_db(ReferenceDB(8, f.reshape(-1, d), **{k: v.repeat(n_img) for k, v in ct.items()},
+                               image_index=torch.arange(n_img).repeat_interleave(n).int(),
+                               config=det.patch_config(8)))
+        dets[cn] = det
+    q = imgs(1, 5)
+    q[0, 0, 16:24, 16:24] += 0.15  # faint lesion at cell (2, 2)
+    raw = dets[False].patch_scores(dets[False].features(q))[8][0]
+    norm = dets[True].patch_scores(dets[True].features(q))[8][0]
+    lesion = 2 * 4 + 2
+    assert int(norm.argmax()) == lesion
+    # the scale is the median leave-one-image-out distance: ~1 on reference-like patches
+    scale = dets[True]._reference(8, "euclidean", torch.device("cpu"))[3]
+    torch.testing.assert_close(norm, raw / scale)
+    assert scale[0] > 3 * scale[1:].median()

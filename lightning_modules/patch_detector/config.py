@@ -17,6 +17,9 @@ class PatchConfig:
     threshold: float = 0.5
     # Mahalanobis: Ledoit-Wolf-style shrinkage a of (1-a) S + a tr(S)/p I; 0 = pseudo-inverse
     shrinkage: float = 0.1
+    # divide each patch distance by the median leave-one-image-out distance of the normal
+    # reference patches at its grid cell (not in the paper; see detector.py)
+    cell_normalize: bool = False
     stride_fraction: float = 1.0  # 1.0 = paper's non-overlapping grid; 0.5 = overlapping
     chunk_size: int = 4096  # rows per block of the locality search (bounds memory)
     feature_batch_size: int = 256  # patches per encoder forward pass

@@ -7,6 +7,16 @@ nearest normal reference patch of the same size within Chebyshev distance ``d`` 
 (:mod:`.locality`, :mod:`.distances`); the per-size maps are fused by eq. 6 and normalised
 (:mod:`.anomaly_map`); the image score is the maximum of the final map.
 
+Optional per-position calibration (``cell_normalize``, not in the paper): a patch's distance is
+divided by the typical distance of *normal* patches at the same grid cell, the median over the
+reference database of each reference patch's leave-one-image-out nearest-neighbour distance
+(same locality window). Normal anatomy is far more variable at some positions (body outline,
+neck and shoulders) than at others (lung fields); with a raw distance the image maximum then
+falls on those positions in every image, and a lesion in the lung must beat the most variable
+normal tissue of the image. Dividing by the local normal spread is the usual remedy (a local
+outlier factor on the grid; PaDiM, Defard et al. 2021, models each position separately for the
+same reason). It uses the normal training images only.
+
 The work is split so that the expensive part is done once: ``features`` (encoders) ->
 ``patch_scores`` (locality search, any distance) -> ``fuse`` (weights, normalisation), which is
 what the ablations re-run for each variant.
@@ -42,7 +52,7 @@ class PatchAnomalyDetector(nn.Module):
     def __init__(self, encoders: dict[int, nn.Module], image_size: int, patch_sizes: list[int],
                  locality: list[int], distance: str = "mahalanobis", shrinkage: float = 0.1,
                  stride_fraction: float = 1.0, chunk_size: int = 4096,
-                 feature_batch_size: int = 256):
+                 feature_batch_size: int = 256, cell_normalize: bool = False):
         super().__init__()
         self.patch_sizes = [int(s) for s in patch_sizes]
         if sorted(encoders) != sorted(self.patch_sizes):
@@ -56,6 +66,7 @@ class PatchAnomalyDetector(nn.Module):
         self.distance, self.shrinkage = distance, float(shrinkage)
         self.stride_fraction = float(stride_fraction)
         self.chunk_size, self.feature_batch_size = int(chunk_size), int(feature_batch_size)
+        self.cell_normalize = bool(cell_normalize)
         self.dbs: dict[int, ReferenceDB] = {}
         self.normalizer: MapNormalizer | None = None
         self._prepared: dict[tuple[int, str], tuple] = {}
@@ -131,9 +142,31 @@ class PatchAnomalyDetector(nn.Module):
                 raise RuntimeError(f"no reference database for patch size {size}")
             db = self.dbs[size]
             t = fit_transform(db.features, distance, self.shrinkage)
-            self._prepared[key] = (t, prepare(db.features, t), db.cells)
-        t, ref, cells = self._prepared[key]
-        return t.to(device), ref.to(device), cells.to(device)
+            ref = prepare(db.features, t)
+            scale = (self.reference_scales(size, t, ref, db) if self.cell_normalize
+                     else None)
+            self._prepared[key] = (t, ref, db.cells, scale)
+        t, ref, cells, scale = self._prepared[key]
+        return t.to(device), ref.to(device), cells.to(device), scale
+
+    def reference_scales(self, size: int, t, ref: torch.Tensor, db: ReferenceDB
+                         ) -> torch.Tensor:
+        """Per-cell scale ``(N,)``: median leave-one-image-out nearest-neighbour distance of the
+        reference patches at each grid cell (see the module docstring)."""
+        loo, _ = locality_nearest(ref, db.cells, ref, db.cells, self.window(size), t.kernel,
+                                  self.chunk_size, query_groups=db.image_index,
+                                  ref_groups=db.image_index)  # (R,)
+        n_cells = len(self.grid(size))
+        n_cols = int(db.col.max()) + 1
+        cell = db.row.long() * n_cols + db.col.long()  # (R,) row-major = grid order
+        scale = torch.ones(n_cells)
+        for c in range(n_cells):
+            v = loo[(cell == c) & torch.isfinite(loo)]
+            if v.numel():
+                scale[c] = v.median()
+        pos = scale[scale > 0]
+        floor = float(pos.median()) * 1e-3 if pos.numel() else 1.0
+        return scale.clamp_min(floor)  # no division by ~0 at constant (e.g. empty) cells
 
     @torch.no_grad()
     def patch_scores(self, feats: dict[int, torch.Tensor], distance: str | None = None
@@ -144,12 +177,13 @@ class PatchAnomalyDetector(nn.Module):
         out = {}
         for s, f in feats.items():
             b, n, _ = f.shape
-            t, ref, ref_cells = self._reference(s, distance, f.device)
+            t, ref, ref_cells, scale = self._reference(s, distance, f.device)
             ct = self.cell_tensors(s)
             q_cells = torch.stack([ct["row"], ct["col"]], 1).long().repeat(b, 1)  # (B*N, 2)
             scores, _ = locality_nearest(prepare(f.reshape(b * n, -1), t), q_cells, ref,
                                          ref_cells, self.window(s), t.kernel, self.chunk_size)
-            out[s] = scores.reshape(b, n)
+            scores = scores.reshape(b, n)
+            out[s] = scores / scale.to(scores.device)[None, :] if scale is not None else scores
         return out
 
     # --- maps -----------------------------------------------------------------------------

@@ -29,7 +29,9 @@ def _grid_keys(cells: torch.Tensor, n_cols: int) -> torch.Tensor:
 @torch.no_grad()
 def locality_nearest(query: torch.Tensor, query_cells: torch.Tensor, ref: torch.Tensor,
                      ref_cells: torch.Tensor, d: int | None, kernel: str = "l2",
-                     chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+                     chunk_size: int = 4096, query_groups: torch.Tensor | None = None,
+                     ref_groups: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest reference of each query patch within Chebyshev distance ``d`` on the grid.
 
     Args:
@@ -40,6 +42,9 @@ def locality_nearest(query: torch.Tensor, query_cells: torch.Tensor, ref: torch.
         d: Chebyshev radius in cells; ``None`` = no locality (search the whole database).
         kernel: ``l2`` | ``l1`` | ``cos`` (``FeatureTransform.kernel``).
         chunk_size: bound on the rows of each query / reference block.
+        query_groups, ref_groups: optional (Q,) / (R,) integer ids (e.g. source image); a
+            reference is never matched to a query of the same id (leave-one-image-out scores
+            of the reference database itself, see ``PatchAnomalyDetector.reference_scales``).
 
     Returns:
         scores (Q,) float32 distances (``inf`` where the window holds no reference) and
@@ -52,12 +57,17 @@ def locality_nearest(query: torch.Tensor, query_cells: torch.Tensor, ref: torch.
     best_idx = torch.full((n_q,), -1, dtype=torch.long, device=device)
     if n_q == 0 or ref.shape[0] == 0:
         return best, best_idx
+    if (query_groups is None) != (ref_groups is None):
+        raise ValueError("give both query_groups and ref_groups, or neither")
     if d is None:
-        for q0 in range(0, n_q, chunk_size):
-            qs = slice(q0, q0 + chunk_size)
-            b, bi = _scan(query[qs], ref, 0, kernel, chunk_size)
-            best[qs], best_idx[qs] = b, bi
-        return finish(best, kernel), best_idx
+        if query_groups is not None:  # whole database = a window wider than any grid
+            d = int(max(query_cells.max(), ref_cells.max())) + 1
+        else:
+            for q0 in range(0, n_q, chunk_size):
+                qs = slice(q0, q0 + chunk_size)
+                b, bi = _scan(query[qs], ref, 0, kernel, chunk_size)
+                best[qs], best_idx[qs] = b, bi
+            return finish(best, kernel), best_idx
 
     n_rows = int(max(query_cells[:, 0].max(), ref_cells[:, 0].max())) + 1
     n_cols = int(max(query_cells[:, 1].max(), ref_cells[:, 1].max())) + 1
@@ -67,6 +77,9 @@ def locality_nearest(query: torch.Tensor, query_cells: torch.Tensor, ref: torch.
     q_order = torch.argsort(_grid_keys(query_cells, n_cols), stable=True)  # (Q,)
     ref_s, ref_col = ref[r_order], ref_cells[r_order, 1].long()
     query_s, q_col = query[q_order], query_cells[q_order, 1].long()
+    if query_groups is not None:
+        q_grp = query_groups.to(device)[q_order].long()
+        r_grp = ref_groups.to(device)[r_order].long()
     r_bounds = _row_bounds(ref_cells[:, 0], n_rows)
     q_bounds = _row_bounds(query_cells[:, 0], n_rows)
 
@@ -86,6 +99,8 @@ def locality_nearest(query: torch.Tensor, query_cells: torch.Tensor, ref: torch.
                 r1 = min(r0 + chunk_size, rb)
                 dist = pairwise(q, ref_s[r0:r1], kernel)  # (Qc, Rc)
                 dist.masked_fill_((qc[:, None] - ref_col[None, r0:r1]).abs() > d, float("inf"))
+                if query_groups is not None:
+                    dist.masked_fill_(q_grp[q0:q1, None] == r_grp[None, r0:r1], float("inf"))
                 v, vi = dist.min(1)
                 better = v < best[q0:q1]
                 best[q0:q1] = torch.where(better, v, best[q0:q1])
@@ -118,7 +133,9 @@ def _scan(q: torch.Tensor, ref: torch.Tensor, offset: int, kernel: str,
 @torch.no_grad()
 def locality_nearest_bruteforce(query: torch.Tensor, query_cells: torch.Tensor,
                                 ref: torch.Tensor, ref_cells: torch.Tensor, d: int | None,
-                                kernel: str = "l2") -> tuple[torch.Tensor, torch.Tensor]:
+                                kernel: str = "l2", query_groups: torch.Tensor | None = None,
+                                ref_groups: torch.Tensor | None = None
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference implementation: a Python loop over query patches, each over its window."""
     scores = torch.full((query.shape[0],), float("inf"))
     index = torch.full((query.shape[0],), -1, dtype=torch.long)
@@ -128,6 +145,8 @@ def locality_nearest_bruteforce(query: torch.Tensor, query_cells: torch.Tensor,
         else:
             cheb = (ref_cells - query_cells[n]).abs().max(1).values
             cand = torch.nonzero(cheb <= d).squeeze(1)
+        if query_groups is not None:
+            cand = cand[ref_groups[cand] != query_groups[n]]
         if cand.numel() == 0:
             continue
         dist = pairwise(query[n:n + 1], ref[cand], kernel)[0]
