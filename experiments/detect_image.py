@@ -63,6 +63,7 @@ def load_detector(run_dir: str | Path, device: str | torch.device = "cpu"
         encoders, state["image_size"], state["patch_sizes"], state["locality"],
         distance=state["distance"], shrinkage=state["shrinkage"],
         stride_fraction=state["stride_fraction"],
+        cell_normalize=bool(state.get("cell_normalize", False)),
     ).to(device).eval()
     for s in det.patch_sizes:
         det.set_db(ReferenceDB.load(resolve(state["databases"][str(s)]), shas[s],
