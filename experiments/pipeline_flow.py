@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 MODELS = {"m0": ("train", "normal", "S_normal"), "m1": ("train", "mixture", "S_mixture")}
 MARKER = "flow_model.json"  # written after a finished training: {"ckpt": ...}
+M1_INIT = ("scratch", "m0")  # glow.m1_init: M1 from a fresh Glow (paper) or from M0's weights
 
 
 # --- configuration ----------------------------------------------------------------------------
@@ -104,6 +105,8 @@ def load(argv: list[str] | None = None) -> DictConfig:
                 cfg.data[key] = value
     cfg.method = "flow"
     cfg.job = "pipeline"
+    if cfg.glow.m1_init not in M1_INIT:
+        raise ConfigError(f"glow.m1_init={cfg.glow.m1_init!r} is not one of {M1_INIT}")
     return cfg
 
 
@@ -119,9 +122,11 @@ def model_cfg(cfg: DictConfig, name: str, out_dir: Path) -> DictConfig:
     return sub
 
 
-def ensure_model(cfg: DictConfig, name: str, out: Path, n_items: int, dm=None) -> Path:
+def ensure_model(cfg: DictConfig, name: str, out: Path, n_items: int, dm=None,
+                 init_ckpt: Path | None = None) -> Path:
     """The checkpoint of M0 or M1 under OUT/<name>: reused when a finished one is there,
-    otherwise trained (resumed from last.ckpt after an interruption)."""
+    otherwise trained (resumed from last.ckpt after an interruption). ``init_ckpt``: start the
+    training from these weights (M1 from M0 with ``glow.m1_init=m0``)."""
     folder = out / name
     marker = folder / MARKER
     if marker.is_file():
@@ -141,9 +146,10 @@ def ensure_model(cfg: DictConfig, name: str, out: Path, n_items: int, dm=None) -
     from experiments.train_glow import train
 
     sub = model_cfg(cfg, name, folder)
-    log.info("Training %s on %s (%s/%s, %d items) into %s%s", name.upper(), set_name, split,
-             group, n_items, folder, " (resuming from last.ckpt)" if sub.ckpt_path else "")
-    ckpt = Path(train(sub, datamodule=dm) if dm is not None else train(sub))
+    log.info("Training %s on %s (%s/%s, %d items) into %s%s%s", name.upper(), set_name, split,
+             group, n_items, folder, " (resuming from last.ckpt)" if sub.ckpt_path else "",
+             f", starting from {init_ckpt}" if init_ckpt is not None else "")
+    ckpt = Path(train(sub, datamodule=dm, init_ckpt=init_ckpt))
     folder.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"ckpt": str(ckpt.resolve())}, indent=2))
     return ckpt
@@ -357,10 +363,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     log.info("Sets: %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
 
-    ckpts = {
-        "m0": ensure_model(cfg, "m0", out, counts["S_normal (train/normal)"], dm),
-        "m1": ensure_model(cfg, "m1", out, counts["S_mixture (train/mixture)"], dm),
-    }
+    ckpts = {"m0": ensure_model(cfg, "m0", out, counts["S_normal (train/normal)"], dm)}
+    ckpts["m1"] = ensure_model(cfg, "m1", out, counts["S_mixture (train/mixture)"], dm,
+                               init_ckpt=ckpts["m0"] if cfg.glow.m1_init == "m0" else None)
     m0, m1 = load_glow(ckpts["m0"]), load_glow(ckpts["m1"])
     test_items, val_items = dm.items("test"), dm.items("val")
     if not test_items:

@@ -106,6 +106,22 @@ def build_loaders(cfg: DictConfig, dm) -> tuple[DataLoader, DataLoader | None]:
     return train, val
 
 
+def init_weights(module, ckpt_path: str | Path) -> None:
+    """Copy the Glow weights of checkpoint ``ckpt_path`` into ``module`` (same architecture)."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    theirs = list(ckpt.get("hyper_parameters", {}).get("input_shape", []))
+    ours = list(module.hparams.input_shape)
+    if theirs != ours:
+        raise ConfigError(f"{ckpt_path}: trained on input shape {theirs}, but this Glow gets "
+                          f"{ours}; cannot start from its weights.")
+    try:
+        module.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f"{ckpt_path}: its weights do not fit this Glow (different glow.* "
+                          f"architecture settings?): {e}") from None
+    log.info("Glow: starting from the weights of %s", ckpt_path)
+
+
 def save_samples_png(path: Path, samples: torch.Tensor, n_slices: int = 8) -> Path:
     """2D: a grid of samples; 3D: one row per sample, ``n_slices`` evenly spaced axial slices."""
     import matplotlib
@@ -134,8 +150,13 @@ def save_samples_png(path: Path, samples: torch.Tensor, n_slices: int = 8) -> Pa
     return path
 
 
-def train(cfg: DictConfig, datamodule=None) -> Path:
-    """Train Glow per ``cfg``; returns the best checkpoint (or last if no validation)."""
+def train(cfg: DictConfig, datamodule=None, init_ckpt: str | Path | None = None) -> Path:
+    """Train Glow per ``cfg``; returns the best checkpoint (or last if no validation).
+
+    ``init_ckpt``: start from the weights (incl. the initialised ActNorms) of this Glow
+    checkpoint instead of a fresh initialisation; it must have the same architecture and input
+    shape. Optimiser state and epoch count start afresh. A resumed run (``ckpt_path``) restores
+    its own weights over these."""
     import pytorch_lightning as pl
 
     from lightning_modules.glow import GlowModule
@@ -155,6 +176,8 @@ def train(cfg: DictConfig, datamodule=None) -> Path:
         data=preprocessing(cfg.data),
         seed=int(cfg.seed),
     )
+    if init_ckpt is not None:
+        init_weights(module, init_ckpt)
     monitor = "val/bpd" if val_loader is not None else "train/bpd"
     logger = make_logger(cfg, out, name=f"glow_{cfg.data.modality}_{cfg.glow.model}")
     trainer = build_trainer(

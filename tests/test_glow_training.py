@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from datamodules.base import NORMAL, UNLABELED, Item, MedicalDataModule
+from experiments.config import ConfigError
 from experiments.train_glow import load, main, split_modality, train
 from lightning_modules.glow import GlowModule, NonFiniteLossError, load_glow
 
@@ -149,6 +150,28 @@ def test_m1_trains_on_the_mixture(out_dir, monkeypatch):
     assert any("/train/mixture/" in p for p in seen)
     assert not any("/train/normal/" in p for p in seen)
     assert json.loads((out_dir / "metrics.json").read_text())["val/bpd"] > 0
+
+
+def test_init_ckpt_starts_from_those_weights(out_dir):
+    """glow.m1_init=m0: M1 starts from M0's weights (with its ActNorms initialised), so with
+    lr=0 it ends exactly where M0 ended; a different architecture is a clear error."""
+    m0 = _cfg(out_dir / "m0", "cxr", [*TINY_2D, "trainer.max_epochs=1"])
+    ckpt = train(m0, datamodule=FakeDM(m0.data, n=8))
+    m1 = _cfg(out_dir / "m1", "cxr", [*TINY_2D, "glow.model=m1", "trainer.max_epochs=1",
+                                      "optim.lr=0"])
+    ckpt1 = train(m1, datamodule=FakeDM(m1.data, n=8), init_ckpt=ckpt)
+    a = torch.load(ckpt, weights_only=True)["state_dict"]
+    b = torch.load(ckpt1, weights_only=True)["state_dict"]
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, msg=k)
+    fresh = _cfg(out_dir / "fresh", "cxr", [*TINY_2D, "glow.model=m1", "trainer.max_epochs=1",
+                                            "optim.lr=0"])
+    c = torch.load(train(fresh, datamodule=FakeDM(fresh.data, n=8)), weights_only=True)
+    assert any(not torch.equal(c["state_dict"][k], v) for k, v in a.items())
+    wide = _cfg(out_dir / "wide", "cxr", [*TINY_2D, "glow.hidden_channels=8",
+                                          "trainer.max_epochs=1"])
+    with pytest.raises(ConfigError, match="do not fit this Glow"):
+        train(wide, datamodule=FakeDM(wide.data, n=8), init_ckpt=ckpt)
 
 
 def test_modality_selector_is_stripped_and_picks_the_yaml():

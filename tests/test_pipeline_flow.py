@@ -205,6 +205,25 @@ def test_load_stacks_glow_of_the_modality_and_flow(modality):
     assert cfg.out_dir == f"outputs/flow/{modality}"
 
 
+def test_m1_init_is_validated_and_m1_starts_from_m0(out_dir, monkeypatch):
+    with pytest.raises(ConfigError, match="glow.m1_init"):
+        pipeline_flow.load(["data=folder", "profile=cpu", "glow.m1_init=m2"])
+    calls = []
+
+    def fake_train(cfg, datamodule=None, init_ckpt=None):
+        calls.append((cfg.glow.model, init_ckpt))
+        path = Path(cfg.out_dir) / "checkpoints" / "best.ckpt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        return path
+
+    monkeypatch.setattr("experiments.train_glow.train", fake_train)
+    cfg = pipeline_flow.load(["data=folder", "profile=cpu", "glow.m1_init=m0"])
+    m0 = pipeline_flow.ensure_model(cfg, "m0", out_dir, 4, dm=object())
+    pipeline_flow.ensure_model(cfg, "m1", out_dir, 4, dm=object(), init_ckpt=m0)
+    assert calls == [("m0", None), ("m1", m0)]
+
+
 @pytest.mark.parametrize("preset,sizes", [
     ("flow_rsna_paper", (7808, 6553, 6631, 1358, 13863)),
     ("flow_bct_paper", (250, 250, 250, 33, 33)),

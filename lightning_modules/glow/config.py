@@ -22,3 +22,8 @@ class GlowConfig:
     # micro-batches of data.batch_size / (devices * accumulate_grad_batches) per device
     accumulate_grad_batches: int = 1
     n_samples: int = 16  # fictional images saved to <out_dir>/samples.png after training
+    # Flow posterior only: how M1 starts. "scratch" (paper): a fresh Glow trained on S_mixture.
+    # "m0": M1 starts from M0's weights and is trained on S_mixture for the same epochs (paired
+    # initialisation: log p(x|M0) - log p(x|M1) then measures what S_mixture added instead of
+    # the run-to-run noise of two independent small flows; for short CPU trainings).
+    m1_init: str = "scratch"
