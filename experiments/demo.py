@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     from rich.table import Table
 
     table = Table(title=f"make demo: phantom data, profile=cpu ({total:.0f} s)")
-    for col in ("run", "AUROC", "AUROC (likelihood only)", "pixel AUROC", "time", "report"):
+    for col in ("run", "AUROC", "AUROC (likelihood only)", "pixel AUROC", "time"):
         table.add_column(col)
 
     def fmt(v):
@@ -57,9 +57,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
 
     for name, m in results.items():
         table.add_row(name, fmt(m.get("auroc")), fmt(m.get("auroc_likelihood")),
-                      fmt(m.get("pixel_auroc")), f"{times[name]:.0f} s",
-                      str(out_root / name / "report.html"))
-    Console().print(table)
+                      fmt(m.get("pixel_auroc")), f"{times[name]:.0f} s")
+    console = Console()
+    console.print(table)
+    for name in results:
+        console.print(f"report ({name}): {out_root / name / 'report.html'}", soft_wrap=True)
     return results
 
 
