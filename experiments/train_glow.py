@@ -108,7 +108,7 @@ def build_loaders(cfg: DictConfig, dm) -> tuple[DataLoader, DataLoader | None]:
 
 def init_weights(module, ckpt_path: str | Path) -> None:
     """Copy the Glow weights of checkpoint ``ckpt_path`` into ``module`` (same architecture)."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # never unpickle code
     theirs = list(ckpt.get("hyper_parameters", {}).get("input_shape", []))
     ours = list(module.hparams.input_shape)
     if theirs != ours:
@@ -186,7 +186,8 @@ def train(cfg: DictConfig, datamodule=None, init_ckpt: str | Path | None = None)
         accumulate_grad_batches=int(cfg.glow.accumulate_grad_batches),
         num_sanity_val_steps=0,  # ActNorm must be initialised from training data first
     )
-    trainer.fit(module, train_loader, val_loader, ckpt_path=resolve_ckpt_path(cfg, out))
+    trainer.fit(module, train_loader, val_loader, ckpt_path=resolve_ckpt_path(cfg, out),
+                weights_only=True)
 
     ckpt_cb = trainer.checkpoint_callback
     best = Path(ckpt_cb.best_model_path) if ckpt_cb.best_model_path else \

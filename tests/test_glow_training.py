@@ -245,3 +245,27 @@ def test_accumulation_trains(out_dir):
     train(cfg, datamodule=FakeDM(cfg.data, n=8))
     ck = torch.load(out_dir / "checkpoints/last.ckpt", weights_only=True)
     assert ck["global_step"] == 1  # 8 items, micro-batches of 4, 2 per optimiser step
+
+
+class _RunsCode:
+    """A pickle payload: unpickling it calls ``os.system`` (what a crafted checkpoint does)."""
+
+    def __reduce__(self):
+        import os
+
+        return os.system, ("touch PWNED",)
+
+
+def test_init_weights_refuses_a_malicious_checkpoint(out_dir, monkeypatch):
+    """glow.m1_init=m0 loads OUT/m0's checkpoint: a pickle that runs code must be refused by
+    torch's weights_only loader, and the code must not have run."""
+    import pickle
+
+    from experiments.train_glow import init_weights
+
+    monkeypatch.chdir(out_dir)
+    bad = out_dir / "best.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"x": _RunsCode()}}, bad)
+    with pytest.raises(pickle.UnpicklingError):
+        init_weights(None, bad)  # refused before the module is touched
+    assert not (out_dir / "PWNED").exists()
