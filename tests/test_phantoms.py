@@ -83,6 +83,43 @@ def test_cxr_lesion_changes_pixels_under_its_mask(lesion):
         assert np.abs(diff[~mask]).mean() < 0.2 * diff[mask].mean()
 
 
+@pytest.mark.parametrize("lesion", CXR_LESIONS)
+def test_hard_style_lesions_are_fainter_but_only_under_their_mask(lesion):
+    """style="hard" (the detection benchmark's phantoms): same-seed pairs still differ only at
+    the lesion, with less contrast than the default style's lesion."""
+    for seed in range(3):
+        normal, _ = make_cxr(rng(seed), 128, style="hard")
+        img, mask = make_cxr(rng(seed), 128, lesion, style="hard")
+        d_hard = (img - normal)[mask].mean()
+        easy_n, _ = make_cxr(rng(seed), 128)
+        easy, easy_mask = make_cxr(rng(seed), 128, lesion)
+        assert mask.sum() > 5
+        assert 0.01 < d_hard < (easy - easy_n)[easy_mask].mean(), (lesion, seed, d_hard)
+        assert np.abs(img - normal)[~mask].mean() < 0.2 * d_hard
+
+
+def test_hard_style_varies_pose_and_exposure_more():
+    def spread(style):
+        imgs = np.stack([make_cxr(rng(s), 64, style=style)[0] for s in range(24)])
+        return imgs.mean((1, 2)).std(), imgs.std(0).mean()
+
+    (b_def, p_def), (b_hard, p_hard) = spread("default"), spread("hard")
+    assert b_hard > 1.3 * b_def and p_hard > p_def  # brightness and per-pixel spread
+    with pytest.raises(ValueError, match="unknown phantom style"):
+        make_cxr(rng(0), 64, style="easy")
+
+
+@pytest.mark.parametrize("lesion", CT_LESIONS)
+def test_hard_head_ct_lesions_have_the_benchmark_hu(lesion):
+    for seed in range(3):
+        normal, _ = make_head_ct(rng(seed), (16, 64, 64), style="hard")
+        hu, mask = make_head_ct(rng(seed), (16, 64, 64), lesion, style="hard")
+        assert mask.sum() > 10
+        lo, hi = (45, 80) if lesion == "haemorrhage" else (12, 30)  # noise + blended rim
+        assert lo <= np.median(hu[mask]) <= hi, (lesion, seed, np.median(hu[mask]))
+        assert np.abs(hu - normal)[~mask].mean() < 1.0
+
+
 def test_make_cxr_background_fraction():
     for bg in (0.0, 0.3, 0.5):
         img, _ = make_cxr(rng(1), 200, background=bg)

@@ -9,7 +9,13 @@ Pure generators: :func:`make_cxr`, :func:`make_head_ct`. Writers: :func:`write_p
         [--modality cxr|bct] [--n N] [--size S] [--seed K]
 """
 
-from datamodules.phantoms.anatomy import CT_LESIONS, CXR_LESIONS, make_cxr, make_head_ct
+from datamodules.phantoms.anatomy import (
+    CT_LESIONS,
+    CXR_LESIONS,
+    PHANTOM_STYLES,
+    make_cxr,
+    make_head_ct,
+)
 from datamodules.phantoms.writers import (
     PADCHEST_COLUMNS,
     PADCHEST_CSV,
@@ -25,7 +31,8 @@ from datamodules.phantoms.writers import (
 )
 
 __all__ = [
-    "CT_LESIONS", "CXR_LESIONS", "PADCHEST_COLUMNS", "PADCHEST_CSV", "RSNA_CLASSES",
+    "CT_LESIONS", "CXR_LESIONS", "PADCHEST_COLUMNS", "PADCHEST_CSV", "PHANTOM_STYLES",
+    "RSNA_CLASSES",
     "item_rng", "make_cxr", "make_head_ct", "mask_boxes", "write_bct", "write_cr_dicom",
     "write_ct_series", "write_folder", "write_padchest", "write_rsna",
 ]

@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> Path:
                    help="image side (2D, default 256) or in-plane side of a CT volume "
                         "(depth = side//4, default 32x128x128)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--style", default="default", choices=["default", "hard"],
+                   help="folder format only: `hard` = the detection benchmark's nuisance "
+                        "variation (pose, exposure, habitus) and small, faint lesions")
     a = p.parse_args(argv)
     n, t0 = a.n, time.perf_counter()
     if a.format == "padchest":
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         nv = max(1, n // 4)
         out = write_folder(a.out, a.modality, n_train_normal=n, n_train_mixture=n, n_val=nv,
-                           n_test=nv, size=a.size, seed=a.seed)
+                           n_test=nv, size=a.size, seed=a.seed, style=a.style)
         what = (f"{a.modality}: train {n} normal + {n} mixture, val/test {nv} per class")
     print(f"phantoms [{a.format}] {what} -> {out} ({time.perf_counter() - t0:.1f} s)")
     return out

@@ -28,6 +28,46 @@ HU_SCALP = 30.0
 HU_HAEMORRHAGE = (60.0, 80.0)  # acute intraparenchymal blood
 HU_INFARCT = (10.0, 20.0)  # hypodense ischaemic tissue
 
+# Ranges of the random draws per phantom style. ``default`` is what the demo, the tests and the
+# data-set writers use (unchanged since the profiles were tuned on it). ``hard`` is the
+# detection benchmark's style (experiments.benchmarks.detection), never used to tune a
+# profile: the nuisance variation of real positioning and exposure (rotation +-6 deg, shift
+# +-8 %, scale 0.9-1.1, body habitus, gamma 0.8-1.25 and exposure gain, more noise) and small,
+# faint lesions (one mass of 2-5 % of a lung's area, faint consolidation, small effusion, mild
+# cardiomegaly; head CT: small bleeds of 55-75 HU, infarcts of 18-24 HU). Both styles draw in
+# the same order, so a seed gives the same sequence of draws; ``hard`` draws gamma and gain
+# last from the noise stream.
+CXR_STYLES = {
+    "default": dict(rot=4.0, shift=0.05, scale=(0.9, 1.04), tissue=(0.42, 0.52),
+                    body_w=(0.84, 0.94), lung_ax=(0.25, 0.30), noise=(0.006, 0.016),
+                    shading=(0.03, 0.08), gamma=None, gain=None, nodules=(1, 4),
+                    nodule_r=(0.045, 0.085), nodule_amp=(0.18, 0.26),
+                    consolidation_amp=(0.2, 0.3), effusion_h=(0.35, 0.55),
+                    cardio_g=(1.4, 1.7)),
+    "hard": dict(rot=6.0, shift=0.08, scale=(0.9, 1.1), tissue=(0.38, 0.56),
+                 body_w=(0.76, 0.98), lung_ax=(0.23, 0.32), noise=(0.01, 0.03),
+                 shading=(0.04, 0.12), gamma=(0.8, 1.25), gain=(0.85, 1.1), nodules=(1, 2),
+                 # one mass of 2-5 % of a lung's area (~0.44 in normalised units): r 0.053-0.084
+                 nodule_r=(0.053, 0.084), nodule_amp=(0.06, 0.12),
+                 consolidation_amp=(0.07, 0.13), effusion_h=(0.18, 0.32),
+                 cardio_g=(1.2, 1.4)),
+}
+CT_STYLES = {
+    "default": dict(rot=10.0, shift=0.05, scale=(0.9, 1.0), noise=(3.0, 6.0),
+                    haemorrhage=HU_HAEMORRHAGE, infarct=HU_INFARCT, rxy=(0.09, 0.17),
+                    rz=(0.15, 0.3), wedge=(14.0, 24.0), wedge_rz=(0.2, 0.35)),
+    "hard": dict(rot=15.0, shift=0.08, scale=(0.85, 1.05), noise=(4.0, 8.0),
+                 haemorrhage=(55.0, 75.0), infarct=(18.0, 24.0), rxy=(0.06, 0.11),
+                 rz=(0.12, 0.22), wedge=(10.0, 16.0), wedge_rz=(0.15, 0.25)),
+}
+PHANTOM_STYLES = tuple(CXR_STYLES)
+
+
+def _style(styles: dict, style: str) -> dict:
+    if style not in styles:
+        raise ValueError(f"unknown phantom style {style!r}; choose one of {list(styles)}")
+    return styles[style]
+
 
 def _sigmoid(t: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * t))
@@ -73,8 +113,8 @@ def _soft_ellipse(x, y, cx, cy, ax, ay, edge, angle=0.0):
 
 
 def make_cxr(rng: np.random.Generator, size: int | tuple[int, int] = 256,
-             lesion: str | None = None, background: float | None = None
-             ) -> tuple[np.ndarray, np.ndarray]:
+             lesion: str | None = None, background: float | None = None,
+             style: str = "default") -> tuple[np.ndarray, np.ndarray]:
     """A synthetic PA chest radiograph in MONOCHROME2 polarity (air dark, bone bright).
 
     Args:
@@ -88,6 +128,7 @@ def make_cxr(rng: np.random.Generator, size: int | tuple[int, int] = 256,
             many digitised radiographs). None draws a small random fraction in [0, 0.08].
             The flow paper's Appendix A (likelihood dominated by background) is reproduced by
             giving normal images more background than abnormal ones.
+        style: ``default`` or ``hard`` (ranges in ``CXR_STYLES``).
 
     Returns:
         img: (H, W) float32 in [0, 1]; mask: (H, W) bool lesion mask (all False if no lesion).
@@ -95,25 +136,26 @@ def make_cxr(rng: np.random.Generator, size: int | tuple[int, int] = 256,
     if lesion is not None and lesion not in CXR_LESIONS:
         raise ValueError(f"make_cxr: unknown lesion {lesion!r}; choose one of {CXR_LESIONS} "
                          "or None")
+    R = _style(CXR_STYLES, style)
     h, w = (size, size) if isinstance(size, int | np.integer) else tuple(size)
     if background is not None and not 0.0 <= background < 1.0:
         raise ValueError(f"make_cxr: background must be in [0, 1), got {background}")
 
     # --- anatomy parameters (always drawn, in this order) --------------------------------
-    rot = float(np.deg2rad(rng.uniform(-4.0, 4.0)))
-    dx, dy = (float(v) for v in rng.uniform(-0.05, 0.05, size=2))
-    scale = rng.uniform(0.9, 1.04)
+    rot = float(np.deg2rad(rng.uniform(-R["rot"], R["rot"])))
+    dx, dy = (float(v) for v in rng.uniform(-R["shift"], R["shift"], size=2))
+    scale = rng.uniform(*R["scale"])
     bg_random = rng.uniform(0.0, 0.08)
-    tissue = rng.uniform(0.42, 0.52)  # soft-tissue brightness
+    tissue = rng.uniform(*R["tissue"])  # soft-tissue brightness
     outside = rng.uniform(0.02, 0.08)  # direct exposure next to the body
-    body_w = rng.uniform(0.84, 0.94)
+    body_w = rng.uniform(*R["body_w"])
     lung_dark = rng.uniform(0.24, 0.32)
     lungs = []
     for side in (-1, 1):  # image left = patient's right (PA view)
         lungs.append(dict(
             side=side,
             cx=side * rng.uniform(0.37, 0.43), cy=rng.uniform(-0.06, 0.02),
-            ax=rng.uniform(0.25, 0.30), ay=rng.uniform(0.56, 0.64) * (0.95 if side < 0 else 1),
+            ax=rng.uniform(*R["lung_ax"]), ay=rng.uniform(0.56, 0.64) * (0.95 if side < 0 else 1),
             angle=side * float(np.deg2rad(rng.uniform(-4.0, 6.0))),
         ))
     # Cardiothoracic ratio ~0.35-0.45 (normal < 0.5); cardiomegaly grows it to ~0.5-0.65.
@@ -128,14 +170,16 @@ def make_cxr(rng: np.random.Generator, size: int | tuple[int, int] = 256,
     clav_amp = rng.uniform(0.08, 0.13)
     spine_amp = rng.uniform(0.08, 0.12)
     vessel_amp = rng.uniform(0.03, 0.05)
-    noise_sigma = rng.uniform(0.006, 0.016)
-    shading_amp = rng.uniform(0.03, 0.08)
+    noise_sigma = rng.uniform(*R["noise"])
+    shading_amp = rng.uniform(*R["shading"])
     white = rng.uniform(0.85, 0.97)  # display gain: brightest anatomy (spine/abdomen) here
     noise_seed = int(rng.integers(2**63))
     nrng = np.random.default_rng(noise_seed)
     vessel_field = smooth_noise(nrng, (h, w), 20)
     shading = smooth_noise(nrng, (h, w), 3)
     pixel_noise = nrng.standard_normal((h, w)).astype(np.float32)
+    gamma = nrng.uniform(*R["gamma"]) if R["gamma"] else 1.0  # exposure / display curve
+    gain = nrng.uniform(*R["gain"]) if R["gain"] else 1.0
 
     # --- coordinates (patient frame: rotated, shifted, scaled) ---------------------------
     yy, xx = np.meshgrid(np.linspace(-1, 1, h, dtype=np.float32),
@@ -175,7 +219,7 @@ def make_cxr(rng: np.random.Generator, size: int | tuple[int, int] = 256,
     mask = np.zeros((h, w), bool)
     heart_v = heart_n
     if lesion == "cardiomegaly":
-        g = rng.uniform(1.4, 1.7)
+        g = rng.uniform(*R["cardio_g"])
         big = dict(heart, cx=heart["cx"] + rng.uniform(0.0, 0.04), cy=heart["cy"] + 0.03)
         heart_v = heart_field(big, grow=(g, g ** 0.5))
 
@@ -207,7 +251,7 @@ def make_cxr(rng: np.random.Generator, size: int | tuple[int, int] = 256,
     if lesion in ("nodule", "consolidation", "effusion"):
         seen = [lg * (1 - heart_v) * (1 - medi) for lg in lung_l]  # per-side lung air
         add, mask = _cxr_density_lesion(rng, lesion, x, y, lungs, lung_l, seen, lung_eff,
-                                        lung_dark)
+                                        lung_dark, R)
         img = img + add
     elif lesion == "cardiomegaly":
         # The enlargement as seen: where the bigger heart now covers lung field.
@@ -218,6 +262,8 @@ def make_cxr(rng: np.random.Generator, size: int | tuple[int, int] = 256,
     img = body * img + (1 - body) * outside
     img = img + noise_sigma * pixel_noise
     img = np.clip(img, 0.0, 1.0)
+    if gamma != 1.0 or gain != 1.0:
+        img = np.clip(gain * img ** gamma, 0.0, 1.0)
 
     # Collimation: a centred rectangle keeps (1 - background) of the area, the rest is 0.
     bg = bg_random if background is None else float(background)
@@ -238,16 +284,16 @@ def _pick_in(rng, weight: np.ndarray, thr: float = 0.9) -> tuple[int, int]:
     return np.unravel_index(int(rng.choice(idx)), weight.shape)
 
 
-def _cxr_density_lesion(rng, lesion, x, y, lungs, lung_l, seen, lung_eff, lung_dark):
+def _cxr_density_lesion(rng, lesion, x, y, lungs, lung_l, seen, lung_eff, lung_dark, R):
     """Added intensity and mask of a nodule / consolidation / effusion."""
     h, w = x.shape
     add = np.zeros((h, w), np.float32)
     mask = np.zeros((h, w), bool)
     if lesion == "nodule":
-        for _ in range(int(rng.integers(1, 4))):
+        for _ in range(int(rng.integers(*R["nodules"]))):
             iy, ix = _pick_in(rng, lung_eff * _sigmoid((0.9 - np.abs(y)) / 0.02), 0.85)
-            r = rng.uniform(0.045, 0.085)
-            amp = rng.uniform(0.18, 0.26)
+            r = rng.uniform(*R["nodule_r"])
+            amp = rng.uniform(*R["nodule_amp"])
             d = np.hypot(x - x[iy, ix], (y - y[iy, ix]) * rng.uniform(0.85, 1.15))
             add += amp * _sigmoid((r - d) / (0.12 * r))
             mask |= d < r
@@ -267,12 +313,12 @@ def _cxr_density_lesion(rng, lesion, x, y, lungs, lung_l, seen, lung_eff, lung_d
             t = np.clip((field - 0.2) / 0.45, 0, 1)
             hazy = t * t * (3 - 2 * t) * lung_l[si]  # smoothstep: no sharp rim
             patchy = 0.75 + 0.25 * np.clip(smooth_noise(rng, x.shape, 12), -1.5, 1.5)
-            add += rng.uniform(0.2, 0.3) * hazy * patchy
+            add += rng.uniform(*R["consolidation_amp"]) * hazy * patchy
             mask |= (hazy > 0.3) & (lung_l[si] > 0.5)
     elif lesion == "effusion":
         si = int(rng.integers(2))
         lg = lungs[si]
-        height = rng.uniform(0.35, 0.55) * lg["ay"]
+        height = rng.uniform(*R["effusion_h"]) * lg["ay"]
         base = lg["cy"] + 0.78 * lg["ay"]
         lateral = np.clip(lg["side"] * (x - lg["cx"]) / lg["ax"] + 0.2, 0, 1.2)
         level = base - height - 0.3 * height * lateral ** 2  # meniscus: rises laterally
@@ -288,7 +334,8 @@ def _cxr_density_lesion(rng, lesion, x, y, lungs, lung_l, seen, lung_eff, lung_d
 
 
 def make_head_ct(rng: np.random.Generator, shape: tuple[int, int, int] = (32, 128, 128),
-                 lesion: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 lesion: str | None = None, style: str = "default"
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """A synthetic axial head CT in Hounsfield units, slice 0 inferior (skull base side).
 
     Air -1000 outside, scalp ~+30, skull +700..+1600 (elliptical shell, bright cortices), grey
@@ -296,7 +343,7 @@ def make_head_ct(rng: np.random.Generator, shape: tuple[int, int, int] = (32, 12
 
     Args:
         lesion: None, ``haemorrhage`` (bright blob, +60..+80 HU) or ``infarct`` (dark cortical
-            wedge or blob, +10..+20 HU).
+            wedge or blob, +10..+20 HU); HU and sizes per ``style`` (``CT_STYLES``).
 
     Returns:
         hu: (D, H, W) int16; mask: (D, H, W) bool lesion mask.
@@ -304,10 +351,11 @@ def make_head_ct(rng: np.random.Generator, shape: tuple[int, int, int] = (32, 12
     if lesion is not None and lesion not in CT_LESIONS:
         raise ValueError(f"make_head_ct: unknown lesion {lesion!r}; choose one of "
                          f"{CT_LESIONS} or None")
+    R = _style(CT_STYLES, style)
     d, h, w = shape
-    rot = float(np.deg2rad(rng.uniform(-10.0, 10.0)))
-    dx, dy = (float(v) for v in rng.uniform(-0.05, 0.05, size=2))
-    scale = rng.uniform(0.9, 1.0)
+    rot = float(np.deg2rad(rng.uniform(-R["rot"], R["rot"])))
+    dx, dy = (float(v) for v in rng.uniform(-R["shift"], R["shift"], size=2))
+    scale = rng.uniform(*R["scale"])
     ax, ay, az = rng.uniform(0.66, 0.74), rng.uniform(0.80, 0.88), rng.uniform(1.05, 1.15)
     z0 = rng.uniform(-0.28, -0.15)
     t_scalp, t_skull = rng.uniform(0.025, 0.04), rng.uniform(0.055, 0.085)
@@ -315,7 +363,7 @@ def make_head_ct(rng: np.random.Generator, shape: tuple[int, int, int] = (32, 12
     hu_skull = rng.uniform(900.0, 1200.0)
     white_frac = rng.uniform(0.72, 0.8)
     vent = rng.uniform(0.8, 1.4)  # ventricle size (atrophy)
-    noise_sigma = rng.uniform(3.0, 6.0)
+    noise_sigma = rng.uniform(*R["noise"])
     noise_seed = int(rng.integers(2**63))
     nrng = np.random.default_rng(noise_seed)
     tissue_field = smooth_noise(nrng, shape, (3, 6, 6))
@@ -364,21 +412,21 @@ def make_head_ct(rng: np.random.Generator, shape: tuple[int, int, int] = (32, 12
         cx, cy, cz = x[ci], y[ci], z[ci]
         wobble = smooth_noise(rng, shape, (3, 5, 5))
         if lesion == "haemorrhage" or rng.random() < 0.4:
-            rxy = rng.uniform(0.09, 0.17)
-            rz = max(rng.uniform(0.15, 0.3), 3.0 / d)  # at least ~3 slices
+            rxy = rng.uniform(*R["rxy"])
+            rz = max(rng.uniform(*R["rz"]), 3.0 / d)  # at least ~3 slices
             e = np.sqrt(((x - cx) / rxy) ** 2 + ((y - cy) / (rxy * rng.uniform(0.7, 1.3))) ** 2
                         + ((z - cz) / rz) ** 2)
             region = e + 0.15 * wobble < 1
         else:  # cortical wedge: an angular sector from the head centre out to the cortex
             ang = np.arctan2(y, x)
             a0 = np.arctan2(cy, cx)
-            half = np.deg2rad(rng.uniform(14.0, 24.0))
+            half = np.deg2rad(rng.uniform(*R["wedge"]))
             da = np.angle(np.exp(1j * (ang - a0)))
-            rz = max(rng.uniform(0.2, 0.35), 3.0 / d)
+            rz = max(rng.uniform(*R["wedge_rz"]), 3.0 / d)
             region = (np.abs(da) < half * (1 + 0.15 * wobble)) & (rb > 0.5) & \
                 (np.abs(z - cz) < rz)
         region &= brain & ~vents
-        target = rng.uniform(*(HU_HAEMORRHAGE if lesion == "haemorrhage" else HU_INFARCT))
+        target = rng.uniform(*R["haemorrhage" if lesion == "haemorrhage" else "infarct"])
         # Blend the edge over ~1 voxel so the lesion is not a pasted stencil.
         soft = ndimage.gaussian_filter(region.astype(np.float32), 0.7) * brain * ~vents
         hu = hu + soft * (target - hu) * (region | (soft > 0.3))

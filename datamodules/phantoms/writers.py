@@ -696,7 +696,8 @@ def write_folder(root, modality: str = "cxr", n_train_normal: int = 40,
                  n_train_mixture: int = 40, n_val: int = 10, n_test: int = 10,
                  size: int | tuple[int, ...] | None = None, seed: int = 0,
                  abnormal_fraction: float = 0.5, background: tuple[float, float] | None = None,
-                 with_dicom: bool = True, progress: bool | None = None) -> Path:
+                 with_dicom: bool = True, progress: bool | None = None,
+                 style: str = "default") -> Path:
     """The generic folder layout::
 
         root/train/normal/   root/train/mixture/   (mixture: unlabeled normal + abnormal)
@@ -714,6 +715,9 @@ def write_folder(root, modality: str = "cxr", n_train_normal: int = 40,
     - ``modality="bct"``: ``.npy`` HU volumes (D, H, W) int16; with ``with_dicom`` the first
       ``train/normal`` and ``test/abnormal`` items are DICOM series sub-folders.
       ``size`` = (D, H, W) or H (then D = H // 4; default (32, 128, 128)).
+
+    ``style``: ``default`` or ``hard`` (the detection benchmark's nuisance variation and small
+    lesions; see ``anatomy.CXR_STYLES`` / ``CT_STYLES``).
 
     Not part of the layout (readers ignore it): ``root/phantom_truth.csv`` with
     ``path,label,finding`` for every item (also the hidden labels of ``train/mixture``).
@@ -769,7 +773,7 @@ def write_folder(root, modality: str = "cxr", n_train_normal: int = 40,
         if as_dicom:
             dicom_groups.discard((split, group))
         if is_3d:
-            hu, mask = make_head_ct(rng, shape, lesion)
+            hu, mask = make_head_ct(rng, shape, lesion, style=style)
             if as_dicom:
                 write_ct_series(folder / stem, hu, case=f"{split}-{stem}", case_index=i,
                                 seed=seed, **bct_series_options(rng, i))
@@ -781,7 +785,7 @@ def write_folder(root, modality: str = "cxr", n_train_normal: int = 40,
                 np.save(root / split / "masks" / f"{stem}.npy", mask)
         else:
             bg = None if background is None else background[int(abnormal)]
-            img, mask = make_cxr(rng, shape, lesion, background=bg)
+            img, mask = make_cxr(rng, shape, lesion, background=bg, style=style)
             if as_dicom:
                 path = folder / f"{stem}.dcm"
                 write_cr_dicom(path, img, patient_id=f"PHANTOM-{i:05d}", patient_index=i,
