@@ -39,6 +39,7 @@ from datamodules.images import (
     resize_mask,
     verify_png,
 )
+from datamodules.splits import check_disjoint
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,9 @@ class FileDataModule(MedicalDataModule):
     # method, so it may be empty.
     required = (("train", "normal"), ("val", "normal"), ("val", "abnormal"),
                 ("test", "normal"), ("test", "abnormal"))
+    # Item.group_id is a patient id: no patient may straddle train and val/test. The folder
+    # layout has none (its stems repeat across splits), so there a case is a resolved file.
+    patient_ids = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -88,6 +92,7 @@ class FileDataModule(MedicalDataModule):
         for key in index:
             if key[0] not in SPLIT_GROUPS or key[1] not in SPLIT_GROUPS[key[0]]:
                 raise ValueError(f"bad (split, group) {key}")
+        check_disjoint(index, by_patient=self.patient_ids)
         index = self.verify_index(index)
         self.check_not_empty(index)
         counts = ", ".join(f"{s}/{g}={len(v)}" for (s, g), v in sorted(index.items()))

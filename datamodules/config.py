@@ -34,9 +34,16 @@ class DataConfig:
     n_mixture_abnormal: int | None = None
     n_unknown_normal: int | None = None
     n_unknown_abnormal: int | None = None
-    # S_mixture may reuse S_normal / S_unknown cases when too few are left (the paper's RSNA
-    # Table 1 sizes need it); S_normal and S_unknown never share a case.
+    # S_mixture's normals may be shared with S_normal when too few unused normals are left (the
+    # paper's S_mixture shares 6,529 of its 6,553 normals with S_normal). No val/test case is
+    # ever in a training set; sizes larger than the data are scaled down (logged).
     mixture_overlap: bool = False
+    # RSNA: extra labelled images (e.g. the stage-2 test images, where a site has labels for
+    # them): a CSV patientId,class (classes as in stage_2_detailed_class_info.csv) and the
+    # folder of their <patientId>.dcm, both relative to root if not absolute. The paper's
+    # Table 1 sums to 29,684 = 26,684 training + 3,000 stage-2 test images.
+    extra_class_csv: str | None = None
+    extra_image_dir: str | None = None
     # Share of S_unknown (flow method) held out as the val split for thresholds.
     val_fraction: float = 0.15
     # Check every item before training: quick (headers / PNG CRCs, cached) | full (decode all)

@@ -162,7 +162,11 @@ def main(argv: list[str] | None = None) -> MedicalDataModule:
 
         python -m datamodules.factory data=padchest data.root=/data/padchest
 
-    Prints the number of items per split/group and the skipped (unreadable) items."""
+    Prints the number of items per split/group and the skipped (unreadable) items, and writes
+    the split manifest ``outputs/check-data/<data.name>/splits.csv`` (see
+    :mod:`datamodules.manifest`). With ``data.verify=none`` only the CSVs and file names are
+    read."""
+    from datamodules.manifest import write_splits_csv
     from experiments.common import setup_logging
     from experiments.config import load_config
 
@@ -170,6 +174,8 @@ def main(argv: list[str] | None = None) -> MedicalDataModule:
     cfg = load_config("base", argv)
     dm = build_datamodule(cfg.data)
     dm.setup()
+    manifest = Path("outputs") / "check-data" / str(cfg.data.name) / "splits.csv"
+    sha = write_splits_csv(dm, manifest)
     print(f"{type(dm).__name__} ({'3D' if dm.is_3d else '2D'}):")
     for (split, group), items in sorted(dm._index.items()):
         print(f"  {split:5s}/{group:8s} {len(items):7d}")
@@ -177,6 +183,7 @@ def main(argv: list[str] | None = None) -> MedicalDataModule:
     print(f"  skipped {len(skipped)}")
     for _item, reason in skipped[:20]:
         print(f"    {reason}")
+    print(f"  split manifest: {manifest} (sha256 {sha[:12]}...)")
     return dm
 
 

@@ -45,6 +45,8 @@ def find_mask(masks_dir: Path, stem: str) -> Path | None:
 class FolderDataModule(FileDataModule):
     """Items from the folder layout above; labels from the folder names."""
 
+    patient_ids = False  # stems repeat across splits; leaks are checked by resolved file
+
     def __init__(self, cfg):
         super().__init__(cfg)
         self.is_3d = str(_cfg(cfg, "modality", "cxr")) == "bct"

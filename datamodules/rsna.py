@@ -104,22 +104,42 @@ class RSNADataModule(FileDataModule):
         value = _cfg(self.cfg, key, "") or default
         return Path(value) if Path(value).is_absolute() else self.root / value
 
-    def index_items(self) -> dict[tuple[str, str], list[Item]]:
-        df = load_index(self._path("labels_csv", LABELS_CSV), self._path("class_csv", CLASS_CSV))
-        image_dir = self._path("image_dir", IMAGE_DIR)
+    def _with_images(self, df: pd.DataFrame, image_dir: Path) -> pd.DataFrame:
+        """Rows whose ``<patientId>.dcm`` is in ``image_dir`` (file names only: no reads)."""
         if not image_dir.is_dir():
-            raise FileNotFoundError(f"{image_dir}: RSNA image folder not found.")
+            raise FileNotFoundError(f"{image_dir}: RSNA image folder not found (data.image_dir"
+                                    " / data.extra_image_dir).")
         present = {p.stem for p in image_dir.glob("*.dcm")}
         absent = ~df["patientId"].isin(present)
         if absent.any():
             log.warning("RSNA: %d of %d patients have no image in %s and were dropped.",
                         int(absent.sum()), len(df), image_dir)
-        df = df[~absent]
+        return df[~absent].assign(image_dir=str(image_dir))
+
+    def index_items(self) -> dict[tuple[str, str], list[Item]]:
+        df = load_index(self._path("labels_csv", LABELS_CSV), self._path("class_csv", CLASS_CSV))
+        df = self._with_images(df, self._path("image_dir", IMAGE_DIR))
+        if _cfg(self.cfg, "extra_class_csv", ""):
+            extra = _read(self._path("extra_class_csv", ""), ("patientId", "class"))
+            extra = extra[["patientId", "class"]].drop_duplicates()
+            unknown = sorted(set(extra["class"]) - set(CLASSES))
+            if unknown:
+                raise ValueError(f"data.extra_class_csv: unknown class value(s) {unknown}; "
+                                 f"expected {CLASSES}.")
+            if extra["patientId"].duplicated().any() or extra["patientId"].isin(
+                    df["patientId"]).any():
+                raise ValueError("data.extra_class_csv: patients listed twice or also in the "
+                                 "training labels; give each extra image one row.")
+            extra = self._with_images(extra, self._path("extra_image_dir",
+                                                        "stage_2_test_images"))
+            log.info("RSNA: %d extra labelled images from data.extra_class_csv", len(extra))
+            df = pd.concat([df, extra], ignore_index=True)
         cls = dict(zip(df["patientId"], df["class"]))
+        folder = dict(zip(df["patientId"], df["image_dir"]))
         masks = {p.stem for p in (self.root / MASK_DIR).glob("*.png")}
 
         def items(ids, label, labelled):
-            return [Item(path=str(image_dir / f"{p}.dcm"), label=label,
+            return [Item(path=str(Path(folder[p]) / f"{p}.dcm"), label=label,
                          finding=cls[p] if labelled else "",
                          mask_path=str(self.root / MASK_DIR / f"{p}.png")
                          if labelled and p in masks else None,

@@ -87,12 +87,18 @@ class FlowSetSizes:
     n_unknown_abnormal: int | None = None
 
 
-def _take(pool: list[str], n: int | None, default: int, what: str, warn: list[str]) -> list[str]:
-    want = default if n is None else int(n)
-    if want > len(pool):
-        warn.append(f"{what}: requested {want}, only {len(pool)} available")
-        want = len(pool)
-    return pool[:want]
+def _scaled(asked: dict[str, int], available: int, what: str) -> dict[str, int]:
+    """Sizes of sets that must be disjoint and share one pool: as asked when they fit, else
+    every set scaled down by the same factor (floor), logged as asked -> given."""
+    total = sum(asked.values())
+    if total <= available:
+        return dict(asked)
+    f = available / total
+    given = {k: int(v * f) for k, v in asked.items()}
+    log.warning("Flow set sizes scaled down (%s: %d asked, %d available, factor %.4f): %s",
+                what, total, available, f,
+                ", ".join(f"{k} {asked[k]} -> {given[k]}" for k in asked))
+    return given
 
 
 def flow_sets(
@@ -107,13 +113,17 @@ def flow_sets(
 ) -> dict[str, list[str]]:
     """S_normal / S_mixture / S_unknown of Shibata et al. 2021 (section 3, Table 1).
 
+    Invariant: no case of S_unknown (val + test) is in S_normal or S_mixture — the models never
+    see a case they are evaluated on. Training sets may share cases with each other: with
+    ``mixture_overlap`` the normals of S_mixture are taken from the unused normals first, then
+    from S_normal (the paper's S_mixture shares 6,529 of its 6,553 normals with S_normal).
+
     Order of allocation: S_unknown first (the test cases; rotated by fold), then S_normal from
-    the remaining normals, then S_mixture from what is left. S_normal and S_unknown never
-    share a case (that would put training images in the test set). With ``mixture_overlap``
-    S_mixture — unlabeled by construction — may reuse cases of S_normal (normals) and of
-    S_unknown (abnormals) when the unused pool is too small: the paper's Table 1 sizes for RSNA
-    exceed the 26,684 images of the data set, so its sets must overlap. Requested sizes larger
-    than what is available are clipped, and the clipping is logged as a WARNING.
+    the remaining normals, then S_mixture from what is left. When the requested sizes of the
+    sets that must be disjoint exceed a class's cases (the paper's RSNA Table 1 sums to
+    29,684 images, more than the 26,684 stage-2 training images; see ``data.extra_class_csv``),
+    those sets are scaled down by one common factor and the WARNING says what was asked and
+    what was given.
 
     Defaults (size None): S_unknown = 20 % of each class (at least 2), S_normal = half of the
     remaining normals (rounded up), S_mixture = the rest (normals) and all remaining abnormals.
@@ -122,54 +132,100 @@ def flow_sets(
     under keys ``normal``, ``mixture_normal``, ``mixture_abnormal``, ``val_normal``,
     ``val_abnormal``, ``test_normal``, ``test_abnormal``.
     """
-    warn: list[str] = []
     normals = _rotated_permutation(normal_ids, seed, fold, n_folds)
     abnormals = _rotated_permutation(abnormal_ids, seed + 1, fold, n_folds)
+    n_n, n_a = len(normals), len(abnormals)
 
     # Defaults keep two S_unknown cases per class (one val, one test) on tiny data sets.
-    unk_n = _take(normals, sizes.n_unknown_normal,
-                  min(max(2, len(normals) // 5), max(len(normals) - 1, 0)),
-                  "S_unknown normal", warn)
-    unk_a = _take(abnormals, sizes.n_unknown_abnormal, min(max(2, len(abnormals) // 5),
-                  len(abnormals)), "S_unknown abnormal", warn)
-    rest_n = normals[len(unk_n):]
-    rest_a = abnormals[len(unk_a):]
-    s_normal = _take(rest_n, sizes.n_normal, (len(rest_n) + 1) // 2, "S_normal", warn)
-    free_n = rest_n[len(s_normal):]
-    free_a = rest_a
+    unk_n = sizes.n_unknown_normal
+    unk_n = min(max(2, n_n // 5), max(n_n - 1, 0)) if unk_n is None else int(unk_n)
+    unk_a = sizes.n_unknown_abnormal
+    unk_a = min(max(2, n_a // 5), n_a) if unk_a is None else int(unk_a)
+    s_norm = (max(n_n - unk_n, 0) + 1) // 2 if sizes.n_normal is None else int(sizes.n_normal)
+    mix_n = sizes.n_mixture_normal
+    mix_a = sizes.n_mixture_abnormal
+    if mixture_overlap or mix_n is None:  # mixture normals need no cases of their own
+        k = _scaled({"S_normal": s_norm, "S_unknown normal": unk_n}, n_n, "normal cases")
+        s_norm, unk_n = k["S_normal"], k["S_unknown normal"]
+    else:
+        k = _scaled({"S_normal": s_norm, "S_mixture normal": int(mix_n),
+                     "S_unknown normal": unk_n}, n_n, "normal cases")
+        s_norm, mix_n, unk_n = k["S_normal"], k["S_mixture normal"], k["S_unknown normal"]
+    if mix_a is not None:
+        k = _scaled({"S_mixture abnormal": int(mix_a), "S_unknown abnormal": unk_a}, n_a,
+                    "abnormal cases")
+        mix_a, unk_a = k["S_mixture abnormal"], k["S_unknown abnormal"]
+    else:
+        unk_a = min(unk_a, n_a)
 
-    def mixture(free: list[str], reuse: list[str], n: int | None, what: str) -> list[str]:
-        want = len(free) if n is None else int(n)
-        picked = free[:want]
-        if len(picked) < want and mixture_overlap:
-            picked = picked + reuse[: want - len(picked)]
-        if len(picked) < want:
-            warn.append(f"{what}: requested {want}, only {len(picked)} available"
-                        + ("" if mixture_overlap else " (data.mixture_overlap=false)"))
-        elif want > len(free):
-            log.info("%s: %d of %d cases reused from other sets (data.mixture_overlap=true)",
-                     what, want - len(free), want)
-        return picked
-
-    mix_n = mixture(free_n, s_normal + unk_n, sizes.n_mixture_normal, "S_mixture normal")
-    mix_a = mixture(free_a, unk_a, sizes.n_mixture_abnormal, "S_mixture abnormal")
-    for w in warn:
-        log.warning("Flow set sizes clipped — %s", w)
+    unknown_n, rest_n = normals[:unk_n], normals[unk_n:]
+    unknown_a, rest_a = abnormals[:unk_a], abnormals[unk_a:]
+    s_normal = rest_n[:s_norm]
+    free_n = rest_n[s_norm:]
+    mix_n = len(free_n) if mix_n is None else int(mix_n)
+    mixture_normal = free_n[:mix_n]
+    if len(mixture_normal) < mix_n:  # only with mixture_overlap: reuse S_normal, never S_unknown
+        reuse = min(mix_n - len(mixture_normal), len(s_normal))
+        mixture_normal = mixture_normal + s_normal[:reuse]
+        log.info("S_mixture normal: %d of %d cases shared with S_normal "
+                 "(data.mixture_overlap=true; the paper's sets share them too)",
+                 reuse, len(mixture_normal))
+        if len(mixture_normal) < mix_n:
+            log.warning("Flow set sizes clipped — S_mixture normal: requested %d, only %d "
+                        "available", mix_n, len(mixture_normal))
+    mixture_abnormal = rest_a if mix_a is None else rest_a[:int(mix_a)]
 
     def n_val(n: int) -> int:  # at least one val case of each class when there are two
         k = int(round(val_fraction * n))
         return max(k, 1) if val_fraction > 0 and n >= 2 else k
 
-    n_val_n, n_val_a = n_val(len(unk_n)), n_val(len(unk_a))
-    return {
+    n_val_n, n_val_a = n_val(len(unknown_n)), n_val(len(unknown_a))
+    sets = {
         "normal": s_normal,
-        "mixture_normal": mix_n,
-        "mixture_abnormal": mix_a,
-        "val_normal": unk_n[:n_val_n],
-        "val_abnormal": unk_a[:n_val_a],
-        "test_normal": unk_n[n_val_n:],
-        "test_abnormal": unk_a[n_val_a:],
+        "mixture_normal": mixture_normal,
+        "mixture_abnormal": mixture_abnormal,
+        "val_normal": unknown_n[:n_val_n],
+        "val_abnormal": unknown_a[:n_val_a],
+        "test_normal": unknown_n[n_val_n:],
+        "test_abnormal": unknown_a[n_val_a:],
     }
+    held_out = set(unknown_n) | set(unknown_a)
+    trained = set(s_normal) | set(mixture_normal) | set(mixture_abnormal)
+    assert not held_out & trained, "flow_sets: S_unknown overlaps a training set"  # invariant
+    return sets
+
+
+class SplitLeakError(ValueError):
+    """A validation / test case (patient) also appears in a training set."""
+
+
+def check_disjoint(index: dict, by_patient: bool = True) -> None:
+    """Raise :class:`SplitLeakError` if a case of val or test is in a training set, or a case
+    is in both val and test.
+
+    A case is the item's patient id (``Item.group_id``) when ``by_patient`` — two images of one
+    patient must not straddle train and val/test — else the item's resolved file path (the
+    folder layout has no patient ids: the same file linked or copied under two names is what
+    can be caught there). Training sets may share cases with each other (S_normal / S_mixture).
+    The message names item paths, never patient ids (they can be identifiers).
+    """
+    import os
+
+    def key(it) -> str:
+        return it.group_id if by_patient and it.group_id else os.path.realpath(it.path)
+
+    where: dict[str, dict[str, str]] = {"train": {}, "val": {}, "test": {}}
+    for (split, group), items in index.items():
+        for it in items:
+            where[split].setdefault(key(it), f"{it.path} ({split}/{group})")
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        both = sorted(set(where[a]) & set(where[b]))
+        if both:
+            eg = "; ".join(f"{where[a][k]} and {where[b][k]}" for k in both[:3])
+            what = "patient(s)" if by_patient else "file(s)"
+            raise SplitLeakError(
+                f"{len(both)} {what} in both {a} and {b}, e.g. {eg}. A {b} case must never be "
+                f"in {a}: fix the data layout or labels so each {what[:-3]} is in one split.")
 
 
 def flow_index(normal_ids: Sequence[str], abnormal_ids: Sequence[str], cfg,

@@ -279,3 +279,35 @@ def test_data_yaml_loads_and_builds(name, tmp_path):
     if name == "bct":
         assert (c.data.n_normal, c.data.n_mixture_normal, c.data.n_unknown_abnormal) == \
             (250, 250, 33) and list(c.data.volume_size) == [32, 128, 128]
+
+
+def test_a_test_file_linked_into_train_is_a_leak_error(tmp_path):
+    """Disjointness is checked when the index is built: the same file under train/normal and
+    test/normal (a symlink) is an error naming both paths."""
+    from datamodules.folder import FolderDataModule
+    from datamodules.phantoms import write_folder
+    from datamodules.splits import SplitLeakError
+
+    root = write_folder(tmp_path / "f", "cxr", n_train_normal=4, n_train_mixture=0, n_val=2,
+                        n_test=2, size=32, with_dicom=False)
+    victim = sorted((root / "test" / "normal").glob("*.png"))[0]
+    (root / "train" / "normal" / "copy.png").symlink_to(victim)
+    cfg = {"name": "folder", "root": str(root), "modality": "cxr", "image_size": 32,
+           "verify": "none", "batch_size": 2, "num_workers": 0}
+    with pytest.raises(SplitLeakError, match=r"1 file\(s\) in both train and test.*copy.png"):
+        FolderDataModule(cfg).setup()
+
+
+def test_check_disjoint_by_patient():
+    from datamodules.base import Item
+    from datamodules.splits import SplitLeakError, check_disjoint
+
+    a = Item("/d/p1_a.png", 0, group_id="p1")
+    b = Item("/d/p1_b.png", 1, group_id="p1")  # same patient, another image
+    c = Item("/d/p2.png", 0, group_id="p2")
+    check_disjoint({("train", "normal"): [a], ("train", "mixture"): [a, c],
+                    ("test", "normal"): [Item("/d/p3.png", 0, group_id="p3")]})
+    with pytest.raises(SplitLeakError, match="p1_a.png .train/normal. and /d/p1_b.png"):
+        check_disjoint({("train", "normal"): [a, c], ("test", "abnormal"): [b]})
+    with pytest.raises(SplitLeakError, match="val and test"):
+        check_disjoint({("val", "normal"): [a], ("test", "abnormal"): [b]})

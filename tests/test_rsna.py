@@ -94,6 +94,9 @@ def test_load_index_deduplicates_classes(tmp_path):
 
 
 def test_flow_sets_paper_sizes_on_rsna_sized_data(caplog):
+    """Table 1 sizes exceed the stage-2 training images: the sets that must be disjoint are
+    scaled down by one factor per class; S_mixture's normals are shared with S_normal (as in
+    the paper), never with S_unknown; no S_unknown case is in any training set."""
     # Class sizes of the RSNA stage-2 training set (Normal vs. the two non-normal classes).
     normals = [f"n{i}" for i in range(8851)]
     abnormals = [f"a{i}" for i in range(11821 + 6012)]
@@ -102,23 +105,24 @@ def test_flow_sets_paper_sizes_on_rsna_sized_data(caplog):
         sets = flow_sets(normals, abnormals, paper, seed=0, mixture_overlap=True)
     unknown_n = set(sets["val_normal"] + sets["test_normal"])
     unknown_a = set(sets["val_abnormal"] + sets["test_abnormal"])
-    assert len(unknown_n) == 1358 and len(unknown_a) == 13863
-    assert not set(sets["normal"]) & unknown_n  # never train on a test case
-    assert len(sets["normal"]) == 8851 - 1358  # clipped, with a warning
-    assert "S_normal: requested 7808, only 7493 available" in caplog.text
-    assert len(sets["mixture_normal"]) == 6553 and len(set(sets["mixture_normal"])) == 6553
-    assert len(sets["mixture_abnormal"]) == 6631
-    # Mixture abnormals: the 3,970 unused first, then reuse from S_unknown.
-    reused = set(sets["mixture_abnormal"]) & unknown_a
-    assert len(reused) == 6631 - (17833 - 13863)
-    assert len(sets["val_normal"]) == round(0.15 * 1358)
-    # Without overlap the mixture is clipped instead.
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):
-        strict = flow_sets(normals, abnormals, paper, seed=0, mixture_overlap=False)
-    assert len(strict["mixture_abnormal"]) == 17833 - 13863
-    assert not set(strict["mixture_abnormal"]) & unknown_a
-    assert "S_mixture abnormal: requested 6631" in caplog.text
+    train = set(sets["normal"]) | set(sets["mixture_normal"]) | set(sets["mixture_abnormal"])
+    assert not train & (unknown_n | unknown_a)  # no val/test case in S_normal or S_mixture
+    f_n, f_a = 8851 / (7808 + 1358), 17833 / (6631 + 13863)
+    assert len(sets["normal"]) == int(7808 * f_n) and len(unknown_n) == int(1358 * f_n)
+    assert len(sets["mixture_abnormal"]) == int(6631 * f_a)
+    assert len(unknown_a) == int(13863 * f_a)
+    assert "normal cases: 9166 asked, 8851 available" in caplog.text
+    assert "S_normal 7808 -> 7539" in caplog.text and "S_unknown abnormal 13863 ->" in caplog.text
+    # S_mixture keeps its requested normals: the one unused normal, the rest from S_normal.
+    assert len(sets["mixture_normal"]) == 6553 == len(set(sets["mixture_normal"]))
+    assert len(set(sets["mixture_normal"]) & set(sets["normal"])) == 6553 - 1
+    assert len(sets["val_normal"]) == round(0.15 * len(unknown_n))
+    # Without overlap all three normal sets share the pool, scaled by one factor.
+    strict = flow_sets(normals, abnormals, paper, seed=0, mixture_overlap=False)
+    assert not set(strict["mixture_normal"]) & set(strict["normal"])
+    n_strict = sum(len(strict[k]) for k in ("normal", "mixture_normal", "val_normal",
+                                            "test_normal"))
+    assert 8851 - 3 <= n_strict <= 8851
     # Deterministic; folds rotate S_unknown.
     assert flow_sets(normals, abnormals, paper, seed=0, mixture_overlap=True) == sets
     f1 = flow_sets(normals, abnormals, paper, seed=0, fold=1, mixture_overlap=True)
@@ -155,3 +159,46 @@ def test_rsna_datamodule(tmp_path):
     assert len(used) == len(set(used)) == 29
     x = dm.load(dm.items("test")[0])
     assert x.shape == (32, 32) and x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
+
+
+def test_paper_sizes_on_real_rsna_labels_never_leak(tmp_path, monkeypatch):
+    """The real stage-2 labels (torchxrayvision wheel) with data=rsna's Table 1 sizes and
+    mixture_overlap: check-data on empty placeholder images (data.verify=none) writes a
+    splits.csv in which no patient is in two splits and no val/test case is in S_normal or
+    S_mixture."""
+    xrv = pytest.importorskip("torchxrayvision")
+    path = Path(xrv.__file__).parent / "data" / "kaggle_stage_2_train_labels.csv.zip"
+    if not path.is_file():
+        pytest.skip("RSNA labels CSV not shipped in this torchxrayvision")
+    from datamodules.factory import main as check_data
+
+    root = tmp_path / "rsna"
+    (root / "stage_2_train_images").mkdir(parents=True)
+    labels = pd.read_csv(path)
+    labels.to_csv(root / "stage_2_train_labels.csv", index=False)
+    # The detailed class CSV is not in the wheel: Target 1 is Lung Opacity; of the Target-0
+    # patients, the real file has 8,851 Normal and 11,821 No Lung Opacity / Not Normal.
+    target = labels.groupby("patientId")["Target"].max()
+    neg = sorted(target[target == 0].index)
+    normal = set(np.random.default_rng(0).permutation(neg)[:8851])
+    cls = {p: "Lung Opacity" if t else ("Normal" if p in normal else
+                                        "No Lung Opacity / Not Normal")
+           for p, t in target.items()}
+    pd.DataFrame({"patientId": list(cls), "class": list(cls.values())}).to_csv(
+        root / "stage_2_detailed_class_info.csv", index=False)
+    for p in cls:
+        (root / "stage_2_train_images" / f"{p}.dcm").touch()
+    monkeypatch.chdir(tmp_path)
+    check_data(["data=rsna", f"data.root={root}", "data.verify=none"])
+
+    m = pd.read_csv(tmp_path / "outputs/check-data/rsna/splits.csv", keep_default_na=False)
+    assert list(m.columns) == ["item", "patient", "split", "group", "label"]
+    splits_of = m.groupby("patient")["split"].agg(set)
+    assert (splits_of.map(len) == 1).all()  # no patient in two splits
+    train = set(m.loc[m.split == "train", "patient"])
+    held_out = set(m.loc[m.split != "train", "patient"])
+    assert not train & held_out
+    mix = m[m.group == "mixture"]
+    assert (mix.label == "").all() and len(mix) > 10_000
+    assert set(m.loc[m.split != "train", "label"]) == {"0", "1"}
+    assert m.item.str.startswith("stage_2_train_images/").all()  # relative to data.root
