@@ -27,6 +27,11 @@ class DataConfig:
     num_workers: int = 0
     # PadChest policy for rows labelled 'exclude' / 'suboptimal study': drop | keep
     exclude_policy: str = "drop"
+    # PadChest cohort: all (every Physician+PA image; the test set is then ~86 % abnormal) |
+    # paper (Kim et al.'s 2,574 normal / 4,801 abnormal, sampled by patient, split_seed)
+    cohort: str = "all"
+    cohort_normal: int = 2574
+    cohort_abnormal: int = 4801
     suboptimal_policy: str = "drop"
     # Set sizes for the flow method (paper Table 1 / Table 3); null = use all available.
     n_normal: int | None = None

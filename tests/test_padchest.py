@@ -157,3 +157,25 @@ def test_padchest_datamodule(tmp_path, caplog):
     # exactly ['normal'] is normal; ['normal', 'normal'] is not (not exactly ['normal'])
     dup = usable[usable.Labels == "['normal', 'normal']"].ImageID
     assert all(i.label == 1 for i in items if Path(i.path).name in set(dup))
+
+
+def test_paper_cohort_on_real_csv():
+    """data.cohort=paper: Kim et al.'s 2,574 normal / 4,801 abnormal PA images, sampled by
+    patient (whole patients, seeded), then normals 70/15/15 and abnormals split evenly between
+    val and test, no patient in two splits."""
+    from datamodules.padchest import paper_cohort
+
+    df = load_index(real_csv())
+    c = paper_cohort(df, 2574, 4801, seed=0)
+    assert int(c.is_normal.sum()) == 2574 and int((~c.is_normal).sum()) == 4801
+    assert c.equals(paper_cohort(df, 2574, 4801, seed=0))
+    assert not c.ImageID.equals(paper_cohort(df, 2574, 4801, seed=1).ImageID)
+    # A patient gives either normals or abnormals, never both.
+    assert (c.groupby("PatientID").is_normal.nunique() == 1).all()
+    assign = patient_split(c.PatientID.tolist(), c.is_normal.tolist(), seed=0)
+    split = pd.Series([s for s, _ in assign], index=c.index)
+    assert (split.groupby(c.PatientID).nunique() == 1).all()
+    abn = split[~c.is_normal].value_counts()
+    assert "train" not in abn and abs(abn["val"] - abn["test"]) < 0.05 * 4801
+    nor = split[c.is_normal].value_counts(normalize=True)
+    assert nor["train"] == pytest.approx(0.70, abs=0.02)
