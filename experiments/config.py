@@ -127,6 +127,84 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "logger.mode": ("offline", "online", "disabled"),
 }
 
+def _finite(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and v == v and \
+        abs(v) != float("inf")
+
+
+def _ints(lo: int, n: int | None = None):
+    """Check: a list of ints >= lo (of length n when given)."""
+    def check(v) -> bool:
+        return v is not None and (n is None or len(v) == n) and len(v) > 0 and \
+            all(isinstance(x, int) and x >= lo for x in v)
+    return check
+
+
+# Ranges checked after merging: key -> (check, what the value must be). A key missing from the
+# schema or set to None is skipped. Each failure names the key and the allowed range.
+RANGES: dict[str, tuple[Any, str]] = {
+    "trainer.max_epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "trainer.log_every_n_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "trainer.check_val_every_n_epoch": (lambda v: v >= 1, "an integer >= 1"),
+    "data.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "data.num_workers": (lambda v: v >= 0, "an integer >= 0"),
+    "data.image_size": (lambda v: v >= 8, "an integer >= 8 (pixels)"),
+    "data.volume_size": (_ints(4, 3), "three integers [D, H, W], each >= 4"),
+    "data.n_folds": (lambda v: v >= 1, "an integer >= 1"),
+    "data.val_fraction": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "data.phantom_count": (lambda v: v >= 2, "an integer >= 2"),
+    "data.phantom_size": (lambda v: v >= 8, "an integer >= 8"),
+    "data.n_normal": (lambda v: v >= 1, "an integer >= 1 or null"),
+    "data.n_mixture_normal": (lambda v: v >= 0, "an integer >= 0 or null"),
+    "data.n_mixture_abnormal": (lambda v: v >= 0, "an integer >= 0 or null"),
+    "data.n_unknown_normal": (lambda v: v >= 2, "an integer >= 2 or null"),
+    "data.n_unknown_abnormal": (lambda v: v >= 2, "an integer >= 2 or null"),
+    "glow.levels": (lambda v: v >= 1, "an integer >= 1"),
+    "glow.steps": (lambda v: v >= 1, "an integer >= 1"),
+    "glow.hidden_channels": (lambda v: v >= 1, "an integer >= 1"),
+    "glow.n_bits": (lambda v: 1 <= v <= 16, "an integer in 1..16"),
+    "glow.sample_temperature": (lambda v: _finite(v) and v > 0, "a number > 0"),
+    "glow.accumulate_grad_batches": (lambda v: v >= 1, "an integer >= 1"),
+    "glow.n_samples": (lambda v: v >= 0, "an integer >= 0"),
+    "patch.patch_sizes": (_ints(1), "a list of integers >= 1"),
+    "patch.locality": (_ints(0), "a list of integers >= 0 (Chebyshev radius d)"),
+    "patch.weights": (lambda v: len(v) > 0 and all(_finite(x) and x >= 0 for x in v),
+                      "a list of numbers >= 0"),
+    "patch.shrinkage": (lambda v: _finite(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "patch.threshold": (_finite, "a finite number"),
+    "patch.chunk_size": (lambda v: v >= 1, "an integer >= 1"),
+    "patch.feature_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "simclr.temperature": (lambda v: _finite(v) and v > 0, "a number > 0"),
+    "simclr.crop_scale": (lambda v: _finite(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "optim.lr": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "optim.weight_decay": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "optim.momentum": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "optim.warmup_epochs": (lambda v: _finite(v) and v >= 0, "a number >= 0"),
+    "optim.grad_clip": (lambda v: _finite(v) and v > 0, "a number > 0 or null"),
+    "eval.n_extremes": (lambda v: v >= 0, "an integer >= 0"),
+    "eval.n_overlays": (lambda v: v >= 0, "an integer >= 0"),
+    "eval.threshold": (_finite, "a finite number"),
+}
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    for key, (check, what) in RANGES.items():
+        try:
+            value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        except OmegaConfBaseException:
+            continue
+        if value is None:
+            continue
+        if hasattr(value, "_content"):  # ListConfig -> list
+            value = OmegaConf.to_container(value)
+        try:
+            ok = bool(check(value))
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"{key}={value!r} is out of range: it must be {what}.")
+
+
 # Shorthands: ``name=value`` selects a YAML file instead of setting a key.
 _FILE_SELECTORS = ("profile", "data")
 
@@ -254,6 +332,7 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
+    check_ranges(cfg)
     if cfg.data.fold < 0 or cfg.data.fold >= cfg.data.n_folds:
         raise ConfigError(f"data.fold={cfg.data.fold} must lie in 0..{cfg.data.n_folds - 1}")
     p = cfg.patch

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 from omegaconf import OmegaConf
@@ -69,3 +70,20 @@ def test_run_dir_records_config_commit_and_time(tmp_path):
     assert saved.profile == "cpu"
     info = json.loads((out / "run_info.json").read_text())
     assert info["git_commit"] and info["timestamp"]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("trainer.max_epochs=-1", "trainer.max_epochs"),  # Lightning: -1 trains forever
+    ("data.batch_size=0", "data.batch_size"),
+    ("glow.n_bits=0", "glow.n_bits"),  # negative bits/dim otherwise
+    ("glow.levels=0", "glow.levels"),
+    ("data.image_size=-32", "data.image_size"),
+    ("data.volume_size=[8,32]", "data.volume_size"),
+    ("patch.locality=[-1]", "patch.locality"),
+    ("eval.n_extremes=-5", "eval.n_extremes"),
+    ("optim.lr=nan", "optim.lr"),
+    ("data.val_fraction=1.5", "data.val_fraction"),
+])
+def test_out_of_range_values_fail_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}=.* is out of range: it must be"):
+        load_config(["simclr", "patch"], [override])
