@@ -12,8 +12,10 @@ is kept for per-finding ROC curves; ``mask`` is an optional (D, H, W) ``.npy`` l
 (default: ``masks/<case>.npy`` when present); ``series_uid`` picks one SeriesInstanceUID in a
 case folder that holds several series (otherwise such a case is skipped with its series
 listed).
-Preprocessing (paper appendix B): modality LUT -> HU -> I = clip(HU + 14, 0, 127) -> trilinear
-resample to ``data.volume_size`` (paper: 32x128x128) -> /127. Sets: S_normal 250 /
+Preprocessing: modality LUT -> HU -> I = clip(HU + 14, 0, 127) (the paper's 7-bit brain
+window) -> trilinear resample to ``data.volume_size`` -> /127. The resampling to a fixed number
+of slices (default 32x128x128, the paper's input size) is our choice: the paper does not say
+how its volumes were brought to 32 slices. Sets: S_normal 250 /
 S_mixture 250 + 250 / S_unknown 33 + 33 in the paper (``configs/data/bct.yaml``).
 """
 
@@ -55,6 +57,12 @@ def load_index(csv_path: str | Path, root: str | Path | None = None) -> pd.DataF
     if labels.isna().any():
         bad = sorted(set(df.loc[labels.isna(), "label"]))[:5]
         raise ValueError(f"{csv_path}: label must be normal/abnormal or 0/1; found {bad}.")
+    root_resolved = root.resolve()
+    for col in [c for c in ("case", "mask") if c in df.columns]:
+        for value in df[col]:
+            if value and not (root / value).resolve().is_relative_to(root_resolved):
+                raise ValueError(f"{csv_path}: {col} {value!r} points outside data.root; "
+                                 "give paths relative to the root, inside it.")
     if df["case"].duplicated().any():
         raise ValueError(f"{csv_path}: duplicate case(s) {df.loc[df['case'].duplicated(), 'case'].tolist()[:5]}.")
 

@@ -69,6 +69,13 @@ def test_load_index_and_errors(tmp_path):
     (tmp_path / "bad2.csv").write_text("case,label\nx,maybe\n")
     with pytest.raises(ValueError, match="normal/abnormal or 0/1"):
         load_index(tmp_path / "bad2.csv")
+    # A case (or mask) that walks out of data.root is refused, not read.
+    (tmp_path / "b" / "evil.csv").write_text("case,label\n../../../../etc,normal\n")
+    with pytest.raises(ValueError, match=r"case '../../../../etc' points outside data.root"):
+        load_index(tmp_path / "b" / "evil.csv")
+    (tmp_path / "b" / "evil2.csv").write_text("case,label,mask\nx,abnormal,/etc/passwd\n")
+    with pytest.raises(ValueError, match="mask '/etc/passwd' points outside"):
+        load_index(tmp_path / "b" / "evil2.csv")
 
 
 def test_bct_datamodule(tmp_path, caplog):
