@@ -15,7 +15,10 @@ package to install. No header values are logged (patient data); errors name file
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import re
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -50,6 +53,67 @@ _INSTALL_HINT = {
 _DEFAULT_HINT = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg  (or: python-gdcm)"
 
 
+# --- no header values in messages --------------------------------------------------------
+# pydicom quotes the offending value in its warnings, log records and exceptions ("Invalid
+# value for VR IS: 'DOE^JOHN'"): a patient name in a mis-typed element would reach the console,
+# W&B's output.log and anything synced from it. Quoted parts are replaced before anything is
+# shown; messages name the file and the VR / tag only.
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|b'[^']*'")
+_VR = re.compile(r"\bVR ([A-Z]{2})\b")
+_TAG = re.compile(r"\(([0-9A-Fa-f]{4}),\s*([0-9A-Fa-f]{4})\)")
+
+
+def redact(text: str) -> str:
+    """``text`` with every quoted value replaced by ``<value not shown>``."""
+    return _QUOTED.sub("<value not shown>", str(text))
+
+
+def _safe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {redact(e)}"
+
+
+class _RedactValues(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact(record.getMessage()), ()
+        return True
+
+
+logging.getLogger("pydicom").addFilter(_RedactValues())
+
+
+@contextlib.contextmanager
+def header_warnings(path: str | Path):
+    """Catch pydicom's warnings about non-conforming header values while reading ``path``
+    and log one line naming the file and the VRs / tags instead (never the values)."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        _report(path, caught)
+
+
+def _report(path, caught) -> None:
+    ours = [w for w in caught if "pydicom" in str(w.filename)]
+    for w in caught:
+        if w not in ours:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if ours:
+        what = sorted({m.group(0) for w in ours for m in (_VR.search(str(w.message)),
+                                                           _TAG.search(str(w.message))) if m})
+        log.warning("%s: %d non-conforming DICOM header value(s)%s ignored; values are not "
+                    "shown.", path, len(ours), f" ({', '.join(what)})" if what else "")
+
+
+def _reworded(fn):
+    """Run a reader under :func:`header_warnings` for its first argument (the path)."""
+    @functools.wraps(fn)
+    def wrapper(path, *args, **kwargs):
+        with header_warnings(path):
+            return fn(path, *args, **kwargs)
+    return wrapper
+
+
 class DicomReadError(ImageReadError):
     """A DICOM file that cannot be read or decoded."""
 
@@ -82,7 +146,7 @@ def dcmread(path: str | Path, stop_before_pixels: bool = False) -> pydicom.Datas
             "`dcmconv +F` / `gdcmconv`."
         ) from None
     except Exception as e:  # pydicom raises many types on malformed input
-        raise DicomReadError(f"{path}: cannot parse DICOM ({type(e).__name__}: {e}).") from None
+        raise DicomReadError(f"{path}: cannot parse DICOM ({_safe(e)}).") from None
 
 
 def transfer_syntax(ds: pydicom.Dataset) -> UID:
@@ -125,10 +189,11 @@ def pixel_array(ds: pydicom.Dataset, path: str | Path) -> np.ndarray:
             raise MissingDecoderError(
                 f"{path}: no installed decoder for {uid.name} ({uid}). Install one: {hint}"
             ) from None
-        raise DicomReadError(f"{path}: cannot decode {uid.name} pixel data ({e}).") from None
+        raise DicomReadError(f"{path}: cannot decode {uid.name} pixel data ({redact(e)}).") \
+            from None
     except Exception as e:
         raise DicomReadError(
-            f"{path}: pixel data unreadable ({type(e).__name__}: {e}). The file is probably "
+            f"{path}: pixel data unreadable ({_safe(e)}). The file is probably "
             "truncated or has a malformed image header; re-export it."
         ) from None
 
@@ -139,7 +204,7 @@ def _modality_lut(arr: np.ndarray, ds: pydicom.Dataset, path: str | Path) -> np.
             warnings.simplefilter("ignore", UserWarning)
             return np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
     except Exception as e:
-        raise DicomReadError(f"{path}: cannot apply the modality LUT ({e}).") from None
+        raise DicomReadError(f"{path}: cannot apply the modality LUT ({_safe(e)}).") from None
 
 
 def _stored_range(ds: pydicom.Dataset) -> tuple[int, int]:
@@ -149,6 +214,7 @@ def _stored_range(ds: pydicom.Dataset) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
+@_reworded
 def read_image(path: str | Path) -> np.ndarray:
     """One 2D DICOM image as float32 (H, W) in [0, 1] with MONOCHROME2 polarity.
 
@@ -189,6 +255,7 @@ def read_image(path: str | Path) -> np.ndarray:
     return img.astype(np.float32)
 
 
+@_reworded
 def verify_dicom(path: str | Path) -> None:
     """Cheap check (no decompression): parses, has pixel data, a decoder exists, and native
     pixel data has the expected length. Raises :class:`DicomReadError`."""
@@ -209,7 +276,7 @@ def _check_native_length(ds: pydicom.Dataset, path: str | Path) -> None:
             bits = int(ds.BitsAllocated)
             frames = int(ds.get("NumberOfFrames", 1) or 1)
         except Exception as e:
-            raise DicomReadError(f"{path}: malformed image header ({e}).") from None
+            raise DicomReadError(f"{path}: malformed image header ({_safe(e)}).") from None
         expected = rows * cols * spp * frames * bits // 8
         if len(ds.PixelData) < expected:
             raise DicomReadError(
@@ -268,6 +335,7 @@ def list_series(folder: str | Path) -> dict[str, list[tuple[Path, pydicom.Datase
     return dict(groups)
 
 
+@_reworded
 def read_series(
     folder: str | Path, series_uid: str | None = None
 ) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -315,7 +383,12 @@ def read_series(
             f"{folder}: slices lack ImagePositionPatient/ImageOrientationPatient; sorted by "
             "InstanceNumber instead (check the slice order).", stacklevel=2,
         )
-        key = np.array([float(s[1].get("InstanceNumber", i)) for i, s in enumerate(slices)])
+        try:
+            key = np.array([float(s[1].get("InstanceNumber", i)) for i, s in enumerate(slices)])
+        except (TypeError, ValueError):
+            raise SeriesError(f"{folder}: slices lack ImagePositionPatient and an InstanceNumber "
+                              "(0020,0013) is not a number: the slice order is unknown. "
+                              "Re-export the series with positions.") from None
     order = np.argsort(key, kind="stable")
     slices = [slices[i] for i in order]
     key = key[order]

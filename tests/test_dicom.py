@@ -239,3 +239,45 @@ def test_npy_volume_rejects_nan_and_bad_shape(tmp_path):
     np.save(tmp_path / "flat.npy", np.zeros((4, 4)))
     with pytest.raises(dicom.ImageReadError, match="D, H, W"):
         read_npy_volume(tmp_path / "flat.npy")
+
+
+def _with_name_in_instance_number(src: Path, dst: Path, drop_positions: bool) -> None:
+    """A real series whose InstanceNumber (IS) holds a patient name, as a broken export
+    writes it, and optionally without slice positions."""
+    dst.mkdir()
+    for i, f in enumerate(sorted(src.iterdir())):
+        ds = pydicom.dcmread(f)
+        ds.InstanceNumber = 10_000_000 + i  # 8 digits, patched to the name below
+        if drop_positions:
+            del ds.ImagePositionPatient
+        ds.save_as(dst / f.name)
+        raw = (dst / f.name).read_bytes()
+        (dst / f.name).write_bytes(raw.replace(str(10_000_000 + i).encode(), b"DOE^JOHN"))
+
+
+@pytest.mark.parametrize("drop_positions", [False, True])
+def test_header_values_never_reach_messages(tmp_path, capsys, caplog, recwarn,
+                                            drop_positions):
+    """pydicom quotes invalid values in its warnings and errors: the readers re-word them
+    (file and VR / tag named, value not shown), on the console, in logs and in exceptions."""
+    import logging
+
+    folder = tmp_path / "case"
+    _with_name_in_instance_number(CT5N, folder, drop_positions)
+    caplog.set_level(logging.DEBUG)
+    if drop_positions:  # the order then rests on the broken InstanceNumber: a clear error
+        with pytest.raises(dicom.SeriesError, match=r"InstanceNumber \(0020,0013\) is not a "
+                                                    "number") as e:
+            read_series(folder)
+        assert "DOE" not in str(e.value)
+    else:
+        read_series(folder)
+        for f in sorted(folder.iterdir()):
+            dicom.verify_dicom(f)
+            ds = dicom.dcmread(f)
+            with dicom.header_warnings(f):
+                _ = ds.InstanceNumber  # the lazy conversion that warns
+        assert "non-conforming DICOM header value(s) (VR IS) ignored" in caplog.text
+    out = capsys.readouterr()
+    shown = out.out + out.err + caplog.text + " ".join(str(w.message) for w in recwarn)
+    assert "DOE" not in shown and "JOHN" not in shown
