@@ -12,6 +12,7 @@ Verification (``data.verify``):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -118,6 +119,16 @@ class FileDataModule(MedicalDataModule):
             return index
         all_items = [it for items in index.values() for it in items]
         errors = self._verify_all(all_items, mode)
+        mask_errors = {p: e[len(MASK_ERROR):] for p, e in errors.items()
+                       if e.startswith(MASK_ERROR)}
+        errors = {p: e for p, e in errors.items() if p not in mask_errors}
+        if mask_errors:
+            self.dropped_masks = sorted(mask_errors.values())
+            log.warning("%d lesion masks are unreadable or do not match their image and were "
+                        "dropped (their images are kept, without a mask). First: %s",
+                        len(mask_errors), "; ".join(self.dropped_masks[:3]))
+            index = {k: [dataclasses.replace(it, mask_path=None) if it.path in mask_errors
+                         else it for it in v] for k, v in index.items()}
         if not errors:
             return index
         self.skipped.extend((it, errors[it.path]) for it in all_items if it.path in errors)
@@ -157,12 +168,8 @@ class FileDataModule(MedicalDataModule):
             try:
                 if mode == "full":
                     self.load(by_path[p])
-                    if by_path[p].mask_path:
-                        self.load_mask(by_path[p])
                 else:
                     verify_item(p, self.series_uid.get(p))
-                    if by_path[p].mask_path:
-                        verify_item(by_path[p].mask_path)
             except MissingDecoderError as e:
                 missing_decoder.add(p)
                 return str(e)
@@ -170,6 +177,17 @@ class FileDataModule(MedicalDataModule):
                 return str(e)
             except Exception as e:  # never lose an item silently: count it with its reason
                 return f"{p}: {type(e).__name__}: {e}"
+            if not by_path[p].mask_path:
+                return None
+            try:  # a bad mask costs the mask, not its (valid) image
+                if mode == "full":
+                    self.load_mask(by_path[p])
+                else:
+                    verify_item(by_path[p].mask_path)
+                    self.check_mask_shape(by_path[p])
+            except Exception as e:
+                return MASK_ERROR + (str(e) if isinstance(e, ImageReadError)
+                                     else f"{by_path[p].mask_path}: {type(e).__name__}: {e}")
             return None
 
         todo = []
@@ -241,6 +259,16 @@ class FileDataModule(MedicalDataModule):
         img = read_2d(item.path, expect_16bit=self.expect_16bit)  # (H, W) in [0, 1]
         return resize_2d(img, int(_cfg(self.cfg, "image_size", 1024)))
 
+    def check_mask_shape(self, item: Item, mask_shape: tuple[int, ...] | None = None) -> None:
+        """A mask must have its image's native shape (it would be stretched otherwise)."""
+        image = native_shape(item.path)
+        if mask_shape is None:
+            mask_shape = native_shape(item.mask_path)
+        if image is not None and mask_shape is not None and tuple(mask_shape) != tuple(image):
+            raise ImageReadError(f"{item.mask_path}: mask shape {tuple(mask_shape)} differs "
+                                 f"from its image's {tuple(image)} ({item.path}); write the "
+                                 "mask at the image's size.")
+
     def load_mask(self, item: Item) -> np.ndarray | None:
         if not item.mask_path:
             return None
@@ -249,6 +277,7 @@ class FileDataModule(MedicalDataModule):
             mask = read_npy_volume(path) > 0
         else:
             mask = read_mask(path)
+        self.check_mask_shape(item, mask.shape)
         if self.is_3d:
             if mask.ndim != 3:
                 raise ImageReadError(f"{path}: a 3D item needs a (D, H, W) .npy mask.")
@@ -268,6 +297,35 @@ def _stamp(p: str) -> list:
         return [st.st_size, st.st_mtime_ns]
     except OSError:
         return [-1, -1]
+
+
+MASK_ERROR = "MASK\x00"  # prefix of a mask's (not its image's) verification error
+
+
+def native_shape(path: str | Path | None) -> tuple[int, ...] | None:
+    """Shape of an item as stored, from its header only (PNG size, DICOM Rows x Columns,
+    .npy header); None where it is not known cheaply (a series folder)."""
+    if path is None:
+        return None
+    p = Path(path)
+    try:
+        suffix = p.suffix.lower()
+        if p.is_dir():
+            return None
+        if suffix == ".npy":
+            return tuple(np.load(p, mmap_mode="r").shape)
+        if suffix in DICOM_SUFFIXES:
+            import pydicom
+
+            ds = pydicom.dcmread(p, stop_before_pixels=True,
+                                 specific_tags=["Rows", "Columns"])
+            return (int(ds.Rows), int(ds.Columns))
+        from PIL import Image
+
+        with Image.open(p) as im:
+            return (im.height, im.width)
+    except Exception:
+        return None  # unreadable: the item's own check reports it
 
 
 def verify_item(path: str | Path, series_uid: str | None = None) -> None:

@@ -95,6 +95,15 @@ class FolderDataModule(FileDataModule):
                         mask_path=str(mask) if mask else None, group_id=stem,
                     ))
                 index[(split, group)] = items
+            if masks_dir.is_dir():
+                stems = {item_stem(Path(it.path)) for g in groups
+                         for it in index.get((split, g), [])}
+                orphans = sorted(p.name for p in masks_dir.iterdir()
+                                 if not p.name.startswith(".") and item_stem(p) not in stems)
+                if orphans:
+                    log.warning("%s: %d masks match no %s item by name and are unused, e.g. "
+                                "%s (a mask is <split>/masks/<item stem>.png|.npy)", masks_dir,
+                                len(orphans), split, ", ".join(orphans[:3]))
         if n_ignored:
             kind = "a .npy volume or a series sub-folder" if self.is_3d else ".png / .dcm"
             log.warning(

@@ -30,6 +30,11 @@ class ImageReadError(ValueError):
     """An image or volume that cannot be read; the message names the file and the fix."""
 
 
+def _bomb_message(path: Path, e: Exception) -> str:
+    return (f"{path}: image too large to decode safely ({e}). Downscale it first, or raise "
+            "PIL.Image.MAX_IMAGE_PIXELS in your own script if the file is trusted.")
+
+
 def read_png(path: str | Path, expect_16bit: bool | None = None) -> np.ndarray:
     """Read a grayscale PNG as float32 (H, W) in [0, 1].
 
@@ -47,6 +52,8 @@ def read_png(path: str | Path, expect_16bit: bool | None = None) -> np.ndarray:
             arr = np.asarray(im)
     except FileNotFoundError:
         raise ImageReadError(f"{path}: file not found.") from None
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(_bomb_message(path, e)) from None
     except (OSError, SyntaxError, UnidentifiedImageError, ValueError) as e:
         raise ImageReadError(
             f"{path}: cannot decode PNG ({e}). The file is probably truncated or corrupt; "
@@ -158,6 +165,8 @@ def verify_png(path: str | Path) -> None:
             im.verify()
     except FileNotFoundError:
         raise ImageReadError(f"{path}: file not found.") from None
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(_bomb_message(path, e)) from None
     except (OSError, SyntaxError, UnidentifiedImageError, ValueError) as e:
         raise ImageReadError(
             f"{path}: broken PNG ({e}); re-download or re-export it, or remove it."

@@ -91,6 +91,9 @@ def load_index(
             raise ValueError(f"data.{name}={policy!r} is not one of {list(POLICIES)}")
     df = read_csv(csv_path)
     n_all = len(df)
+    if n_all == 0:
+        raise ValueError(f"{csv_path}: the labels CSV has a header but no rows; use the full "
+                         "PadChest labels CSV.")
     df = df[(df["MethodLabel"] == "Physician") & (df["Projection"] == "PA")].copy()
     n_sel = len(df)
     df["labels"] = df["Labels"].map(parse_labels)

@@ -311,3 +311,24 @@ def test_check_disjoint_by_patient():
         check_disjoint({("train", "normal"): [a, c], ("test", "abnormal"): [b]})
     with pytest.raises(SplitLeakError, match="val and test"):
         check_disjoint({("val", "normal"): [a], ("test", "abnormal"): [b]})
+
+
+def test_bad_masks_cost_the_mask_not_the_image(tmp_path, caplog):
+    """A mask with the wrong shape is refused (not stretched), an unreadable one is dropped
+    (its image kept), and a mask that matches no item by name is reported."""
+    import logging
+
+    root = tmp_path / "d"
+    make_2d(root)
+    Image.fromarray(np.zeros((32, 64), np.uint8)).save(root / "val/masks/va.png")  # wrong shape
+    (root / "test/masks/ta.png").write_bytes(b"\x89PNG broken")  # unreadable
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(root / "test/masks/tA.png")  # no item
+    with caplog.at_level(logging.WARNING):
+        dm = FolderDataModule(cfg(root))
+        dm.setup()
+    assert [it.mask_path for it in dm.items("val", "abnormal")] == [None]
+    assert [it.mask_path for it in dm.items("test", "abnormal")] == [None]
+    assert len(dm.items("test", "abnormal")) == 1  # the image itself is kept
+    assert "2 lesion masks are unreadable or do not match their image" in caplog.text
+    assert "mask shape (32, 64) differs from its image's (64, 64)" in caplog.text
+    assert "1 masks match no test item by name" in caplog.text and "tA.png" in caplog.text

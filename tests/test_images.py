@@ -103,3 +103,14 @@ def test_resize_3d_trilinear_shape_and_constant():
     out = resize_3d(vol, (32, 128, 128))
     assert out.shape == (32, 128, 128)
     np.testing.assert_allclose(out, 7.0, atol=1e-5)
+
+
+def test_decompression_bomb_is_the_projects_error(tmp_path, monkeypatch):
+    """A huge PNG (Pillow's DecompressionBombError) is an ImageReadError naming the file."""
+    from PIL import Image as PILImage
+
+    p = _png16(tmp_path / "huge.png", np.zeros((64, 64)))
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)  # 64x64 > 2 x 100: a "bomb"
+    for fn in (read_png, verify_png):
+        with pytest.raises(ImageReadError, match="huge.png: image too large to decode safely"):
+            fn(p)

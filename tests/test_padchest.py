@@ -179,3 +179,10 @@ def test_paper_cohort_on_real_csv():
     assert "train" not in abn and abs(abn["val"] - abn["test"]) < 0.05 * 4801
     nor = split[c.is_normal].value_counts(normalize=True)
     assert nor["train"] == pytest.approx(0.70, abs=0.02)
+
+
+def test_header_only_csv_is_a_clear_error(tmp_path):
+    p = tmp_path / "labels.csv"
+    p.write_text("ImageID,ImageDir,PatientID,MethodLabel,Projection,Labels\n")
+    with pytest.raises(ValueError, match="labels.csv: the labels CSV has a header but no rows"):
+        load_index(p)
