@@ -25,9 +25,11 @@ import numpy as np
 
 from datamodules.base import SPLIT_GROUPS, Item, MedicalDataModule
 from datamodules.dicom import (
+    MIN_SLICES,
     MissingDecoderError,
-    list_series,
+    _too_few_slices,
     load_brain_volume,
+    ordered_slices,
     read_npy_volume,
     verify_dicom,
 )
@@ -47,6 +49,8 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = REPO_ROOT / ".cache"
 VERIFY_MODES = ("quick", "full", "none")
+# Bumped whenever the quick check's verdicts change, so cached verdicts are not reused.
+CHECK_VERSION = 2
 
 
 class EmptySplitError(ValueError):
@@ -155,7 +159,8 @@ class FileDataModule(MedicalDataModule):
         paths = sorted({it.path for it in items})
         by_path = {it.path: it for it in items}
         cache_file = CACHE_DIR / "verified" / (
-            hashlib.sha1(str(_cfg(self.cfg, "root", "")).encode()).hexdigest()[:16] + ".json"
+            hashlib.sha1(str(_cfg(self.cfg, "root", "")).encode()).hexdigest()[:16]
+            + f".v{CHECK_VERSION}.json"
         )
         cache = {}
         if mode == "quick" and cache_file.is_file():
@@ -332,19 +337,11 @@ def verify_item(path: str | Path, series_uid: str | None = None) -> None:
     """Quick check of one item (file or series folder); raises :class:`ImageReadError`."""
     path = Path(path)
     if path.is_dir():
-        groups = list_series(path)
-        if not groups:
-            raise ImageReadError(f"{path}: no DICOM image slices found.")
-        if series_uid is not None:
-            if series_uid not in groups:
-                raise ImageReadError(f"{path}: series {series_uid} not found in the folder.")
-            groups = {series_uid: groups[series_uid]}
-        if len(groups) > 1:
-            raise ImageReadError(
-                f"{path}: holds {len(groups)} image series; keep one series per folder "
-                "(or name one in the labels CSV's series_uid column)."
-            )
-        for f, _ in next(iter(groups.values())):
+        # Same grouping, ordering and slice checks as read_series, headers only.
+        slices, _, _ = ordered_slices(path, series_uid)
+        if len(slices) < MIN_SLICES:
+            raise ImageReadError(_too_few_slices(path, len(slices)))
+        for f, _ in slices:
             verify_dicom(f)
         return
     suffix = path.suffix.lower()

@@ -255,33 +255,56 @@ def read_image(path: str | Path) -> np.ndarray:
     return img.astype(np.float32)
 
 
+_GRAY = ("MONOCHROME1", "MONOCHROME2", "")
+_COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "YBR_PARTIAL_420")
+
+
 @_reworded
 def verify_dicom(path: str | Path) -> None:
-    """Cheap check (no decompression): parses, has pixel data, a decoder exists, and native
-    pixel data has the expected length. Raises :class:`DicomReadError`."""
+    """The quick check: decides what :func:`read_image` / :func:`read_series` will do with the
+    file without reading more than needed. Parses the header; refuses what the readers refuse
+    (no pixel data, multi-frame, a photometric interpretation they cannot convert such as
+    PALETTE COLOR, no decoder); checks native pixel data against pydicom's expected length
+    (which knows subsampled YBR_FULL_422); and decodes compressed pixel data (JPEG, JPEG 2000,
+    RLE), since a broken compressed stream shows only when decoded. Raises
+    :class:`DicomReadError` with the reader's message."""
+    path = Path(path)
     ds = dcmread(path)
     if "PixelData" not in ds:
         raise DicomReadError(f"{path}: the DICOM file has no pixel data.")
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError) as e:
+        raise DicomReadError(f"{path}: malformed image header ({_safe(e)}).") from None
+    if frames > 1:
+        raise DicomReadError(
+            f"{path}: multi-frame DICOM ({frames} frames); a 2D item must hold one image.")
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    if photometric not in _GRAY + _COLOUR:
+        raise DicomReadError(f"{path}: unsupported photometric interpretation {photometric!r}.")
     check_decoder(ds, path)
+    if transfer_syntax(ds).is_compressed:
+        arr = pixel_array(ds, path)  # the decode the reader will do (cached by the caller)
+        if arr.ndim not in (2, 3):
+            raise DicomReadError(f"{path}: expected a 2D image, got pixel array shape "
+                                 f"{arr.shape}.")
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         _check_native_length(ds, path)
 
 
 def _check_native_length(ds: pydicom.Dataset, path: str | Path) -> None:
-    if not transfer_syntax(ds).is_compressed:
-        try:
-            rows, cols = int(ds.Rows), int(ds.Columns)
-            spp = int(ds.get("SamplesPerPixel", 1))
-            bits = int(ds.BitsAllocated)
-            frames = int(ds.get("NumberOfFrames", 1) or 1)
-        except Exception as e:
-            raise DicomReadError(f"{path}: malformed image header ({_safe(e)}).") from None
-        expected = rows * cols * spp * frames * bits // 8
-        if len(ds.PixelData) < expected:
-            raise DicomReadError(
-                f"{path}: truncated pixel data ({len(ds.PixelData)} of {expected} bytes)."
-            )
+    from pydicom.pixels.utils import get_expected_length
+
+    try:
+        expected = int(get_expected_length(ds, unit="bytes"))
+    except Exception as e:
+        raise DicomReadError(f"{path}: malformed image header ({_safe(e)}).") from None
+    if len(ds.PixelData) < expected:
+        raise DicomReadError(
+            f"{path}: truncated pixel data ({len(ds.PixelData)} of {expected} bytes)."
+        )
 
 
 # --- series -> volume -----------------------------------------------------------------------
@@ -350,6 +373,15 @@ def read_series(
     Returns ``(hu (D, H, W) float32, (dz, dy, dx) in mm)``.
     """
     folder = Path(folder)
+    slices, key, normal = ordered_slices(folder, series_uid)
+    return _read_slices(slices, key, normal)
+
+
+def ordered_slices(folder: str | Path, series_uid: str | None = None):
+    """Headers of one series' slices in volume order, their positions along the slice normal
+    and the normal (None if unknown): everything :func:`read_series` decides before reading
+    pixels, so the quick check can refuse exactly what the reader refuses."""
+    folder = Path(folder)
     groups = list_series(folder)
     if not groups:
         raise SeriesError(f"{folder}: no DICOM image slices found (localizers excluded).")
@@ -398,6 +430,10 @@ def read_series(
             f"{folder}: {n_dup} slices share a position along the slice normal (two "
             "acquisitions in one series?); split them into separate folders."
         )
+    return slices, key, normal
+
+
+def _read_slices(slices, key, normal) -> tuple[np.ndarray, tuple[float, float, float]]:
 
     hu_slices = []
     shape = None
@@ -428,6 +464,14 @@ def brain_window(hu: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(hu + BRAIN_WINDOW_OFFSET), 0, BRAIN_WINDOW_MAX).astype(np.uint8)
 
 
+MIN_SLICES = 2  # a 3D item: one slice would be stretched over every output slice
+
+
+def _too_few_slices(path, n: int) -> str:
+    return (f"{path}: only {n} image slice; a 3D item needs at least {MIN_SLICES} slices (it "
+            "would be stretched to data.volume_size otherwise).")
+
+
 def read_npy_volume(path: str | Path) -> np.ndarray:
     """A (D, H, W) HU volume stored as ``.npy``; rejects NaN/Inf and wrong shapes."""
     path = Path(path)
@@ -437,8 +481,9 @@ def read_npy_volume(path: str | Path) -> np.ndarray:
         raise ImageReadError(f"{path}: file not found.") from None
     except Exception as e:
         raise ImageReadError(f"{path}: cannot load .npy ({type(e).__name__}: {e}).") from None
-    if vol.ndim != 3:
-        raise ImageReadError(f"{path}: expected a (D, H, W) HU volume, got shape {vol.shape}.")
+    if vol.ndim != 3 or min(vol.shape) < 2:
+        raise ImageReadError(f"{path}: expected a (D, H, W) HU volume with at least 2 voxels "
+                             f"along each axis, got shape {vol.shape}.")
     if not (np.issubdtype(vol.dtype, np.number) or vol.dtype == np.bool_):
         raise ImageReadError(f"{path}: non-numeric array dtype {vol.dtype}.")
     if np.issubdtype(vol.dtype, np.floating) and not np.isfinite(vol).all():
@@ -465,6 +510,9 @@ def load_brain_volume(path: str | Path, shape: tuple[int, int, int],
 
     The window comes first: resampling raw HU would blend padding (-2000 ...) and bone into the
     brain voxels at the edges."""
-    windowed = brain_window(read_volume_hu(path, series_uid)).astype(np.float32)  # 0..127
+    hu = read_volume_hu(path, series_uid)
+    if hu.shape[0] < MIN_SLICES:
+        raise SeriesError(_too_few_slices(path, hu.shape[0]))
+    windowed = brain_window(hu).astype(np.float32)  # 0..127
     vol = resize_3d(windowed, shape) / BRAIN_WINDOW_MAX
     return np.clip(vol, 0.0, 1.0).astype(np.float32)

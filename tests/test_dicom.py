@@ -3,6 +3,7 @@ compressed and broken files)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -281,3 +282,54 @@ def test_header_values_never_reach_messages(tmp_path, capsys, caplog, recwarn,
     out = capsys.readouterr()
     shown = out.out + out.err + caplog.text + " ".join(str(w.message) for w in recwarn)
     assert "DOE" not in shown and "JOHN" not in shown
+
+
+# --- the quick check decides what the reader will do ---------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted(TEST_FILES.glob("*.dcm")), ids=lambda p: p.name)
+def test_quick_check_agrees_with_the_reader_on_pydicoms_files(path, recwarn):
+    """Every pydicom test file (multi-frame, PALETTE COLOR, broken JPEG / J2K, truncated,
+    subsampled YBR_FULL_422, ...): the quick check passes exactly the files read_image reads,
+    so nothing that passes the check crashes training later."""
+    from datamodules.common import verify_item
+    from datamodules.images import ImageReadError, read_2d
+
+    try:
+        read_2d(path)
+        readable = True
+    except ImageReadError:
+        readable = False
+    if readable:
+        verify_item(path)
+    else:
+        with pytest.raises(ImageReadError, match=re.escape(path.name)):
+            verify_item(path)
+
+
+def test_degenerate_volumes_are_refused_by_check_and_reader(tmp_path):
+    from datamodules.common import verify_item
+    from datamodules.images import ImageReadError
+
+    for shape in [(0, 32, 32), (1, 32, 32), (4, 1, 32)]:
+        p = tmp_path / f"v{shape[0]}_{shape[1]}.npy"
+        np.save(p, np.zeros(shape, np.int16))
+        with pytest.raises(ImageReadError, match="at least 2 voxels"):
+            verify_item(p)
+        with pytest.raises(ImageReadError, match="at least 2 voxels"):
+            load_brain_volume(p, (8, 16, 16))
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(sorted(CT5N.iterdir())[0], one / "a.dcm")
+    with pytest.raises(ImageReadError, match="only 1 image slice"):
+        verify_item(one)
+    with pytest.raises(SeriesError, match="only 1 image slice"):
+        load_brain_volume(one, (8, 16, 16))
+    dup = tmp_path / "dup"
+    shutil.copytree(CT5N, dup)
+    first = sorted(dup.iterdir())[0]
+    ds = pydicom.dcmread(first)
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(dup / "copy.dcm")  # a second slice at the same position
+    with pytest.raises(ImageReadError, match="share a position"):
+        verify_item(dup)
