@@ -3,8 +3,9 @@ check of every indexed item before training (unreadable items are skipped, count
 summarised; a split left empty is an error).
 
 Verification (``data.verify``):
-    quick  parse headers / PNG chunk CRCs, check a DICOM decoder exists (no decompression);
-           results are cached in ``.cache/verified/`` keyed by file size + mtime, so a large
+    quick  decides what the reader will do, reading no more than needed: PNG chunk CRCs,
+           DICOM headers (multi-frame, photometric, decoder, native length, slice order and
+           duplicates of a series), compressed DICOM pixel data decoded once; results are cached in ``.cache/verified/`` keyed by file size + mtime, so a large
            data set (PadChest: ~24k PNGs) is read once, not per run
     full   decode every item (slow; finds everything)
     none   trust the files (a broken one then fails at load time, naming the file)
