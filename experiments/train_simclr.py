@@ -57,6 +57,7 @@ def build_module(cfg: DictConfig):
         reference_batch_size=int(o.reference_batch_size),
         global_batch_size=int(cfg.data.batch_size), warmup_epochs=float(o.warmup_epochs),
         scheduler=str(o.scheduler), knn_k=int(s.knn_k), channels_last=bool(s.channels_last),
+        chunk_size=None if s.chunk_size is None else int(s.chunk_size),
     )
 
 

@@ -27,3 +27,8 @@ class SimCLRConfig:
     knn_k: int = 5
     val_seed: int = 0  # seeds the val views so the metrics are comparable across epochs
     channels_last: bool = False  # memory format for the encoder (faster convolutions on GPU)
+    # Encode the 2B views of a batch this many at a time with activation checkpointing
+    # (gradient caching): the exact NT-Xent over every negative with activation memory set by
+    # the chunk (lightning_modules/simclr/chunked.py). Our addition: the paper does not say how
+    # its batch of 256 patches at 512^2 / 1024^2 fitted; null = one pass (the paper's loss).
+    chunk_size: int | None = None

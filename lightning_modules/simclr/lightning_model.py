@@ -28,6 +28,7 @@ from lightly.utils.lars import LARS
 from lightly.utils.scheduler import CosineWarmupScheduler
 from pytorch_lightning.utilities import rank_zero_info
 
+from lightning_modules.simclr.chunked import chunked_forward
 from lightning_modules.simclr.torch_model import PatchEncoder, SimCLRModel, build_backbone
 
 CKPT_KEY = "simclr_encoder"  # extra checkpoint entry: what the detector checks
@@ -96,7 +97,7 @@ class SimCLRModule(pl.LightningModule):
                  momentum: float = 0.9, lr_scaling: str = "none",
                  reference_batch_size: int = 256, global_batch_size: int = 256,
                  warmup_epochs: float = 10.0, scheduler: str = "cosine", knn_k: int = 5,
-                 channels_last: bool = False):
+                 channels_last: bool = False, chunk_size: int | None = None):
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.model = SimCLRModel(backbone, proj_hidden_dim, proj_out_dim)
@@ -114,10 +115,13 @@ class SimCLRModule(pl.LightningModule):
 
     def forward_views(self, x0: torch.Tensor, x1: torch.Tensor):
         """Both views in one forward pass (batch statistics over all 2B views, as in SimCLR).
+        With ``chunk_size`` the 2B views are encoded ``chunk_size`` at a time with activation
+        checkpointing: the same loss over every negative in bounded memory (:mod:`.chunked`).
 
         Returns h0, h1 (B, F), z0, z1 (B, D) and the NT-Xent loss.
         """
-        h, z = self.model(self._inputs(torch.cat([x0, x1])))  # (2B, F), (2B, D)
+        x = self._inputs(torch.cat([x0, x1]))
+        h, z = chunked_forward(self.model, x, self.hparams.chunk_size)  # (2B, F), (2B, D)
         h0, h1 = h.chunk(2)
         z0, z1 = z.float().chunk(2)
         return h0, h1, z0, z1, self.criterion(z0, z1)
