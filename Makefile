@@ -96,6 +96,7 @@ check-data: install ## Index and check a data set: make check-data NAME=padchest
 benchmarks: install ## Speed/memory benchmarks, each against its reference in the same run (prints ratios)
 	$(PY) -m experiments.benchmarks.locality_search
 	$(PY) -m experiments.benchmarks.simclr_step
+	$(PY) -m experiments.benchmarks.simclr_chunk_memory
 	$(PY) -m experiments.benchmarks.glow_step
 
 clean: ## Remove outputs and caches (keeps .venv)
