@@ -367,7 +367,8 @@ def _batchnorm_free(module: SimCLRModule) -> SimCLRModule:
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path):
+@pytest.mark.parametrize("chunk", [None, 3])  # 3: simclr.chunk_size composes with gathering
+def test_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path, chunk):
     import pytorch_lightning as pl
 
     lr = 0.05
@@ -389,7 +390,7 @@ def test_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path):
     assert abs(float(sum(half) / 2) - float(ref_loss.detach())) > 1e-3
 
     # DDP: 2 CPU processes (gloo), 4 pairs each (DistributedSampler: rank r gets r, r+2, ...).
-    ddp = _batchnorm_free(SimCLRModule(32, **kwargs))
+    ddp = _batchnorm_free(SimCLRModule(32, **kwargs, chunk_size=chunk))
     ddp.load_state_dict(init)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=1,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
