@@ -91,7 +91,7 @@ phantoms: install ## Write every phantom data set format into $(OUT)/phantoms
 	$(PY) -m datamodules.phantoms --format folder --modality bct --out $(OUT)/phantoms/folder-bct --n 10
 
 check-data: install ## Index and check a data set: make check-data NAME=padchest DATA=/data/padchest
-	$(PY) -m datamodules.factory data=$(or $(NAME),folder) $(DATA_ARG) $(ARGS)
+	$(PY) -m experiments.check_data data=$(or $(NAME),folder) $(DATA_ARG) $(ARGS)
 
 benchmarks: install ## Speed/memory benchmarks, each against its reference in the same run (prints ratios)
 	$(PY) -m experiments.benchmarks.locality_search

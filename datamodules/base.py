@@ -40,6 +40,15 @@ class Item:
     group_id: str = ""  # patient / case id, for patient-level splits; never logged
 
 
+def _cfg(cfg, key, default):
+    """Read an optional config field (data modules also accept plain dicts / older configs)."""
+    try:
+        value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+    except Exception:
+        value = getattr(cfg, key, default)
+    return default if value is None else value
+
+
 class ItemDataset(Dataset):
     """``{"image": (1,H,W) or (1,D,H,W) float32, "label": int, "index": int}`` per item."""
 

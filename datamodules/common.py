@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.base import SPLIT_GROUPS, Item, MedicalDataModule
+from datamodules.base import SPLIT_GROUPS, Item, MedicalDataModule, _cfg
 from datamodules.dicom import (
     MIN_SLICES,
     MissingDecoderError,
@@ -56,15 +56,6 @@ CHECK_VERSION = 2
 
 class EmptySplitError(ValueError):
     """A (split, group) that the methods need has no usable item."""
-
-
-def _cfg(cfg, key, default):
-    """Read an optional config field (data modules also accept plain dicts / older configs)."""
-    try:
-        value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-    except Exception:
-        value = getattr(cfg, key, default)
-    return default if value is None else value
 
 
 class FileDataModule(MedicalDataModule):
@@ -214,7 +205,7 @@ class FileDataModule(MedicalDataModule):
             else:
                 todo.append(p)
         if todo:
-            from experiments.common import track
+            from datamodules.progress import track
 
             workers = min(8, (os.cpu_count() or 2) * 2)
             with ThreadPoolExecutor(max_workers=workers) as pool:

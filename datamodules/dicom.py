@@ -30,7 +30,8 @@ from pydicom.pixels import apply_modality_lut
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID
 
-from datamodules.images import ImageReadError, resize_3d
+from datamodules.errors import ImageReadError
+from datamodules.resize import resize_3d
 
 log = logging.getLogger(__name__)
 

@@ -116,7 +116,7 @@ class ImageStore:
         self.shape = (int(first.shape[0]), int(first.shape[1]))
         need_gb = len(self.items) * first.size * 2 / 2**30
         if need_gb <= cache_max_gb:
-            from experiments.common import track
+            from datamodules.progress import track
 
             self.array = np.empty((len(self.items), *self.shape), dtype=np.uint16)
             self.array[0] = self._quantise(first)
@@ -206,7 +206,7 @@ class PatchDataset(Dataset):
 
     def _load_crops(self, dm: MedicalDataModule, first: ImageStore,
                     description: str) -> np.ndarray:
-        from experiments.common import track
+        from datamodules.progress import track
 
         img_of = self.index // len(self.cells)
         s = self.cells[0].size

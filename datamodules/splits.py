@@ -238,8 +238,7 @@ def flow_index(normal_ids: Sequence[str], abnormal_ids: Sequence[str], cfg,
     """
     import random
 
-    from datamodules.base import ABNORMAL, NORMAL, UNLABELED
-    from datamodules.common import _cfg
+    from datamodules.base import ABNORMAL, NORMAL, UNLABELED, _cfg
 
     seed = int(_cfg(cfg, "split_seed", 0))
     sets = flow_sets(

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from rich.logging import RichHandler
 
-T = TypeVar("T")
+from datamodules.progress import track  # noqa: F401  (re-exported for the entry points)
+
 log = logging.getLogger(__name__)
 
 
@@ -116,14 +115,3 @@ def resolve_ckpt_path(cfg: DictConfig, out_dir: str | Path) -> str | None:
     if not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist.")
     return cfg.ckpt_path
-
-
-def track(iterable: Iterable[T], description: str, total: int | None = None,
-          enabled: bool = True) -> Iterator[T]:
-    """A rich progress bar for long loops (feature extraction, scoring)."""
-    if not enabled:
-        yield from iterable
-        return
-    from rich.progress import track as rich_track
-
-    yield from rich_track(iterable, description=description, total=total, transient=False)

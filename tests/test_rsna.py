@@ -170,7 +170,7 @@ def test_paper_sizes_on_real_rsna_labels_never_leak(tmp_path, monkeypatch):
     path = Path(xrv.__file__).parent / "data" / "kaggle_stage_2_train_labels.csv.zip"
     if not path.is_file():
         pytest.skip("RSNA labels CSV not shipped in this torchxrayvision")
-    from datamodules.factory import main as check_data
+    from experiments.check_data import main as check_data
 
     root = tmp_path / "rsna"
     (root / "stage_2_train_images").mkdir(parents=True)

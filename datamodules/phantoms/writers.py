@@ -66,7 +66,7 @@ def _progress(it: Iterable[T], description: str, total: int, progress: bool | No
     if not enabled:
         yield from it
         return
-    from experiments.common import track
+    from datamodules.progress import track
 
     yield from track(it, description=description, total=total)
 

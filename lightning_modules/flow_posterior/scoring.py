@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from experiments.common import track
+from datamodules.progress import track
 from lightning_modules.flow_posterior.posterior import (
     check_same_preprocessing,
     likelihood_score,
