@@ -82,6 +82,19 @@ def locality_nearest(query: torch.Tensor, query_cells: torch.Tensor, ref: torch.
         r_grp = ref_groups.to(device)[r_order].long()
     r_bounds = _row_bounds(ref_cells[:, 0], n_rows)
     q_bounds = _row_bounds(query_cells[:, 0], n_rows)
+    grid = _regular(query_cells, ref_cells, n_rows, n_cols)
+    if grid is not None:  # every cell equally often: search by cell offset, no wasted work
+        n_qi, n_ri = grid
+        b, bi = _offset_search(
+            query_s.reshape(n_rows, n_cols, n_qi, -1), ref_s.reshape(n_rows, n_cols, n_ri, -1),
+            d, kernel, chunk_size,
+            None if query_groups is None else q_grp.reshape(n_rows, n_cols, n_qi),
+            None if query_groups is None else r_grp.reshape(n_rows, n_cols, n_ri))
+        best, best_idx = b.reshape(-1), torch.where(b.reshape(-1).isfinite(),
+                                                    r_order[bi.reshape(-1).clamp_min(0)], -1)
+        scores, index = torch.empty_like(best), torch.empty_like(best_idx)
+        scores[q_order], index[q_order] = best, best_idx
+        return finish(scores, kernel), index
 
     # One block = one reference grid row (all reference images) against every query patch
     # that can see it (query rows k-d..k+d, all query images); columns with |j - l| > d are
@@ -108,6 +121,77 @@ def locality_nearest(query: torch.Tensor, query_cells: torch.Tensor, ref: torch.
     scores, index = torch.empty_like(best), torch.empty_like(best_idx)
     scores[q_order], index[q_order] = best, best_idx  # back to the caller's query order
     return finish(scores, kernel), index
+
+
+def _regular(query_cells: torch.Tensor, ref_cells: torch.Tensor, n_rows: int, n_cols: int
+             ) -> tuple[int, int] | None:
+    """(queries per cell, references per cell) when both sets hold every cell of the
+    ``n_rows x n_cols`` grid equally often (whole images on one grid: the usual case), else
+    None."""
+    out = []
+    for cells in (query_cells, ref_cells):
+        counts = torch.bincount(_grid_keys(cells, n_cols), minlength=n_rows * n_cols)
+        if counts.numel() != n_rows * n_cols or int(counts.min()) != int(counts.max()) or \
+                int(counts[0]) == 0:
+            return None
+        out.append(int(counts[0]))
+    return out[0], out[1]
+
+
+def _offset_search(q4: torch.Tensor, r4: torch.Tensor, d: int, kernel: str, chunk_size: int,
+                   q_grp: torch.Tensor | None, r_grp: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Locality search on a regular grid: ``q4`` (G_r, G_c, n_q, D), ``r4`` (G_r, G_c, n_r, D)
+    (patches of each cell contiguous). For every grid row and every cell offset (di, dj) with
+    |di|, |dj| <= d, the query cells of that row and the reference cells shifted by the offset
+    are two contiguous slices: one batched matmul over the row's cells computes exactly the
+    pairs inside the window -- (2d+1)^2 / G^2 of the full search's work, edges excluded -- with
+    no masking. Returns the minimum (G_r, G_c, n_q) and its index into the cell's references
+    as a flat row-sorted reference index."""
+    n_rows, n_cols, n_q, _ = q4.shape
+    n_r = r4.shape[2]
+    best = torch.full((n_rows, n_cols, n_q), float("inf"), device=q4.device)
+    best_idx = torch.full((n_rows, n_cols, n_q), -1, dtype=torch.long, device=q4.device)
+    rr = (r4 * r4).sum(-1) if kernel == "l2" else None  # (G_r, G_c, n_r)
+    qq = (q4 * q4).sum(-1) if kernel == "l2" else None
+    cell_base = (torch.arange(n_rows * n_cols, device=q4.device) * n_r).reshape(n_rows, n_cols)
+    step = max(1, int(chunk_size))
+    for i in range(n_rows):
+        for di in range(-d, d + 1):
+            k = i + di
+            if not 0 <= k < n_rows:
+                continue
+            for dj in range(-d, d + 1):
+                c0, c1 = max(0, -dj), min(n_cols, n_cols - dj)  # query cols; refs at + dj
+                if c1 <= c0:
+                    continue
+                for q0 in range(0, n_q, step):
+                    q = q4[i, c0:c1, q0:q0 + step]  # (C, nq, D)
+                    for r0 in range(0, n_r, step):
+                        r = r4[k, c0 + dj:c1 + dj, r0:r0 + step]  # (C, nr, D)
+                        if kernel == "l2":
+                            dist = torch.baddbmm(rr[k, c0 + dj:c1 + dj, None, r0:r0 + step], q,
+                                                 r.transpose(1, 2), alpha=-2.0)
+                            dist += qq[i, c0:c1, q0:q0 + step, None]
+                            dist.clamp_min_(0.0)
+                        elif kernel == "l1":
+                            dist = torch.cdist(q, r, p=1.0)
+                        elif kernel == "cos":
+                            dist = 1.0 - torch.bmm(q, r.transpose(1, 2))
+                        else:
+                            raise ValueError(f"unknown kernel {kernel!r}")
+                        if q_grp is not None:
+                            dist.masked_fill_(q_grp[i, c0:c1, q0:q0 + step, None]
+                                              == r_grp[k, c0 + dj:c1 + dj, None, r0:r0 + step],
+                                              float("inf"))
+                        v, vi = dist.min(2)  # (C, nq)
+                        cur = best[i, c0:c1, q0:q0 + step]
+                        better = v < cur
+                        flat = cell_base[k, c0 + dj:c1 + dj, None] + r0 + vi
+                        best[i, c0:c1, q0:q0 + step] = torch.where(better, v, cur)
+                        best_idx[i, c0:c1, q0:q0 + step] = torch.where(
+                            better, flat, best_idx[i, c0:c1, q0:q0 + step])
+    return best, best_idx
 
 
 def _row_bounds(rows: torch.Tensor, n_rows: int) -> list[int]:
