@@ -44,21 +44,26 @@ CXR_STYLES = {
                     nodule_r=(0.045, 0.085), nodule_amp=(0.18, 0.26),
                     consolidation_amp=(0.2, 0.3), effusion_h=(0.35, 0.55),
                     cardio_g=(1.4, 1.7)),
+    # Lesion strength calibrated on seeds 50000-70999 (never a dev or report seed) so that the
+    # per-pixel z-score stays near the benchmark's 0.65 gate while a local method can see them:
+    # z-score 0.64-0.67 / random-CNN 0.60-0.67 at 128^2 (80 test images); the first, fainter
+    # version gave 0.44-0.60 for both (below what the issue's own hard set gave the CNN, 0.70).
     "hard": dict(rot=6.0, shift=0.08, scale=(0.9, 1.1), tissue=(0.38, 0.56),
-                 body_w=(0.76, 0.98), lung_ax=(0.23, 0.32), noise=(0.01, 0.03),
+                 body_w=(0.76, 0.98), lung_ax=(0.23, 0.32), noise=(0.008, 0.022),
                  shading=(0.04, 0.12), gamma=(0.8, 1.25), gain=(0.85, 1.1), nodules=(1, 2),
                  # one mass of 2-5 % of a lung's area (~0.44 in normalised units): r 0.053-0.084
-                 nodule_r=(0.053, 0.084), nodule_amp=(0.06, 0.12),
-                 consolidation_amp=(0.07, 0.13), effusion_h=(0.18, 0.32),
-                 cardio_g=(1.2, 1.4)),
+                 nodule_r=(0.053, 0.084), nodule_amp=(0.15, 0.24),
+                 consolidation_amp=(0.16, 0.26), effusion_h=(0.28, 0.48),
+                 cardio_g=(1.3, 1.55)),
 }
 CT_STYLES = {
     "default": dict(rot=10.0, shift=0.05, scale=(0.9, 1.0), noise=(3.0, 6.0),
                     haemorrhage=HU_HAEMORRHAGE, infarct=HU_INFARCT, rxy=(0.09, 0.17),
                     rz=(0.15, 0.3), wedge=(14.0, 24.0), wedge_rz=(0.2, 0.35)),
-    "hard": dict(rot=15.0, shift=0.08, scale=(0.85, 1.05), noise=(4.0, 8.0),
-                 haemorrhage=(55.0, 75.0), infarct=(18.0, 24.0), rxy=(0.06, 0.11),
-                 rz=(0.12, 0.22), wedge=(10.0, 16.0), wedge_rz=(0.15, 0.25)),
+    # Calibrated as the chest style: z-score 0.62 / random-CNN 0.58 at 16x32x32 (80 volumes).
+    "hard": dict(rot=15.0, shift=0.08, scale=(0.85, 1.05), noise=(3.0, 6.0),
+                 haemorrhage=(55.0, 75.0), infarct=(18.0, 24.0), rxy=(0.09, 0.15),
+                 rz=(0.18, 0.3), wedge=(14.0, 22.0), wedge_rz=(0.2, 0.32)),
 }
 PHANTOM_STYLES = tuple(CXR_STYLES)
 
