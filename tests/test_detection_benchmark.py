@@ -48,7 +48,7 @@ def test_quick_benchmark_table_and_last_line(quick_run):
     table = [ln for ln in lines if re.match(r"(bct|digits)\s", ln)]
     assert [ln.split()[0] for ln in table] == ["bct", "digits", "digits"]
     assert [ln.split()[3] for ln in table] == ["flow", "patch", "flow"]
-    assert all(re.search(r"\d\.\d{3} \[\d\.\d\d, \d\.\d\d\]", ln) for ln in table)
+    assert all(re.search(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", ln) for ln in table)
     assert any(ln.startswith("gate bct") for ln in lines)
     d = json.loads((tmp / "out" / "detection.json").read_text())
     assert len(d["rows"]) == 3 and d["quick"] is True

@@ -301,12 +301,12 @@ def method_row(set_name: str, data: str, method: str, ref: Scored,
 def _fmt(a: float, ci: list[float]) -> str:
     if math.isnan(a):
         return "n/a"
-    return f"{a:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+    return f"{a:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def print_table(rows: list[Row], gates: dict[str, dict]) -> None:
-    head = (f"{'set':7s} {'data':13s} {'method':6s} {'n test':7s} {'AUROC [95% CI]':20s} "
-            f"{'z-score':20s} {'random-CNN':20s} {'margin':>7s} {'p':>7s} {'time':>7s}")
+    head = (f"{'set':7s} {'data':13s} {'method':6s} {'n test':7s} {'AUROC [95% CI]':22s} "
+            f"{'z-score':22s} {'random-CNN':22s} {'margin':>7s} {'p':>7s} {'time':>7s}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -315,8 +315,8 @@ def print_table(rows: list[Row], gates: dict[str, dict]) -> None:
         margin = "n/a" if math.isnan(r.margin) else f"{r.margin:+.3f}"
         p = "n/a" if math.isnan(r.p_vs_best_baseline) else f"{r.p_vs_best_baseline:.3f}"
         print(f"{r.set:7s} {r.data:13s} {r.method:6s} {r.n_test:7s} "
-              f"{_fmt(r.auroc, r.auroc_ci):20s} {_fmt(r.zscore_auroc, r.zscore_ci):20s} "
-              f"{_fmt(r.cnn_auroc, r.cnn_ci):20s} {margin:>7s} {p:>7s} {t:>7s}{flag}")
+              f"{_fmt(r.auroc, r.auroc_ci):22s} {_fmt(r.zscore_auroc, r.zscore_ci):22s} "
+              f"{_fmt(r.cnn_auroc, r.cnn_ci):22s} {margin:>7s} {p:>7s} {t:>7s}{flag}")
         if r.error:
             print(f"        FAILED: {r.error}")
     print("margin = method AUROC - max(baseline AUROCs); p = paired DeLong test vs the better "
