@@ -33,11 +33,12 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+import scipy.stats
 import torch
 from torchmetrics.functional.classification import binary_auroc, binary_roc, binary_stat_scores
 
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 METRIC_KEYS = (
     "auroc",
+    "auroc_ci",
     "accuracy",
     "precision",
     "sensitivity",
@@ -173,8 +175,10 @@ def roc_with_youden(
 def binary_metrics(labels: Any, scores: Any, threshold: float) -> dict[str, Any]:
     """Image-level metrics at ``threshold`` (abnormal iff score > threshold), eqs. 7-10 + AUROC.
 
-    Keys: auroc, accuracy, precision, sensitivity, specificity, threshold, youden_threshold,
-    n_normal, n_abnormal, tp, fp, tn, fn. Ratios whose denominator is 0 are NaN (warned).
+    Keys: auroc, auroc_ci ([low, high], 95 % DeLong: :func:`delong_ci`), accuracy, precision,
+    sensitivity, specificity, threshold, youden_threshold, n_normal, n_abnormal, tp, fp, tn,
+    fn. Ratios whose denominator is 0 are NaN (warned); so are CI bounds with < 2 items of a
+    class.
     """
     y, s = _check_labels_scores(labels, scores)
     if y.size == 0:
@@ -203,10 +207,13 @@ def binary_metrics(labels: Any, scores: Any, threshold: float) -> dict[str, Any]
     }
     if _one_class(y, "binary_metrics"):  # one warning, not one per derived metric
         auc = youden = float("nan")
+        ci = [float("nan"), float("nan")]
     else:
         auc, youden = auroc(y, s), roc_with_youden(y, s)[3]
+        ci = list(delong_ci(y, s)[1:3])
     out.update(
         auroc=auc,
+        auroc_ci=ci,
         threshold=threshold,
         youden_threshold=youden,
         n_normal=int((y == 0).sum()),
@@ -266,6 +273,224 @@ def per_finding_metrics(
             "sensitivity": float((s[idx] > threshold).mean()) if idx.size else float("nan"),
         }
     return out
+
+
+# --- uncertainty ----------------------------------------------------------------------------
+# DeLong, DeLong & Clarke-Pearson, Biometrics 44 (1988): the AUROC is a two-sample U-statistic;
+# its variance follows from the structural components V10 (one per abnormal item: the share of
+# normals it outranks) and V01 (one per normal item: the share of abnormals that outrank it).
+# Sun & Xu, IEEE Signal Process. Lett. 21 (2014), "Fast implementation of DeLong's algorithm":
+# the components are differences of midranks, so everything is O(N log N) (three rankings).
+class AurocCI(NamedTuple):
+    """AUROC with its DeLong variance and ``level`` confidence interval (clipped to [0, 1])."""
+
+    auroc: float
+    low: float
+    high: float
+    variance: float
+
+
+def _z(level: float) -> float:
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"confidence level must be in (0, 1), got {level}")
+    return float(scipy.stats.norm.ppf(0.5 + level / 2.0))
+
+
+def delong_components(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Midrank AUROCs and DeLong structural components of ``k`` score vectors on the same cases.
+
+    ``scores`` is (N,) or (k, N). Returns ``(auc (k,), v10 (k, m), v01 (k, n))`` for the ``m``
+    abnormal and ``n`` normal items: ``v10[r, i] = P(s_i > S_normal) + 0.5 P(s_i = S_normal)``
+    and ``v01[r, j] = P(S_abnormal > s_j) + 0.5 P(S_abnormal = s_j)``; ``auc = mean(v10)``.
+    """
+    s2 = _as_numpy(scores).astype(np.float64)
+    s2 = s2.reshape(1, -1) if s2.ndim == 1 else s2
+    y, _ = _check_labels_scores(labels, s2[0])
+    for row in s2[1:]:
+        _check_labels_scores(y, row)
+    pos, neg = s2[:, y == 1], s2[:, y == 0]  # (k, m), (k, n)
+    m, n = pos.shape[1], neg.shape[1]
+    if m == 0 or n == 0:
+        nan = np.full(len(s2), np.nan)
+        return nan, np.zeros((len(s2), m)), np.zeros((len(s2), n))
+    tx = scipy.stats.rankdata(pos, axis=1)  # midranks within the abnormals
+    ty = scipy.stats.rankdata(neg, axis=1)  # midranks within the normals
+    tz = scipy.stats.rankdata(np.concatenate([pos, neg], axis=1), axis=1)  # pooled midranks
+    v10 = (tz[:, :m] - tx) / n  # (k, m): normals below each abnormal (ties 1/2)
+    v01 = 1.0 - (tz[:, m:] - ty) / m  # (k, n): abnormals above each normal (ties 1/2)
+    auc = v10.mean(axis=1)
+    return auc, v10, v01
+
+
+def delong_covariance(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(auc (k,), cov (k, k))``: DeLong covariance ``S10 / m + S01 / n`` of k AUROCs.
+
+    NaN where it is undefined (fewer than 2 items of a class).
+    """
+    auc, v10, v01 = delong_components(labels, scores)
+    k, m, n = len(auc), v10.shape[1], v01.shape[1]
+    if m < 2 or n < 2:
+        return auc, np.full((k, k), np.nan)
+    s10 = np.atleast_2d(np.cov(v10))  # (k, k), ddof = 1 as in DeLong et al.
+    s01 = np.atleast_2d(np.cov(v01))
+    return auc, s10 / m + s01 / n
+
+
+def delong_ci(labels: Any, scores: Any, level: float = 0.95) -> AurocCI:
+    """AUROC with DeLong's asymptotic normal ``level`` CI ``auc ± z sqrt(var)``, clipped to
+    [0, 1]. NaN bounds when a class has fewer than 2 items."""
+    auc, cov = delong_covariance(labels, scores)
+    a, var = float(auc[0]), float(cov[0, 0])
+    if math.isnan(a) or math.isnan(var):
+        return AurocCI(a, float("nan"), float("nan"), var)
+    half = _z(level) * math.sqrt(max(var, 0.0))
+    return AurocCI(a, max(0.0, a - half), min(1.0, a + half), var)
+
+
+def delong_test(labels: Any, scores_a: Any, scores_b: Any) -> float:
+    """Two-sided p-value of DeLong's paired test of AUROC(a) = AUROC(b) on the same cases.
+
+    ``z = (A_a - A_b) / sqrt(var_a + var_b - 2 cov_ab)``; 1.0 when the two AUROCs are equal
+    and the difference has no variance (e.g. identical or monotonically related scores).
+    """
+    auc, cov = delong_covariance(labels, np.stack([_as_numpy(scores_a).reshape(-1),
+                                                   _as_numpy(scores_b).reshape(-1)]))
+    diff = float(auc[0] - auc[1])
+    var = float(cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1])
+    if math.isnan(var) or math.isnan(diff):
+        return float("nan")
+    if var <= 1e-15:
+        return 1.0 if abs(diff) < 1e-12 else 0.0
+    return float(2.0 * scipy.stats.norm.sf(abs(diff) / math.sqrt(var)))
+
+
+def stratified_bootstrap_ci(labels: Any, statistic: Callable[[np.ndarray], float],
+                            n_boot: int = 2000, level: float = 0.95,
+                            seed: int = 0) -> tuple[float, float]:
+    """Percentile ``level`` CI of ``statistic(idx)`` over stratified bootstrap resamples.
+
+    Each resample draws, with replacement, as many normal and as many abnormal items as there
+    are (so every resample keeps both classes); ``statistic`` gets the (N,) index array of the
+    resample. Non-finite replicates are dropped (logged).
+    """
+    y = _as_numpy(labels).reshape(-1)
+    _z(level)
+    rng = np.random.default_rng(seed)
+    strata = [np.flatnonzero(y == c) for c in np.unique(y)]
+    reps = np.empty(n_boot)
+    for b in range(n_boot):
+        idx = np.concatenate([rng.choice(g, size=g.size, replace=True) for g in strata])
+        reps[b] = statistic(idx)
+    ok = np.isfinite(reps)
+    if not ok.all():
+        log.info("bootstrap: %d of %d replicates non-finite, dropped", int((~ok).sum()), n_boot)
+    if not ok.any():
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(reps[ok], [0.5 - level / 2.0, 0.5 + level / 2.0])
+    return float(lo), float(hi)
+
+
+def bootstrap_auroc_ci(labels: Any, scores: Any, n_boot: int = 2000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float]:
+    """Stratified-bootstrap percentile CI of the AUROC (cases resampled within each class)."""
+    y, s = _check_labels_scores(labels, scores)
+    if _one_class(y, "bootstrap_auroc_ci"):
+        return float("nan"), float("nan")
+    _z(level)
+    rng = np.random.default_rng(seed)
+    pos, neg = s[y == 1], s[y == 0]
+    # all resamples at once: row b = (m resampled abnormals, n resampled normals)
+    boot = np.concatenate([rng.choice(pos, size=(n_boot, pos.size)),
+                           rng.choice(neg, size=(n_boot, neg.size))], axis=1)  # (B, m + n)
+    y_b = np.r_[np.ones(pos.size, np.int64), np.zeros(neg.size, np.int64)]
+    reps = delong_components(y_b, boot)[0]  # (B,)
+    lo, hi = np.quantile(reps, [0.5 - level / 2.0, 0.5 + level / 2.0])
+    return float(lo), float(hi)
+
+
+def pixel_pair_counts(masks: Any, maps: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(C (n, n), P (n,), N (n,))`` over the n images that have a mask: ``C[i, j]`` = number
+    of (lesion pixel of image i, background pixel of image j) pairs with the lesion pixel
+    scoring higher (ties 1/2); P, N = lesion / background pixels per image. The pooled pixel
+    AUROC of a multiset of images with counts ``w`` is ``w^T C w / ((w . P)(w . N))``."""
+    if isinstance(masks, np.ndarray | torch.Tensor) and isinstance(maps, np.ndarray | torch.Tensor):
+        masks, maps = list(_as_numpy(masks)), list(_as_numpy(maps))
+    pos, neg = [], []
+    for m, a in zip(masks, maps):
+        if m is None:
+            continue
+        m, a = _as_numpy(m) > 0, _as_numpy(a).astype(np.float64)
+        if m.shape != a.shape:
+            raise ValueError(f"pixel_pair_counts: mask shape {m.shape} != map shape {a.shape}")
+        pos.append(a[m])
+        neg.append(np.sort(a[~m]))
+    n_img = len(pos)
+    p_cnt = np.array([p.size for p in pos], dtype=np.float64)
+    n_cnt = np.array([q.size for q in neg], dtype=np.float64)
+    c = np.zeros((n_img, n_img))
+    if n_img == 0 or p_cnt.sum() == 0:
+        return c, p_cnt, n_cnt
+    all_pos = np.concatenate(pos)
+    owner = np.repeat(np.arange(n_img), p_cnt.astype(np.int64))
+    for j, q in enumerate(neg):  # column j: lesion pixels of every image vs background of j
+        if q.size == 0:
+            continue
+        left = np.searchsorted(q, all_pos, "left")
+        below = left + 0.5 * (np.searchsorted(q, all_pos, "right") - left)
+        c[:, j] = np.bincount(owner, weights=below, minlength=n_img)
+    return c, p_cnt, n_cnt
+
+
+def pixel_auroc_ci(masks: Any, maps: Any, n_boot: int = 1000, level: float = 0.95,
+                   seed: int = 0) -> tuple[float, float]:
+    """Bootstrap percentile CI of the pooled pixel AUROC (:func:`pixel_auroc`), resampling
+    *images* (the independent units, not pixels), stratified by whether an image has lesion
+    pixels. Each resample is exact without re-ranking (:func:`pixel_pair_counts`). Items whose
+    mask is None are skipped, as in :func:`pixel_auroc`.
+    """
+    _z(level)
+    c, p_cnt, n_cnt = pixel_pair_counts(masks, maps)
+    if p_cnt.sum() == 0 or n_cnt.sum() == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    n_img = len(p_cnt)
+    w = np.zeros((n_boot, n_img))  # (B, n) resample counts per image
+    rows = np.arange(n_boot)[:, None]
+    for g in (np.flatnonzero(p_cnt > 0), np.flatnonzero(p_cnt == 0)):
+        if g.size:
+            np.add.at(w, (rows, g[rng.integers(0, g.size, size=(n_boot, g.size))]), 1.0)
+    num = np.einsum("bi,ij,bj->b", w, c, w)
+    den = (w @ p_cnt) * (w @ n_cnt)
+    reps = num[den > 0] / den[den > 0]
+    lo, hi = np.quantile(reps, [0.5 - level / 2.0, 0.5 + level / 2.0])
+    return float(lo), float(hi)
+
+
+def sens_at_spec(val_labels: Any, val_scores: Any, test_labels: Any, test_scores: Any,
+                 spec: float = 0.90) -> dict[str, float]:
+    """Test sensitivity at the threshold that gives specificity ``spec`` on *validation* data.
+
+    The threshold is the smallest validation-normal score ``t`` with
+    ``mean(val_normal <= t) >= spec`` (abnormal iff score > t), so it never sees a test label.
+    Returns ``{"sensitivity", "specificity", "threshold", "val_specificity"}`` (test values,
+    the threshold, the specificity actually reached on validation).
+    """
+    if not 0.0 < spec < 1.0:
+        raise ValueError(f"sens_at_spec: spec must be in (0, 1), got {spec}")
+    yv, sv = _check_labels_scores(val_labels, val_scores)
+    yt, st = _check_labels_scores(test_labels, test_scores)
+    neg = np.sort(sv[yv == 0])
+    if neg.size == 0:
+        raise ValueError("sens_at_spec: no normal validation items to fix the threshold on")
+    k = max(int(math.ceil(spec * neg.size - 1e-9)) - 1, 0)  # (k+1)/n >= spec
+    t = float(neg[k])
+    pos_t, neg_t = st[yt == 1], st[yt == 0]
+    return {
+        "sensitivity": float((pos_t > t).mean()) if pos_t.size else float("nan"),
+        "specificity": float((neg_t <= t).mean()) if neg_t.size else float("nan"),
+        "threshold": t,
+        "val_specificity": float((neg <= t).mean()),
+    }
 
 
 # --- pixel level ----------------------------------------------------------------------------
@@ -433,21 +658,42 @@ def print_metrics_table(metrics: Mapping[str, Any], title: str = "Metrics") -> N
     table = Table(title=title, show_header=True, header_style="bold")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for k, v in flatten_metrics(metrics).items():
+    for k, v in flatten_metrics(metrics, split_intervals=False).items():
         table.add_row(k, format_value(v))
     Console().print(table)
 
 
-def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a/b": 1}``; ``{"mean": m, "sd": s}`` leaves stay dicts."""
+def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "",
+                    split_intervals: bool = True) -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a/b": 1}``; ``{"mean": m, "sd": s}`` leaves stay dicts.
+
+    Intervals (a ``[low, high]`` pair of numbers under a key ending in ``_ci``, e.g.
+    ``auroc_ci``) become two scalars ``<key>_low`` / ``<key>_high``, so that every leaf can be
+    logged as a number (W&B, CSV); ``split_intervals=False`` keeps the pairs (for display).
+    """
     out: dict[str, Any] = {}
     for k, v in metrics.items():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping) and not {"mean", "sd"} <= set(v):
-            out.update(flatten_metrics(v, key + "/"))
+            out.update(flatten_metrics(v, key + "/", split_intervals))
+        elif split_intervals and _is_interval(key, v):
+            out[f"{key}_low"], out[f"{key}_high"] = (_scalar(x) for x in v)
         else:
             out[key] = v
     return out
+
+
+def _scalar(v: Any) -> Any:
+    if isinstance(v, torch.Tensor | np.generic):
+        return v.item()
+    return float("nan") if v is None else v
+
+
+def _is_interval(key: str, v: Any) -> bool:
+    if isinstance(v, torch.Tensor | np.ndarray):
+        v = v.tolist()
+    return (key.endswith("_ci") and isinstance(v, list | tuple) and len(v) == 2
+            and all(x is None or _is_number(_scalar(x)) for x in v))
 
 
 def format_value(v: Any) -> str:
@@ -464,4 +710,6 @@ def format_value(v: Any) -> str:
         if math.isnan(v):
             return "n/a"
         return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.4e}"
+    if isinstance(v, list | tuple):  # e.g. auroc_ci = [low, high]
+        return "[" + ", ".join(format_value(x) for x in v) + "]"
     return str(v)

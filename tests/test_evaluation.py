@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 from torchmetrics.functional.classification import (
     binary_accuracy,
@@ -20,11 +21,19 @@ from torchmetrics.functional.classification import (
 from experiments.evaluation import (
     auroc,
     binary_metrics,
+    bootstrap_auroc_ci,
+    delong_ci,
+    delong_covariance,
+    delong_test,
+    flatten_metrics,
     format_value,
     per_finding_metrics,
     pixel_auroc,
+    pixel_auroc_ci,
+    pixel_pair_counts,
     print_metrics_table,
     roc_with_youden,
+    sens_at_spec,
     summarize_folds,
     write_metrics_json,
     write_scores_csv,
@@ -295,3 +304,121 @@ def test_infinite_scores():
             bt, bf = brute_rates(y, s, th)
             assert (t, f) == pytest.approx((bt, bf))
     assert youden == pytest.approx(2.5)
+
+
+# --- confidence intervals -------------------------------------------------------------------
+def brute_delong_variance(y, s) -> float:
+    """DeLong (1988) from its definition: structural components by an O(m n) pair loop."""
+    y, s = np.asarray(y), np.asarray(s, dtype=np.float64)
+    pos, neg = s[y == 1], s[y == 0]
+    psi = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])  # (m, n)
+    v10, v01 = psi.mean(1), psi.mean(0)
+    return v10.var(ddof=1) / pos.size + v01.var(ddof=1) / neg.size
+
+
+def binormal(rng, n, delta):
+    y = np.r_[np.zeros(n), np.ones(n)].astype(int)
+    return y, rng.normal(size=2 * n) + delta * y
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_delong_variance_brute_force(ties):
+    rng = np.random.default_rng(4)
+    y = np.array([0, 1, 0, 1, 1, 0, 0, 1, 0, 1, 1])
+    s = rng.normal(size=y.size) + y
+    if ties:
+        s = np.round(s)
+    auc, cov = delong_covariance(y, s)
+    assert auc[0] == pytest.approx(brute_auroc(y, s))
+    assert cov[0, 0] == pytest.approx(brute_delong_variance(y, s), rel=1e-12)
+    ci = delong_ci(y, s)
+    half = 1.959964 * math.sqrt(ci.variance)
+    assert (ci.low, ci.high) == pytest.approx((max(0, auc[0] - half), min(1, auc[0] + half)))
+
+
+def test_delong_ci_agrees_with_stratified_bootstrap():
+    y, s = binormal(np.random.default_rng(0), 50, 0.9)
+    ci = delong_ci(y, s)
+    lo, hi = bootstrap_auroc_ci(y, s, n_boot=2000, seed=1)
+    assert ci.auroc == pytest.approx(auroc(y, s))
+    assert abs(ci.low - lo) < 0.02 and abs(ci.high - hi) < 0.02
+
+
+def test_delong_ci_coverage_on_binormal_scores():
+    """400 simulated 50 + 50 test sets with true AUROC 0.75: ~95 % of the CIs contain it."""
+    rng = np.random.default_rng(2)
+    delta = scipy.stats.norm.ppf(0.75) * math.sqrt(2.0)  # AUROC = Phi(delta / sqrt 2)
+    hits = 0
+    for _ in range(400):
+        y, s = binormal(rng, 50, delta)
+        ci = delong_ci(y, s)
+        hits += ci.low <= 0.75 <= ci.high
+    assert 0.92 <= hits / 400 <= 0.98
+
+
+def test_delong_paired_test():
+    rng = np.random.default_rng(5)
+    y, a = binormal(rng, 50, 1.5)
+    assert delong_test(y, a, a) == 1.0
+    assert delong_test(y, a, 3 * a + 2) == 1.0  # same order, same AUROC
+    b = 0.1 * a + rng.normal(size=a.size)  # mostly noise: AUROC ~0.55
+    assert delong_test(y, a, b) < 1e-3
+    # under H0 (two equally noisy readings of one signal) p < 0.05 in ~5 % of 300 trials
+    rejections = 0
+    for _ in range(300):
+        y, a = binormal(rng, 40, 1.0)
+        rejections += delong_test(y, a + rng.normal(size=a.size),
+                                  a + rng.normal(size=a.size)) < 0.05
+    assert 0.02 <= rejections / 300 <= 0.09
+
+
+def test_binary_metrics_carries_delong_ci(out_dir):
+    y, s = binormal(np.random.default_rng(6), 30, 1.0)
+    m = binary_metrics(y, s, 0.5)
+    assert m["auroc_ci"][0] < m["auroc"] < m["auroc_ci"][1]
+    assert m["auroc_ci"] == pytest.approx(list(delong_ci(y, s)[1:3]))
+    flat = flatten_metrics({"likelihood": m, **m})
+    assert flat["auroc_ci_low"] == m["auroc_ci"][0] and flat["auroc_ci_high"] == m["auroc_ci"][1]
+    assert "likelihood/auroc_ci_low" in flat and "auroc_ci" not in flat
+    assert all(not isinstance(v, list) for v in flat.values())
+    d = json.loads(write_metrics_json(out_dir / "m.json", m).read_text())
+    assert d["auroc_ci"] == pytest.approx(m["auroc_ci"], abs=1e-6)
+    assert format_value(m["auroc_ci"]).startswith("[0.")
+    one = binary_metrics([0, 0, 0], [0.1, 0.2, 0.3], 0.5)
+    assert all(math.isnan(v) for v in one["auroc_ci"])
+
+
+def test_print_metrics_table_shows_interval(capsys):
+    print_metrics_table({"auroc": 0.75, "auroc_ci": [0.625, 0.875]})
+    out = capsys.readouterr().out
+    assert "[0.625, 0.875]" in out
+
+
+def test_sens_at_spec_hand_computed():
+    # 10 val normals 0.0..0.9: spec 0.9 needs >= 9 of them <= t -> t = 0.8
+    yv = np.r_[np.zeros(10), np.ones(3)].astype(int)
+    sv = np.r_[np.arange(10) / 10, [0.5, 0.95, 0.99]]
+    yt = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    st = np.array([0.1, 0.85, 0.7, 0.8, 0.79, 0.81, 0.95, 0.8])
+    r = sens_at_spec(yv, sv, yt, st, 0.90)
+    assert r["threshold"] == pytest.approx(0.8) and r["val_specificity"] == pytest.approx(0.9)
+    assert r["sensitivity"] == pytest.approx(2 / 4)  # 0.81, 0.95 > 0.8; 0.8 is not
+    assert r["specificity"] == pytest.approx(3 / 4)
+    assert sens_at_spec(yv, sv, yt, st, 0.95)["threshold"] == pytest.approx(0.9)
+    # the threshold depends on validation data only
+    assert sens_at_spec(yv, sv, yt, -st, 0.90)["threshold"] == r["threshold"]
+
+
+def test_pixel_auroc_ci_exact_resamples():
+    rng = np.random.default_rng(7)
+    masks = [rng.random((6, 6)) < 0.2 for _ in range(4)] + [np.zeros((6, 6), bool)] * 2
+    maps = [np.round(rng.random((6, 6)) + 0.5 * m, 1) for m in masks]  # ties included
+    c, p, n = pixel_pair_counts(masks, maps)
+    w = np.ones(len(masks))
+    assert w @ c @ w / ((w @ p) * (w @ n)) == pytest.approx(pixel_auroc(masks, maps))
+    w = np.array([2, 0, 1, 1, 0, 2.0])  # a resample with repeated images
+    rep = [i for i, k in enumerate(w) for _ in range(int(k))]
+    assert w @ c @ w / ((w @ p) * (w @ n)) == pytest.approx(
+        pixel_auroc([masks[i] for i in rep], [maps[i] for i in rep]))
+    lo, hi = pixel_auroc_ci(masks, maps, n_boot=500)
+    assert lo <= pixel_auroc(masks, maps) <= hi and hi - lo > 0.01
