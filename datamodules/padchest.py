@@ -238,7 +238,7 @@ class PadChestDataModule(FileDataModule):
         for (split, group), row in zip(assign, df.itertuples(index=False)):
             index.setdefault((split, group), []).append(Item(
                 path=row.path, label=NORMAL if row.is_normal else ABNORMAL,
-                finding="" if row.is_normal else ", ".join(row.labels),
+                finding="" if row.is_normal else "|".join(row.labels),  # split by metrics
                 mask_path=str(self.root / MASK_DIR / row.ImageID)
                 if row.ImageID in masks else None,
                 group_id=row.PatientID,

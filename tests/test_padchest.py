@@ -151,7 +151,7 @@ def test_padchest_datamodule(tmp_path, caplog):
     assert names == set(usable.ImageID) - {"img5.png"}
     assert all(i.label == 0 for i in dm.items("train"))
     for it in dm.items("test", "abnormal"):
-        assert it.finding in ("pleural effusion, cardiomegaly", "normal, normal")
+        assert it.finding in ("pleural effusion|cardiomegaly", "normal|normal")
     x = dm.load(items[0])
     assert x.shape == (24, 24) and x.dtype == np.float32 and x.max() <= 1
     # exactly ['normal'] is normal; ['normal', 'normal'] is not (not exactly ['normal'])
@@ -186,3 +186,21 @@ def test_header_only_csv_is_a_clear_error(tmp_path):
     p.write_text("ImageID,ImageDir,PatientID,MethodLabel,Projection,Labels\n")
     with pytest.raises(ValueError, match="labels.csv: the labels CSV has a header but no rows"):
         load_index(p)
+
+
+def test_per_finding_groups_on_real_label_rows():
+    """Multi-label PadChest rows count for each of their findings, not as one combined group:
+    the data module joins findings with "|", which per_finding_metrics splits on."""
+    from experiments.evaluation import per_finding_metrics
+
+    df = load_index(real_csv())
+    abn = df[~df.is_normal & (df.labels.map(len) > 1)].head(40)
+    nor = df[df.is_normal].head(40)
+    findings = ["|".join(ls) for ls in abn.labels] + [""] * len(nor)
+    y = [1] * len(abn) + [0] * len(nor)
+    s = list(range(len(y)))
+    groups = per_finding_metrics(y, s, findings, threshold=0.5)
+    singles = {f for ls in abn.labels for f in ls}
+    assert set(groups) == singles  # every finding alone, no "a, b" combinations
+    first = abn.labels.iloc[0][0]
+    assert groups[first]["n"] == sum(first in ls for ls in abn.labels)
