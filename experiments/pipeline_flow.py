@@ -43,9 +43,12 @@ from experiments.config import (
 
 log = logging.getLogger(__name__)
 
-MODELS = {"m0": ("train", "normal", "S_normal"), "m1": ("train", "mixture", "S_mixture")}
+MODELS = {"m0": ("train", "normal", "S_normal"), "m1": ("train", "mixture", "S_mixture"),
+          # glow.schedule=matched: the shared start of M0 and M1, trained on S_normal
+          "start": ("train", "normal", "S_normal")}
 MARKER = "flow_model.json"  # written after a finished training: {"ckpt": ...}
 M1_INIT = ("scratch", "m0")  # glow.m1_init: M1 from a fresh Glow (paper) or from M0's weights
+SCHEDULES = ("independent", "matched")  # glow.schedule (see lightning_modules/glow/config.py)
 
 
 # --- configuration ----------------------------------------------------------------------------
@@ -107,6 +110,15 @@ def load(argv: list[str] | None = None) -> DictConfig:
     cfg.job = "pipeline"
     if cfg.glow.m1_init not in M1_INIT:
         raise ConfigError(f"glow.m1_init={cfg.glow.m1_init!r} is not one of {M1_INIT}")
+    from lightning_modules.flow_posterior.posterior import IMAGE_SCORES
+    from lightning_modules.glow.torch_model import INTENSITY_NORMS
+
+    for key, allowed in (("schedule", SCHEDULES), ("score", IMAGE_SCORES),
+                         ("intensity_norm", INTENSITY_NORMS)):
+        if cfg.glow[key] not in allowed:
+            raise ConfigError(f"glow.{key}={cfg.glow[key]!r} is not one of {list(allowed)}")
+    if cfg.glow.schedule == "matched" and int(cfg.glow.matched_steps) < 1:
+        raise ConfigError("glow.schedule=matched needs glow.matched_steps >= 1")
     return cfg
 
 
@@ -115,7 +127,7 @@ def load(argv: list[str] | None = None) -> DictConfig:
 def model_cfg(cfg: DictConfig, name: str, out_dir: Path) -> DictConfig:
     sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     OmegaConf.set_struct(sub, True)
-    sub.glow.model = name
+    sub.glow.model = "m0" if name == "start" else name
     sub.out_dir = str(out_dir)
     sub.job = "train_glow"
     sub.ckpt_path = "last" if (out_dir / "checkpoints" / "last.ckpt").is_file() else None
@@ -123,10 +135,12 @@ def model_cfg(cfg: DictConfig, name: str, out_dir: Path) -> DictConfig:
 
 
 def ensure_model(cfg: DictConfig, name: str, out: Path, n_items: int, dm=None,
-                 init_ckpt: Path | None = None) -> Path:
-    """The checkpoint of M0 or M1 under OUT/<name>: reused when a finished one is there,
-    otherwise trained (resumed from last.ckpt after an interruption). ``init_ckpt``: start the
-    training from these weights (M1 from M0 with ``glow.m1_init=m0``)."""
+                 init_ckpt: Path | None = None, max_steps: int | None = None) -> Path:
+    """The checkpoint of M0, M1 (or the matched schedule's shared start) under OUT/<name>:
+    reused when a finished one is there, otherwise trained (resumed from last.ckpt after an
+    interruption). ``init_ckpt``: start the training from these weights (M1 from M0 with
+    ``glow.m1_init=m0``; M0 and M1 from the shared start with ``glow.schedule=matched``).
+    ``max_steps``: train for exactly this many optimiser steps and keep the last checkpoint."""
     folder = out / name
     marker = folder / MARKER
     if marker.is_file():
@@ -146,13 +160,46 @@ def ensure_model(cfg: DictConfig, name: str, out: Path, n_items: int, dm=None,
     from experiments.train_glow import train
 
     sub = model_cfg(cfg, name, folder)
-    log.info("Training %s on %s (%s/%s, %d items) into %s%s%s", name.upper(), set_name, split,
+    select = "best"
+    if max_steps is not None:
+        sub.trainer.max_epochs = -1  # the step count decides
+        select = "last"
+    elif cfg.glow.schedule == "matched":
+        select = "last"  # the shared start: a fixed length, no choice on labelled val data
+    log.info("Training %s on %s (%s/%s, %d items) into %s%s%s%s", name.upper(), set_name, split,
              group, n_items, folder, " (resuming from last.ckpt)" if sub.ckpt_path else "",
-             f", starting from {init_ckpt}" if init_ckpt is not None else "")
-    ckpt = Path(train(sub, datamodule=dm, init_ckpt=init_ckpt))
+             f", starting from {init_ckpt}" if init_ckpt is not None else "",
+             f", {max_steps} steps" if max_steps else "")
+    kw = {"max_steps": max_steps} if max_steps else {}
+    if select != "best":
+        kw["select"] = select
+    ckpt = Path(train(sub, datamodule=dm, init_ckpt=init_ckpt, **kw))
     folder.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"ckpt": str(ckpt.resolve())}, indent=2))
     return ckpt
+
+
+def train_models(cfg: DictConfig, out: Path, dm, n_normal: int, n_mixture: int) -> dict:
+    """M0 and M1 per ``glow.schedule``.
+
+    independent (paper): M0 on S_normal for trainer.max_epochs; M1 on S_mixture for
+    trainer.max_epochs, from scratch or from M0 (``glow.m1_init``).
+    matched (ours): a shared start on S_normal for trainer.max_epochs (OUT/start), then M0
+    continues on S_normal and M1 on S_mixture, each for exactly ``glow.matched_steps``
+    optimiser steps (``glow.m1_init`` is then irrelevant: both start from the shared start).
+    """
+    if cfg.glow.schedule == "matched":
+        start = ensure_model(cfg, "start", out, n_normal, dm)
+        steps = int(cfg.glow.matched_steps)
+        return {"start": start,
+                "m0": ensure_model(cfg, "m0", out, n_normal, dm, init_ckpt=start,
+                                   max_steps=steps),
+                "m1": ensure_model(cfg, "m1", out, n_mixture, dm, init_ckpt=start,
+                                   max_steps=steps)}
+    ckpts = {"m0": ensure_model(cfg, "m0", out, n_normal, dm)}
+    ckpts["m1"] = ensure_model(cfg, "m1", out, n_mixture, dm,
+                               init_ckpt=ckpts["m0"] if cfg.glow.m1_init == "m0" else None)
+    return ckpts
 
 
 # --- evaluation -------------------------------------------------------------------------------
@@ -363,9 +410,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     log.info("Sets: %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
 
-    ckpts = {"m0": ensure_model(cfg, "m0", out, counts["S_normal (train/normal)"], dm)}
-    ckpts["m1"] = ensure_model(cfg, "m1", out, counts["S_mixture (train/mixture)"], dm,
-                               init_ckpt=ckpts["m0"] if cfg.glow.m1_init == "m0" else None)
+    ckpts = train_models(cfg, out, dm, counts["S_normal (train/normal)"],
+                         counts["S_mixture (train/mixture)"])
     m0, m1 = load_glow(ckpts["m0"]), load_glow(ckpts["m1"])
     test_items, val_items = dm.items("test"), dm.items("val")
     if not test_items:
@@ -376,7 +422,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     device = pick_device(cfg.trainer.accelerator)
     kw = dict(batch_size=int(cfg.data.batch_size), num_workers=int(cfg.data.num_workers),
-              device=device, n_bits=int(cfg.glow.n_bits), progress=bool(cfg.trainer.progress_bar))
+              device=device, n_bits=int(cfg.glow.n_bits), progress=bool(cfg.trainer.progress_bar),
+              maps=True, score=str(cfg.glow.score), map_sigma=float(cfg.glow.map_sigma),
+              map_top_fraction=float(cfg.glow.map_top_fraction))
     log.info("Scoring %d val and %d test items on %s", len(val_items), len(test_items), device)
     val = score_items(m0, m1, dm, val_items, description="Scoring val", **kw)
     test = score_items(m0, m1, dm, test_items, description="Scoring S_unknown (test)", **kw)
