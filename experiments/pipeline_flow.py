@@ -164,7 +164,7 @@ def ensure_model(cfg: DictConfig, name: str, out: Path, n_items: int, dm=None,
     if max_steps is not None:
         sub.trainer.max_epochs = -1  # the step count decides
         select = "last"
-    elif cfg.glow.schedule == "matched":
+    elif name == "start":
         select = "last"  # the shared start: a fixed length, no choice on labelled val data
     log.info("Training %s on %s (%s/%s, %d items) into %s%s%s%s", name.upper(), set_name, split,
              group, n_items, folder, " (resuming from last.ckpt)" if sub.ckpt_path else "",

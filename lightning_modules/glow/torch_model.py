@@ -68,7 +68,10 @@ def intensity_normalize(x: torch.Tensor, mode: str = "none") -> torch.Tensor:
     srt = flat.sort(dim=1).values.contiguous()
     lo = torch.searchsorted(srt, flat.contiguous(), right=False)
     hi = torch.searchsorted(srt, flat.contiguous(), right=True)
-    return ((lo + hi).to(x.dtype) / (2 * flat.shape[1])).reshape(x.shape)
+    ranks = (lo + hi).to(x.dtype) / (2 * flat.shape[1])
+    # a non-finite input stays non-finite (the training loop's NaN check must still see it)
+    ranks = torch.where(torch.isfinite(flat), ranks, flat)
+    return ranks.reshape(x.shape)
 
 
 def discrete_log_likelihood(log_p_y: torch.Tensor, n_dims: int, n_bits: int) -> torch.Tensor:
