@@ -43,9 +43,12 @@ from experiments.config import (
 
 log = logging.getLogger(__name__)
 
-MODELS = {"m0": ("train", "normal", "S_normal"), "m1": ("train", "mixture", "S_mixture")}
+MODELS = {"m0": ("train", "normal", "S_normal"), "m1": ("train", "mixture", "S_mixture"),
+          # glow.schedule=matched: the shared start of M0 and M1, trained on S_normal
+          "start": ("train", "normal", "S_normal")}
 MARKER = "flow_model.json"  # written after a finished training: {"ckpt": ...}
 M1_INIT = ("scratch", "m0")  # glow.m1_init: M1 from a fresh Glow (paper) or from M0's weights
+SCHEDULES = ("independent", "matched")  # glow.schedule (see lightning_modules/glow/config.py)
 
 
 # --- configuration ----------------------------------------------------------------------------
@@ -107,6 +110,15 @@ def load(argv: list[str] | None = None) -> DictConfig:
     cfg.job = "pipeline"
     if cfg.glow.m1_init not in M1_INIT:
         raise ConfigError(f"glow.m1_init={cfg.glow.m1_init!r} is not one of {M1_INIT}")
+    from lightning_modules.flow_posterior.posterior import IMAGE_SCORES
+    from lightning_modules.glow.torch_model import INTENSITY_NORMS
+
+    for key, allowed in (("schedule", SCHEDULES), ("score", IMAGE_SCORES),
+                         ("intensity_norm", INTENSITY_NORMS)):
+        if cfg.glow[key] not in allowed:
+            raise ConfigError(f"glow.{key}={cfg.glow[key]!r} is not one of {list(allowed)}")
+    if cfg.glow.schedule == "matched" and int(cfg.glow.matched_steps) < 1:
+        raise ConfigError("glow.schedule=matched needs glow.matched_steps >= 1")
     return cfg
 
 
@@ -115,7 +127,7 @@ def load(argv: list[str] | None = None) -> DictConfig:
 def model_cfg(cfg: DictConfig, name: str, out_dir: Path) -> DictConfig:
     sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     OmegaConf.set_struct(sub, True)
-    sub.glow.model = name
+    sub.glow.model = "m0" if name == "start" else name
     sub.out_dir = str(out_dir)
     sub.job = "train_glow"
     sub.ckpt_path = "last" if (out_dir / "checkpoints" / "last.ckpt").is_file() else None
@@ -123,10 +135,12 @@ def model_cfg(cfg: DictConfig, name: str, out_dir: Path) -> DictConfig:
 
 
 def ensure_model(cfg: DictConfig, name: str, out: Path, n_items: int, dm=None,
-                 init_ckpt: Path | None = None) -> Path:
-    """The checkpoint of M0 or M1 under OUT/<name>: reused when a finished one is there,
-    otherwise trained (resumed from last.ckpt after an interruption). ``init_ckpt``: start the
-    training from these weights (M1 from M0 with ``glow.m1_init=m0``)."""
+                 init_ckpt: Path | None = None, max_steps: int | None = None) -> Path:
+    """The checkpoint of M0, M1 (or the matched schedule's shared start) under OUT/<name>:
+    reused when a finished one is there, otherwise trained (resumed from last.ckpt after an
+    interruption). ``init_ckpt``: start the training from these weights (M1 from M0 with
+    ``glow.m1_init=m0``; M0 and M1 from the shared start with ``glow.schedule=matched``).
+    ``max_steps``: train for exactly this many optimiser steps and keep the last checkpoint."""
     folder = out / name
     marker = folder / MARKER
     if marker.is_file():
@@ -146,13 +160,46 @@ def ensure_model(cfg: DictConfig, name: str, out: Path, n_items: int, dm=None,
     from experiments.train_glow import train
 
     sub = model_cfg(cfg, name, folder)
-    log.info("Training %s on %s (%s/%s, %d items) into %s%s%s", name.upper(), set_name, split,
+    select = "best"
+    if max_steps is not None:
+        sub.trainer.max_epochs = -1  # the step count decides
+        select = "last"
+    elif name == "start":
+        select = "last"  # the shared start: a fixed length, no choice on labelled val data
+    log.info("Training %s on %s (%s/%s, %d items) into %s%s%s%s", name.upper(), set_name, split,
              group, n_items, folder, " (resuming from last.ckpt)" if sub.ckpt_path else "",
-             f", starting from {init_ckpt}" if init_ckpt is not None else "")
-    ckpt = Path(train(sub, datamodule=dm, init_ckpt=init_ckpt))
+             f", starting from {init_ckpt}" if init_ckpt is not None else "",
+             f", {max_steps} steps" if max_steps else "")
+    kw = {"max_steps": max_steps} if max_steps else {}
+    if select != "best":
+        kw["select"] = select
+    ckpt = Path(train(sub, datamodule=dm, init_ckpt=init_ckpt, **kw))
     folder.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"ckpt": str(ckpt.resolve())}, indent=2))
     return ckpt
+
+
+def train_models(cfg: DictConfig, out: Path, dm, n_normal: int, n_mixture: int) -> dict:
+    """M0 and M1 per ``glow.schedule``.
+
+    independent (paper): M0 on S_normal for trainer.max_epochs; M1 on S_mixture for
+    trainer.max_epochs, from scratch or from M0 (``glow.m1_init``).
+    matched (ours): a shared start on S_normal for trainer.max_epochs (OUT/start), then M0
+    continues on S_normal and M1 on S_mixture, each for exactly ``glow.matched_steps``
+    optimiser steps (``glow.m1_init`` is then irrelevant: both start from the shared start).
+    """
+    if cfg.glow.schedule == "matched":
+        start = ensure_model(cfg, "start", out, n_normal, dm)
+        steps = int(cfg.glow.matched_steps)
+        return {"start": start,
+                "m0": ensure_model(cfg, "m0", out, n_normal, dm, init_ckpt=start,
+                                   max_steps=steps),
+                "m1": ensure_model(cfg, "m1", out, n_mixture, dm, init_ckpt=start,
+                                   max_steps=steps)}
+    ckpts = {"m0": ensure_model(cfg, "m0", out, n_normal, dm)}
+    ckpts["m1"] = ensure_model(cfg, "m1", out, n_mixture, dm,
+                               init_ckpt=ckpts["m0"] if cfg.glow.m1_init == "m0" else None)
+    return ckpts
 
 
 # --- evaluation -------------------------------------------------------------------------------
@@ -235,7 +282,7 @@ def _caption(item, score: float) -> str:
 
 
 def write_outputs(cfg: DictConfig, out: Path, dm, val_items, val, test_items, test,
-                  metrics: dict, m0, counts: dict[str, int]) -> Path:
+                  metrics: dict, m0, counts: dict[str, int], masks: list | None = None) -> Path:
     from experiments import plots
     from experiments.evaluation import write_metrics_json, write_scores_csv
     from experiments.report import Report
@@ -276,6 +323,20 @@ def write_outputs(cfg: DictConfig, out: Path, dm, val_items, val, test_items, te
             fig / f"{name}.png", [_display(dm.load(test_items[i])) for i in idx],
             [_caption(test_items[i], test.score[i]) for i in idx], ncols=6,
             title=f"{name.replace('_', ' ')} ({view}; caption: finding, -log posterior)")
+
+    overlays = False
+    if test.anomaly_map is not None:
+        n = min(int(cfg.eval.n_overlays), len(test_items))
+        idx = order[:n]
+        masks = masks or [None] * len(test_items)
+        plots.plot_overlays(
+            fig / "anomaly_maps.png", [_display(dm.load(test_items[i])) for i in idx],
+            [_display(test.anomaly_map[i]) for i in idx],
+            [_caption(test_items[i], test.score[i]) for i in idx],
+            masks=[None if masks[i] is None else _display(masks[i]) for i in idx],
+            title=f"Flow anomaly maps of the {n} most abnormal test images ({view})",
+            map_label="log p(x|M1) - log p(x|M0) per pixel (smoothed)")
+        overlays = True
 
     temperature = float(cfg.glow.sample_temperature)
     sampled = False
@@ -333,6 +394,18 @@ def write_outputs(cfg: DictConfig, out: Path, dm, val_items, val, test_items, te
     rep.add_heading(f"Top {k} most and least likely abnormal")
     rep.add_figure(fig / "most_abnormal.png", f"Highest -log p(normal|x) ({view}).")
     rep.add_figure(fig / "least_abnormal.png", f"Lowest -log p(normal|x) ({view}).")
+    if overlays:
+        rep.add_heading("Flow anomaly maps (our addition)")
+        rep.add_text(
+            "Per-pixel contributions to log p(x|M1) - log p(x|M0): each Glow level's latent "
+            "log-density and coupling log-determinants at its positions, spread evenly over the "
+            "pixels each position covers (unsmoothed, they sum to -log p(normal|x)), smoothed "
+            f"by a Gaussian of glow.map_sigma = {float(cfg.glow.map_sigma):g} px. Image score "
+            f"with glow.score=local: the mean of the top {float(cfg.glow.map_top_fraction):g} "
+            f"of the map (this run: glow.score={cfg.glow.score}). Lesion masks in green."
+            + (f" Pixel AUROC against the masks: {metrics['pixel_auroc']:.3f}."
+               if "pixel_auroc" in metrics else ""))
+        rep.add_figure(fig / "anomaly_maps.png", "Anomaly maps, one colour scale for all.")
     if sampled:
         rep.add_heading("Fictional images from M0")
         rep.add_figure(fig / "samples_m0.png",
@@ -363,9 +436,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     log.info("Sets: %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
 
-    ckpts = {"m0": ensure_model(cfg, "m0", out, counts["S_normal (train/normal)"], dm)}
-    ckpts["m1"] = ensure_model(cfg, "m1", out, counts["S_mixture (train/mixture)"], dm,
-                               init_ckpt=ckpts["m0"] if cfg.glow.m1_init == "m0" else None)
+    ckpts = train_models(cfg, out, dm, counts["S_normal (train/normal)"],
+                         counts["S_mixture (train/mixture)"])
     m0, m1 = load_glow(ckpts["m0"]), load_glow(ckpts["m1"])
     test_items, val_items = dm.items("test"), dm.items("val")
     if not test_items:
@@ -376,15 +448,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     device = pick_device(cfg.trainer.accelerator)
     kw = dict(batch_size=int(cfg.data.batch_size), num_workers=int(cfg.data.num_workers),
-              device=device, n_bits=int(cfg.glow.n_bits), progress=bool(cfg.trainer.progress_bar))
+              device=device, n_bits=int(cfg.glow.n_bits), progress=bool(cfg.trainer.progress_bar),
+              maps=True, score=str(cfg.glow.score), map_sigma=float(cfg.glow.map_sigma),
+              map_top_fraction=float(cfg.glow.map_top_fraction))
     log.info("Scoring %d val and %d test items on %s", len(val_items), len(test_items), device)
     val = score_items(m0, m1, dm, val_items, description="Scoring val", **kw)
     test = score_items(m0, m1, dm, test_items, description="Scoring S_unknown (test)", **kw)
 
     metrics = evaluate(val_items, val, test_items, test)
+    metrics["score"] = str(cfg.glow.score)
+    masks = [dm.load_mask(it) for it in test_items]
+    if test.anomaly_map is not None and any(m is not None for m in masks):
+        from experiments.evaluation import pixel_auroc
+
+        metrics["pixel_auroc"] = float(pixel_auroc(masks, list(test.anomaly_map)))
     metrics["n_train_normal"] = counts["S_normal (train/normal)"]
     metrics["n_train_mixture"] = counts["S_mixture (train/mixture)"]
-    report = write_outputs(cfg, out, dm, val_items, val, test_items, test, metrics, m0, counts)
+    report = write_outputs(cfg, out, dm, val_items, val, test_items, test, metrics, m0, counts,
+                           masks)
     _log_to_wandb(cfg, out, metrics)
     log.info("AUROC posterior %.3f, likelihood-only %.3f, val %.3f; report: %s",
              metrics["auroc"], metrics["auroc_likelihood"], metrics["val/auroc"], report)

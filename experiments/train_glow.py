@@ -150,13 +150,17 @@ def save_samples_png(path: Path, samples: torch.Tensor, n_slices: int = 8) -> Pa
     return path
 
 
-def train(cfg: DictConfig, datamodule=None, init_ckpt: str | Path | None = None) -> Path:
+def train(cfg: DictConfig, datamodule=None, init_ckpt: str | Path | None = None,
+          max_steps: int | None = None, select: str = "best") -> Path:
     """Train Glow per ``cfg``; returns the best checkpoint (or last if no validation).
 
     ``init_ckpt``: start from the weights (incl. the initialised ActNorms) of this Glow
     checkpoint instead of a fresh initialisation; it must have the same architecture and input
     shape. Optimiser state and epoch count start afresh. A resumed run (``ckpt_path``) restores
-    its own weights over these."""
+    its own weights over these. ``max_steps``: stop after this many optimiser steps instead of
+    ``trainer.max_epochs`` epochs. ``select="last"``: return the last checkpoint (a fixed
+    training length, e.g. the flow posterior's matched schedule) instead of the best
+    ``val/bpd``."""
     import pytorch_lightning as pl
 
     from lightning_modules.glow import GlowModule
@@ -185,16 +189,17 @@ def train(cfg: DictConfig, datamodule=None, init_ckpt: str | Path | None = None)
         gradient_clip_val=cfg.optim.grad_clip, gradient_clip_algorithm="norm",
         accumulate_grad_batches=int(cfg.glow.accumulate_grad_batches),
         num_sanity_val_steps=0,  # ActNorm must be initialised from training data first
+        **({"max_steps": int(max_steps)} if max_steps else {}),
     )
     trainer.fit(module, train_loader, val_loader, ckpt_path=resolve_ckpt_path(cfg, out),
                 weights_only=True)
 
     ckpt_cb = trainer.checkpoint_callback
-    best = Path(ckpt_cb.best_model_path) if ckpt_cb.best_model_path else \
-        out / "checkpoints" / "last.ckpt"
+    best = Path(ckpt_cb.best_model_path) if ckpt_cb.best_model_path and select == "best" \
+        else out / "checkpoints" / "last.ckpt"
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                if k.startswith(("train/", "val/"))}
-    if ckpt_cb.best_model_score is not None:
+    if ckpt_cb.best_model_score is not None and select == "best":
         metrics[monitor] = float(ckpt_cb.best_model_score)  # the score of the best checkpoint
     metrics.update(best_ckpt=str(best), epochs=int(trainer.current_epoch),
                    global_step=int(trainer.global_step))

@@ -232,3 +232,64 @@ def test_meta_memory_estimate_matches_cpu_measurement():
     assert est["activations_gib"] * 2**30 == pytest.approx(measured, rel=0.02)
     ck = estimate_memory(cfg, (1, 16, 16), 2, checkpointing=True)
     assert ck["activations_gib"] < est["activations_gib"]
+
+
+# --- per-position log-density map (our addition: the flow anomaly map) ------------------------
+
+@pytest.mark.parametrize("shape,fused", [((1, 16, 16), True), ((1, 16, 16), False),
+                                         ((1, 8, 16, 16), True)])
+def test_log_prob_map_sums_to_log_prob(shape, fused):
+    cfg = dict(levels=3 if len(shape) == 3 else 2, steps=2, hidden_channels=6,
+               coupling_scale="paper", fuse_actnorm=fused)
+    model = build_glow(cfg, shape).double()
+    x = torch.rand(3, *shape, dtype=torch.float64) - 0.5
+    model.initialize_actnorm(x)
+    _randomise(model, std=0.1)
+    m = model.log_prob_map(x)
+    assert m.shape == (3, *shape[1:])
+    torch.testing.assert_close(m.flatten(1).sum(1), model.log_prob(x), atol=1e-8, rtol=1e-10)
+    # the recording switch is off again and leaves the likelihood unchanged
+    assert not any(getattr(c, "record_positions", False) for c in model.modules())
+
+
+def test_log_prob_map_is_local():
+    """Changing one corner pixel changes the map mostly near that corner."""
+    cfg = dict(levels=2, steps=2, hidden_channels=6, coupling_scale="paper")
+    model = build_glow(cfg, (1, 16, 16)).double()
+    x = torch.rand(1, 1, 16, 16, dtype=torch.float64) - 0.5
+    model.initialize_actnorm(torch.rand(8, 1, 16, 16, dtype=torch.float64) - 0.5)
+    _randomise(model, std=0.1)
+    y = x.clone()
+    y[0, 0, 1, 1] += 0.4
+    d = (model.log_prob_map(y) - model.log_prob_map(x)).abs()[0]  # (16, 16)
+    assert d[:8, :8].sum() > 5 * d[8:, 8:].sum()
+
+
+def test_glow_module_map_sums_to_log_likelihood():
+    from lightning_modules.glow import GlowModule
+
+    m = GlowModule({"levels": 2, "steps": 2, "hidden_channels": 8, "intensity_norm": "rank"},
+                   [1, 8, 8], n_bits=8)
+    x = torch.rand(4, 1, 8, 8)
+    m.model.initialize_actnorm(m._flow_input(x, noise=True))
+    lm = m.log_likelihood_map(x)
+    assert lm.shape == (4, 8, 8)
+    torch.testing.assert_close(lm.double().flatten(1).sum(1), m.log_likelihood(x).double(),
+                               atol=1e-2, rtol=1e-5)
+
+
+def test_rank_normalisation_ignores_gain_and_gamma_keeps_order():
+    from lightning_modules.glow.torch_model import intensity_normalize
+
+    x = quantize(torch.rand(2, 1, 8, 8), 8) / 255
+    x[:, :, :2] = 0.0  # ties (an empty border)
+    y = (0.9 * x**1.2).clamp(0, 1)  # another exposure of the same image
+    nx, ny = intensity_normalize(x, "rank"), intensity_normalize(y, "rank")
+    torch.testing.assert_close(nx, ny)
+    assert nx.min() >= 0 and nx.max() <= 1
+    flat, nflat = x.flatten(1), nx.flatten(1)
+    i, j = torch.argsort(flat[0])[:-1], torch.argsort(flat[0])[1:]
+    assert bool((nflat[0, j] >= nflat[0, i]).all())  # increasing
+    assert torch.equal(intensity_normalize(x, "none"), x)
+    with pytest.raises(ValueError, match="intensity_norm"):
+        intensity_normalize(x, "zscore")

@@ -239,3 +239,44 @@ def test_paper_presets_give_the_papers_set_sizes(preset, sizes):
     assert (cfg.glow.levels, cfg.glow.steps) == ((7, 32) if "rsna" in preset else (4, 32))
     # the command line still wins
     assert pipeline_flow.load([f"config={preset}", "data.n_normal=10"]).data.n_normal == 10
+
+
+def test_matched_schedule_trains_m0_and_m1_for_equal_steps_from_a_shared_start(out_dir,
+                                                                               monkeypatch):
+    for bad in ("glow.schedule=paired", "glow.score=max", "glow.intensity_norm=z"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            pipeline_flow.load(["data=folder", "profile=cpu", bad])
+    calls = []
+
+    def fake_train(cfg, datamodule=None, init_ckpt=None, max_steps=None, select="best"):
+        calls.append((Path(cfg.out_dir).name, cfg.glow.model, init_ckpt, max_steps, select,
+                      cfg.trainer.max_epochs))
+        path = Path(cfg.out_dir) / "checkpoints" / "last.ckpt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        return path
+
+    monkeypatch.setattr("experiments.train_glow.train", fake_train)
+    cfg = pipeline_flow.load(["data=folder", "profile=cpu", "glow.schedule=matched",
+                              "glow.matched_steps=7", "trainer.max_epochs=5"])
+    ckpts = pipeline_flow.train_models(cfg, out_dir, object(), 4, 8)
+    start = ckpts["start"]
+    assert calls == [("start", "m0", None, None, "last", 5),
+                     ("m0", "m0", start, 7, "last", -1),
+                     ("m1", "m1", start, 7, "last", -1)]
+
+
+def test_pipeline_matched_local_score_writes_anomaly_maps(out_dir, one_thread):
+    import csv
+
+    root, out = out_dir / "data", out_dir / "run"
+    write_folder_phantoms(root, "cxr", n_train=16, n_eval=4)
+    metrics = _run(root, out, "cxr", "glow.schedule=matched", "glow.matched_steps=2",
+                   "trainer.max_epochs=1", "glow.score=local", "glow.intensity_norm=rank")
+    assert metrics["score"] == "local"
+    assert (out / "figures" / "anomaly_maps.png").is_file()
+    assert "anomaly maps" in (out / "report.html").read_text().lower()
+    with open(out / "scores.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:  # the global posterior stays available next to the local score
+        assert float(r["score_global"]) == pytest.approx(-float(r["log_posterior"]))

@@ -6,10 +6,13 @@ checks); ``scoring``: batched scoring of items with the two flows M0 (S_normal) 
 """
 
 from lightning_modules.flow_posterior.posterior import (
+    IMAGE_SCORES,
     PreprocessingMismatch,
+    anomaly_map,
     check_same_preprocessing,
     likelihood_score,
     log_posterior,
+    map_score,
     posterior_score,
     preprocessing_signature,
     zero_fraction,
@@ -23,12 +26,15 @@ from lightning_modules.flow_posterior.scoring import (
 )
 
 __all__ = [
+    "IMAGE_SCORES",
     "FlowScores",
     "PreprocessingMismatch",
+    "anomaly_map",
     "check_models",
     "check_same_preprocessing",
     "likelihood_score",
     "log_posterior",
+    "map_score",
     "pick_device",
     "posterior_score",
     "preprocessing_signature",

@@ -149,3 +149,36 @@ def check_same_preprocessing(signatures: Mapping[str, Mapping[str, Any]]) -> Non
             + ". Train M0 and M1 with the same data/glow settings (delete OUT/m0 or OUT/m1 to "
             "retrain one), or score with the data settings the models were trained with."
         )
+
+
+# --- Local score and anomaly map (our addition; Shibata et al. score whole images only) -------
+
+IMAGE_SCORES = ("global", "local")
+
+
+def anomaly_map(map_m0: ArrayLike, map_m1: ArrayLike, sigma: float = 0.0) -> np.ndarray:
+    """Flow anomaly map A = G_sigma * (l1 - l0), (B, *spatial) float64.
+
+    ``map_m0`` / ``map_m1``: (B, *spatial) per-pixel (per-voxel) contributions to log p(x|M0)
+    and log p(x|M1) (``GlowModule.log_likelihood_map``; each sums to the model's log p(x)).
+    Without smoothing (sigma = 0) A sums over the pixels to -log p(normal|x) (eq. 3, up to the
+    constant), so a high value marks where the mixture model explains the image better than
+    the normal model. ``sigma``: standard deviation in pixels of a Gaussian applied over the
+    spatial axes only (scipy.ndimage.gaussian_filter, reflecting borders).
+    """
+    a = np.asarray(map_m1, dtype=np.float64) - np.asarray(map_m0, dtype=np.float64)
+    if sigma > 0:
+        from scipy.ndimage import gaussian_filter
+
+        a = gaussian_filter(a, sigma=(0.0, *(sigma,) * (a.ndim - 1)), mode="reflect")
+    return a
+
+
+def map_score(amap: ArrayLike, top_fraction: float = 0.01) -> np.ndarray:
+    """Image score from an anomaly map: the mean of its highest ``top_fraction`` of pixels
+    (at least one pixel: the maximum), (B,). Higher = more anomalous."""
+    if not 0.0 < top_fraction <= 1.0:
+        raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
+    flat = np.asarray(amap, dtype=np.float64).reshape(len(amap), -1)  # (B, N)
+    k = max(1, int(round(top_fraction * flat.shape[1])))
+    return np.sort(flat, axis=1)[:, -k:].mean(axis=1)

@@ -19,9 +19,11 @@ from torch.utils.data import DataLoader
 
 from datamodules.progress import track
 from lightning_modules.flow_posterior.posterior import (
+    anomaly_map,
     check_same_preprocessing,
     likelihood_score,
     log_posterior,
+    map_score,
     posterior_score,
     preprocessing_signature,
     zero_fraction,
@@ -39,6 +41,10 @@ class FlowScores:
     zero_fraction: np.ndarray
     log_prior_normal: float = 0.0
     extra: dict[str, np.ndarray] = field(default_factory=dict)
+    # With maps: the anomaly map (B, *spatial) (``posterior.anomaly_map``) and its image score
+    # (``posterior.map_score``), which then is the anomaly score (glow.score=local).
+    anomaly_map: np.ndarray | None = None
+    local_score: np.ndarray | None = None
 
     @property
     def log_posterior(self) -> np.ndarray:
@@ -46,9 +52,15 @@ class FlowScores:
         return log_posterior(self.log_p_m0, self.log_p_m1, self.log_prior_normal)
 
     @property
-    def score(self) -> np.ndarray:
-        """Anomaly score -log p(normal|x); higher = more anomalous."""
+    def score_global(self) -> np.ndarray:
+        """-log p(normal|x) of the whole image (paper, eq. 3)."""
         return posterior_score(self.log_posterior)
+
+    @property
+    def score(self) -> np.ndarray:
+        """The anomaly score, higher = more anomalous: the local score of the anomaly map when
+        maps were computed with ``score="local"``, else -log p(normal|x) (paper)."""
+        return self.local_score if self.local_score is not None else self.score_global
 
     @property
     def score_likelihood(self) -> np.ndarray:
@@ -60,13 +72,16 @@ class FlowScores:
 
     def columns(self) -> dict[str, np.ndarray]:
         """The extra columns of scores.csv."""
-        return {
+        cols = {
             "log_p_m0": self.log_p_m0,
             "log_p_m1": self.log_p_m1,
             "log_posterior": self.log_posterior,
             "score_likelihood": self.score_likelihood,
             "zero_fraction": self.zero_fraction,
         }
+        if self.local_score is not None:
+            cols["score_global"] = self.score_global
+        return cols
 
 
 def pick_device(accelerator: str = "auto") -> torch.device:
@@ -133,24 +148,37 @@ def _check_finite(name: str, values: np.ndarray) -> None:
 @torch.no_grad()
 def score_batches(m0: Any, m1: Any, batches: Iterable[Any], *, device: torch.device | str = "cpu",
                   n_bits: int = 8, total: int | None = None, progress: bool = True,
-                  description: str = "Scoring with M0 and M1") -> FlowScores:
+                  description: str = "Scoring with M0 and M1", maps: bool = False,
+                  score: str = "global", map_sigma: float = 1.0,
+                  map_top_fraction: float = 0.01) -> FlowScores:
     """log p(x|M0), log p(x|M1) and the zero-pixel fraction of every image in ``batches``.
 
     ``batches`` yields (B, C, ...) tensors or dicts with an ``"image"`` tensor in [0, 1]. Both
     models see exactly the same tensor. log-likelihoods are kept in float32 on the device and
     gathered as float64 (a 512² NLL is ~1e5-1e6 nats).
+
+    ``maps`` (implied by ``score="local"``; models need ``log_likelihood_map``): also the
+    anomaly map of every image (``anomaly_map`` with ``map_sigma``) and its image score
+    (``map_score`` with ``map_top_fraction``); with ``score="local"`` that is the anomaly score.
     """
+    if score not in ("global", "local"):
+        raise ValueError(f"score={score!r} is not one of ('global', 'local')")
+    maps = maps or score == "local"
     device = torch.device(device)
     for m in (m0, m1):
         if isinstance(m, torch.nn.Module):
             m.to(device).eval()
-    lp0, lp1, zf = [], [], []
+    lp0, lp1, zf, amaps = [], [], [], []
     for batch in track(batches, description, total=total, enabled=progress):
         x = batch["image"] if isinstance(batch, Mapping) else batch
         x = x.to(device, dtype=torch.float32, non_blocking=True)  # (B, C, H, W) | (B, C, D, H, W)
         lp0.append(m0.log_likelihood(x).float().reshape(-1).cpu())  # (B,)
         lp1.append(m1.log_likelihood(x).float().reshape(-1).cpu())  # (B,)
         zf.append(zero_fraction(x, n_bits).cpu())  # (B,)
+        if maps:
+            a0 = m0.log_likelihood_map(x).double().cpu().numpy()  # (B, *spatial)
+            a1 = m1.log_likelihood_map(x).double().cpu().numpy()
+            amaps.append(anomaly_map(a0, a1, map_sigma))
     if not lp0:
         empty = np.zeros(0, dtype=np.float64)
         return FlowScores(empty, empty.copy(), empty.copy())
@@ -161,13 +189,23 @@ def score_batches(m0: Any, m1: Any, batches: Iterable[Any], *, device: torch.dev
     )
     _check_finite("M0", out.log_p_m0)
     _check_finite("M1", out.log_p_m1)
+    if maps:
+        out.anomaly_map = np.concatenate(amaps)
+        local = map_score(out.anomaly_map, map_top_fraction)
+        _check_finite("The anomaly map", local)
+        if score == "local":
+            out.local_score = local
+        else:
+            out.extra["local_score"] = local
     return out
 
 
 def score_items(m0: Any, m1: Any, dm: Any, items: Sequence[Any], *, batch_size: int = 8,
                 num_workers: int = 0, device: torch.device | str = "cpu", n_bits: int = 8,
-                progress: bool = True, description: str = "Scoring with M0 and M1") -> FlowScores:
-    """Score data-module items (``dm.load(item)``) with both models, batched."""
+                progress: bool = True, description: str = "Scoring with M0 and M1",
+                **map_kw: Any) -> FlowScores:
+    """Score data-module items (``dm.load(item)``) with both models, batched; ``map_kw``:
+    ``maps``, ``score``, ``map_sigma``, ``map_top_fraction`` of :func:`score_batches`."""
     from datamodules.base import ItemDataset
 
     loader = DataLoader(
@@ -175,4 +213,4 @@ def score_items(m0: Any, m1: Any, dm: Any, items: Sequence[Any], *, batch_size: 
         num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
     )
     return score_batches(m0, m1, loader, device=device, n_bits=n_bits, total=len(loader),
-                         progress=progress, description=description)
+                         progress=progress, description=description, **map_kw)

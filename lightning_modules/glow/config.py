@@ -27,3 +27,21 @@ class GlowConfig:
     # initialisation: log p(x|M0) - log p(x|M1) then measures what S_mixture added instead of
     # the run-to-run noise of two independent small flows; for short CPU trainings).
     m1_init: str = "scratch"
+    # --- Our options beyond Shibata et al. (profile=paper keeps the published method: all
+    # off). Measured effects: configs/flow.yaml and the README's flow section.
+    # Per-image intensity normalisation before dequantisation: none (paper) | rank (each pixel
+    # -> its mid-rank in its own image; invariant to exposure gain / gamma).
+    intensity_norm: str = "none"
+    # Flow posterior: how M0 and M1 are trained. independent (paper): each for
+    # trainer.max_epochs on its own set (M1's start: m1_init). matched: a shared start (a Glow
+    # trained on S_normal for trainer.max_epochs), then M0 continues on S_normal and M1 on
+    # S_mixture for the same number of optimiser steps (matched_steps), so log p(x|M0) -
+    # log p(x|M1) measures what the two sets differ in, not how much each model was trained.
+    schedule: str = "independent"
+    matched_steps: int = 100
+    # Flow posterior image score: global (paper eq. 3: -log p(normal|x) of the whole image) |
+    # local (the anomaly map, per-pixel contributions to log p(x|M1) - log p(x|M0), smoothed by
+    # a Gaussian of map_sigma pixels; image score = mean of its top map_top_fraction pixels).
+    score: str = "global"
+    map_sigma: float = 1.0
+    map_top_fraction: float = 0.01

@@ -130,6 +130,10 @@ class AffineCoupling(nf.flows.AffineCoupling):
             raise ValueError(f"coupling scale map {scale_map!r} is not one of {SCALE_MAPS}")
         super().__init__(param_map, scale=True, scale_map=scale_map)
         self.checkpointing = checkpointing
+        # Set by Glow.log_prob_map: keep log scale summed over channels, (B, *spatial), of the
+        # last data -> latent pass (the per-position part of this coupling's log-det).
+        self.record_positions = False
+        self.position_log_det: torch.Tensor | None = None
 
     def _shift_scale(self, z1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.checkpointing and torch.is_grad_enabled():
@@ -151,7 +155,10 @@ class AffineCoupling(nf.flows.AffineCoupling):
         z1, z2 = z
         shift, scale = self._shift_scale(z1)
         z2 = (z2 - shift) * scale
-        return [z1, z2], _sum_per_sample(torch.log(scale))
+        log_scale = torch.log(scale)
+        if self.record_positions:
+            self.position_log_det = log_scale.sum(1)  # (B, *spatial)
+        return [z1, z2], _sum_per_sample(log_scale)
 
 
 class AffineCouplingBlock(nf.flows.Flow):

@@ -20,6 +20,7 @@ from .torch_model import (
     build_glow,
     dequantize,
     discrete_log_likelihood,
+    intensity_normalize,
     samples_to_unit,
 )
 
@@ -56,9 +57,17 @@ class GlowModule(pl.LightningModule):
         seed = (int(self.hparams.seed) * 1_000_003 + self.global_step) * 1024 + self.global_rank
         return torch.Generator(device=device).manual_seed(seed)
 
-    def _log_p_discrete(self, x: torch.Tensor, noise: bool) -> torch.Tensor:
+    @property
+    def intensity_norm(self) -> str:
+        return str(self.hparams.glow.get("intensity_norm", "none"))
+
+    def _flow_input(self, x: torch.Tensor, noise: bool) -> torch.Tensor:
+        x = intensity_normalize(x, self.intensity_norm)
         g = self._noise_generator(x.device) if noise else None
-        y = dequantize(x, self.n_bits, noise, g)  # (B, C, ...) in [-1/2, 1/2)
+        return dequantize(x, self.n_bits, noise, g)  # (B, C, ...) in [-1/2, 1/2)
+
+    def _log_p_discrete(self, x: torch.Tensor, noise: bool) -> torch.Tensor:
+        y = self._flow_input(x, noise)
         return discrete_log_likelihood(self.model.log_prob(y), self.n_dims, self.n_bits)
 
     @torch.no_grad()
@@ -67,6 +76,15 @@ class GlowModule(pl.LightningModule):
 
         x: (B, C, ...) or (B, ...) (channel added) in [0, 1] as ``MedicalDataModule.load``.
         """
+        return self._evaluate(x, per_position=False)
+
+    @torch.no_grad()
+    def log_likelihood_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-pixel (per-voxel) contributions to :meth:`log_likelihood`, (B, *spatial) float32,
+        summing to it (``Glow.log_prob_map`` minus n_bits log 2 per pixel for the bins)."""
+        return self._evaluate(x, per_position=True)
+
+    def _evaluate(self, x: torch.Tensor, per_position: bool) -> torch.Tensor:
         if x.dim() == len(self.hparams.input_shape):
             x = x.unsqueeze(1)
         if tuple(x.shape[1:]) != tuple(self.hparams.input_shape):
@@ -77,7 +95,12 @@ class GlowModule(pl.LightningModule):
         was_training = self.training
         self.eval()
         p = next(self.model.parameters())
-        lp = self._log_p_discrete(x.to(device=p.device, dtype=p.dtype), noise=False)
+        x = x.to(device=p.device, dtype=p.dtype)
+        if per_position:
+            lp = self.model.log_prob_map(self._flow_input(x, noise=False))
+            lp = lp - self.n_bits * math.log(2.0)  # (B, *spatial)
+        else:
+            lp = self._log_p_discrete(x, noise=False)
         self.train(was_training)
         return lp.float()
 
@@ -121,8 +144,7 @@ class GlowModule(pl.LightningModule):
             return
         batch = next(iter(self.trainer.train_dataloader))
         x = batch["image"].to(self.device)
-        self.model.initialize_actnorm(dequantize(x, self.n_bits, True,
-                                                 self._noise_generator(x.device)))
+        self.model.initialize_actnorm(self._flow_input(x, noise=True))
         broadcast_actnorm(self.model, src=0)
         log.info("ActNorm initialised from a batch of %d", x.shape[0])
 

@@ -47,6 +47,33 @@ def dequantize(x: torch.Tensor, n_bits: int, noise: bool,
     return (k + u) / 2**n_bits - 0.5
 
 
+INTENSITY_NORMS = ("none", "rank")
+
+
+def intensity_normalize(x: torch.Tensor, mode: str = "none") -> torch.Tensor:
+    """Per-image intensity normalisation before dequantisation (our option; the paper feeds
+    the raw 8-bit / 7-bit values).
+
+    ``rank``: each pixel becomes its mid-rank among the image's own pixels,
+    (#{< v} + #{= v} / 2) / N in [0, 1] (histogram equalisation with ties kept): invariant to
+    any increasing intensity map, so a gain or gamma change of the exposure leaves the input
+    unchanged, while a lesion brighter than its surroundings stays brighter.
+    x: (B, C, ...) in [0, 1].
+    """
+    if mode == "none":
+        return x
+    if mode != "rank":
+        raise ValueError(f"glow.intensity_norm={mode!r} is not one of {INTENSITY_NORMS}")
+    flat = x.reshape(x.shape[0], -1)  # (B, N)
+    srt = flat.sort(dim=1).values.contiguous()
+    lo = torch.searchsorted(srt, flat.contiguous(), right=False)
+    hi = torch.searchsorted(srt, flat.contiguous(), right=True)
+    ranks = (lo + hi).to(x.dtype) / (2 * flat.shape[1])
+    # a non-finite input stays non-finite (the training loop's NaN check must still see it)
+    ranks = torch.where(torch.isfinite(flat), ranks, flat)
+    return ranks.reshape(x.shape)
+
+
 def discrete_log_likelihood(log_p_y: torch.Tensor, n_dims: int, n_bits: int) -> torch.Tensor:
     """log P(k) ~ log p(y) - D n log 2: the density of y = (k + u)/2^n integrated over the bin."""
     return log_p_y - n_dims * n_bits * math.log(2.0)
@@ -97,6 +124,50 @@ class Glow(nf.MultiscaleFlow):
             log_q = log_q + self.q0[i].log_prob(z_.to(acc))
         return log_q
 
+    def log_prob_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-position contributions to log p(x), (B, *spatial) at input resolution, that sum
+        exactly to :meth:`log_prob` (our addition; Shibata et al. give no map).
+
+        A position of level l (spatial size S / 2^(l+1)) covers a block of 2^(l+1) pixels per
+        axis. Its contribution is the log-density of the latents factored out there (summed
+        over channels), plus the coupling log-dets at that position (log scale summed over
+        channels) and the per-position share of the ActNorm / 1x1-conv log-dets (the same at
+        every position); it is spread evenly over its block (nearest upsampling divided by
+        the block size). Coupling networks see a 3x3 neighbourhood per step, so a position's
+        value depends on nearby pixels too: local, not strictly per pixel.
+        """
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        spatial = tuple(x.shape[2:])
+        out = torch.zeros((x.shape[0], *spatial), dtype=acc, device=x.device)
+        couplings = [m for m in self.modules() if isinstance(m, layers2d.AffineCoupling)]
+        for c in couplings:
+            c.record_positions = True
+        try:
+            z = x
+            for i in range(self.num_levels - 1, -1, -1):
+                level = None
+                for flow in reversed(self.flows[i]):
+                    z, log_det = flow.inverse(z)
+                    if not isinstance(flow, GlowStep):
+                        continue  # squeeze: a permutation, log-det 0
+                    pos = flow.coupling.coupling.position_log_det.to(acc)  # (B, *S_l)
+                    n_pos = pos[0].numel()
+                    rest = (log_det.to(acc) - pos.flatten(1).sum(1)) / n_pos  # (B,) or ()
+                    pos = pos + rest.reshape(-1, *(1,) * (pos.dim() - 1))
+                    level = pos if level is None else level + pos
+                if i > 0:
+                    [z, z_], _ = self.merges[i - 1].inverse(z)
+                else:
+                    z_ = z
+                prior = _gaussian_positions(z_.to(acc))  # (B, *S_l)
+                level = prior if level is None else level + prior
+                out = out + _spread(level, spatial)
+        finally:
+            for c in couplings:
+                c.record_positions = False
+                c.position_log_det = None
+        return out
+
     def latents(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.inverse_and_log_det(x)[0]
 
@@ -116,6 +187,19 @@ class Glow(nf.MultiscaleFlow):
         for m in self.modules():
             if hasattr(m, "checkpointing"):
                 m.checkpointing = enabled
+
+
+def _gaussian_positions(z: torch.Tensor) -> torch.Tensor:
+    """log N(z; 0, I) summed over channels: (B, C, *S) -> (B, *S)."""
+    return (-0.5 * z**2 - 0.5 * math.log(2 * math.pi)).sum(1)
+
+
+def _spread(level: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+    """(B, *S_l) per-position values -> (B, *spatial), each spread evenly over its block."""
+    for axis, size in enumerate(spatial):
+        f = size // level.shape[axis + 1]
+        level = level.repeat_interleave(f, dim=axis + 1) / f
+    return level
 
 
 def level_shapes(input_shape: tuple[int, ...], levels: int) -> list[tuple[int, ...]]:
