@@ -419,6 +419,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     import torch
 
     from datamodules.factory import build_datamodule
+    from datamodules.manifest import record_splits
     from lightning_modules.flow_posterior.scoring import check_models, pick_device, score_items
     from lightning_modules.glow import load_glow
 
@@ -426,6 +427,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     dm = build_datamodule(cfg.data)
     dm.setup()
+    record_splits(dm, out)  # OUT/splits.csv + its sha256 in run_info.json
     counts = {
         "S_normal (train/normal)": len(dm.items("train", "normal")),
         "S_mixture (train/mixture)": len(dm.items("train", "mixture")),

@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from datamodules.manifest import record_splits
 from experiments.common import setup_logging, track
 from experiments.config import ConfigError, load_config, prepare_run_dir
 from lightning_modules.patch_detector.anomaly_map import FUSIONS, MapNormalizer
@@ -416,6 +417,7 @@ def run_single(cfg: DictConfig, dm=None) -> dict:
     out = prepare_run_dir(cfg)
     torch.manual_seed(int(cfg.seed))
     dm, det, ckpts, shas = prepare(cfg, dm)
+    record_splits(dm, out)  # OUT/splits.csv + its sha256 in run_info.json
     use_cache = bool(cfg.patch.cache_features)
     val = score_split(det, dm, out, "val", shas, use_cache)
     test = score_split(det, dm, out, "test", shas, use_cache)

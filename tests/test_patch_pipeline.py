@@ -1,6 +1,7 @@
 """The patch pipeline end to end on tiny phantoms (fast tier), plus re-use of its outputs."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -38,6 +39,16 @@ def test_pipeline_writes_the_contracted_outputs(run_dir):
         assert k in m, k
     assert m["threshold"] == 0.5
     assert (out / "report.html").is_file() and list((out / "figures").glob("*.png"))
+    # The split manifest: every item once per group, its sha256 in run_info.json.
+    import hashlib
+
+    manifest = pd.read_csv(out / "splits.csv", keep_default_na=False)
+    assert list(manifest.columns) == ["item", "patient", "split", "group", "label"]
+    assert set(manifest.split) == {"train", "val", "test"}
+    assert set(scores.path.map(lambda p: Path(p).name)) <= set(manifest.item.map(
+        lambda p: Path(p).name))
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["splits_sha256"] == hashlib.sha256((out / "splits.csv").read_bytes()).hexdigest()
     for s in (16, 32, 64):
         assert (out / "db" / f"res{s}.safetensors").is_file()
     state = json.loads((out / "patch_detector.json").read_text())

@@ -155,7 +155,8 @@ def test_pipeline_end_to_end(out_dir, modality, monkeypatch, one_thread):
     write_folder_phantoms(root, modality)
     metrics = _run(root, out, modality)
 
-    for f in ("scores.csv", "metrics.json", "report.html", "config.yaml", "m0/flow_model.json",
+    for f in ("scores.csv", "metrics.json", "report.html", "config.yaml", "splits.csv",
+              "m0/flow_model.json",
               "m1/flow_model.json", "figures/roc.png", "figures/hist_log_posterior.png",
               "figures/hist_log_likelihood.png", "figures/most_abnormal.png",
               "figures/least_abnormal.png", "figures/zero_fraction_likelihood.png",
