@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         v["distance"]).items()})
                 for split, (items, labels, feats) in splits.items()}
         val, test = (scores_by_distance[v["distance"]][k] for k in ("val", "test"))
-        norm = pp.fit_normalizer(det, val, v["sizes"], v["weights"], v["fusion"])
+        norm = pp.fit_normalizer(det, val, v["sizes"], v["weights"], v["fusion"],
+                                 str(cfg.patch.image_score), float(cfg.patch.topk_fraction))
         pp.apply_normalizer(det, val, norm)
         pp.apply_normalizer(det, test, norm)
         m = ev.binary_metrics(test.labels, test.scores, float(p.threshold))

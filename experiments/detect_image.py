@@ -64,6 +64,11 @@ def load_detector(run_dir: str | Path, device: str | torch.device = "cpu"
         distance=state["distance"], shrinkage=state["shrinkage"],
         stride_fraction=state["stride_fraction"],
         cell_normalize=bool(state.get("cell_normalize", False)),
+        # states written before these options existed are the paper's defaults
+        features=state.get("features", "pooled"),
+        dense_layers=state.get("dense_layers", ["layer2"]),
+        dense_pool=int(state.get("dense_pool", 3)),
+        intensity_norm=state.get("intensity_norm", "none"),
     ).to(device).eval()
     for s in det.patch_sizes:
         det.set_db(ReferenceDB.load(resolve(state["databases"][str(s)]), shas[s],

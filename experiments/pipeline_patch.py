@@ -67,6 +67,18 @@ def check_config(cfg: DictConfig) -> None:
         if v is not None and len(v) != len(p.patch_sizes):
             raise ConfigError(f"patch.{name} needs one value per patch size "
                               f"({len(p.patch_sizes)}), got {list(v)}")
+    from lightning_modules.patch_detector.anomaly_map import IMAGE_SCORES
+    from lightning_modules.patch_detector.detector import FEATURE_MODES
+    from lightning_modules.patch_detector.intensity import INTENSITY_NORMS
+
+    for key, allowed in (("features", FEATURE_MODES), ("intensity_norm", INTENSITY_NORMS),
+                         ("image_score", IMAGE_SCORES)):
+        if p[key] not in allowed:
+            raise ConfigError(f"patch.{key}={p[key]!r} is not one of {list(allowed)}")
+    if p.features == "dense" and p.stride_fraction != 1:
+        raise ConfigError("patch.features=dense needs patch.stride_fraction=1")
+    if not 0 < p.topk_fraction <= 1:
+        raise ConfigError(f"patch.topk_fraction={p.topk_fraction} must lie in (0, 1]")
     if not 0 < p.stride_fraction <= 1:
         raise ConfigError(f"patch.stride_fraction={p.stride_fraction} must lie in (0, 1]")
     if p.n_folds_run < 1 or p.n_folds_run > cfg.data.n_folds:
@@ -122,6 +134,7 @@ def ensure_encoders(cfg: DictConfig, dm, out: Path) -> dict[int, Path]:
         c = copy.deepcopy(cfg)
         c.simclr.patch_size = size
         c.out_dir = str(folder)
+        c.simclr.intensity_norm = str(p.intensity_norm)  # train on what the detector sees
         if p.encoder_input_sizes is not None:
             c.simclr.input_size = int(p.encoder_input_sizes[i])
         if p.encoder_epochs is not None:
@@ -156,6 +169,8 @@ def build_detector(cfg: DictConfig, ckpts: dict[int, Path], device: torch.device
         [int(d) for d in p.locality], distance=p.distance, shrinkage=p.shrinkage,
         stride_fraction=p.stride_fraction, chunk_size=p.chunk_size,
         feature_batch_size=p.feature_batch_size, cell_normalize=p.cell_normalize,
+        features=str(p.features), dense_layers=[str(x) for x in p.dense_layers],
+        dense_pool=int(p.dense_pool), intensity_norm=str(p.intensity_norm),
     )
     return det.to(device).eval()
 
@@ -248,14 +263,16 @@ class SplitScores:
 
 
 def fit_normalizer(det: PatchAnomalyDetector, val: SplitScores, sizes: list[int],
-                   weights: list[float], fusion: str) -> MapNormalizer:
+                   weights: list[float], fusion: str, image_score: str = "max",
+                   topk_fraction: float = 0.01) -> MapNormalizer:
     """Normalize of eq. 6 on the validation set only (see anomaly_map)."""
     normal = val.labels == 0
     if not normal.any():
         raise RuntimeError("The validation set has no normal images: Normalize (eq. 6) is "
                            "fitted on them.")
     norm = MapNormalizer.fit_scales([val.patch_scores[s][torch.from_numpy(normal)]
-                                     for s in sizes], sizes, weights, fusion)
+                                     for s in sizes], sizes, weights, fusion,
+                                    image_score, topk_fraction)
     raw = det.raw_image_scores(val.patch_scores, norm).numpy()
     norm.fit_calibration(raw, val.labels)
     return norm
@@ -289,7 +306,9 @@ def evaluate(cfg: DictConfig, det, dm, val: SplitScores, test: SplitScores) -> d
                                                     "specificity")})
     # single-resolution image scores (max of each normalised per-size map): what each size adds
     for s, m_s in zip(det.normalizer.sizes, det.normalizer.scales):
-        one = MapNormalizer([s], [1.0], "geometric", [m_s])
+        one = MapNormalizer([s], [1.0], "geometric", [m_s],
+                            image_score=det.normalizer.image_score,
+                            topk_fraction=det.normalizer.topk_fraction)
         raw = det.raw_image_scores(test.patch_scores, one).numpy()
         metrics[f"auroc_res{s}"] = ev.auroc(test.labels, raw)
     findings = [it.finding for it in test.items]
@@ -386,6 +405,10 @@ def save_state(cfg: DictConfig, out: Path, det: PatchAnomalyDetector,
         "shrinkage": det.shrinkage,
         "stride_fraction": det.stride_fraction,
         "cell_normalize": det.cell_normalize,
+        "features": det.feature_mode,
+        "dense_layers": list(det.dense_layers),
+        "dense_pool": det.dense_pool,
+        "intensity_norm": det.intensity_norm,
         "threshold": float(cfg.patch.threshold),
         "encoders": {str(s): {"checkpoint": rel(ckpts[s]), "sha256": shas[s]}
                      for s in det.patch_sizes},
@@ -423,7 +446,7 @@ def run_single(cfg: DictConfig, dm=None) -> dict:
     test = score_split(det, dm, out, "test", shas, use_cache)
     p = cfg.patch
     det.normalizer = fit_normalizer(det, val, det.patch_sizes, [float(w) for w in p.weights],
-                                    p.fusion)
+                                    p.fusion, str(p.image_score), float(p.topk_fraction))
     apply_normalizer(det, val, det.normalizer)
     apply_normalizer(det, test, det.normalizer)
     metrics = evaluate(cfg, det, dm, val, test)

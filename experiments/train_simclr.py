@@ -23,6 +23,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
@@ -69,7 +70,10 @@ def build_loaders(cfg: DictConfig, dm, world_size: int) -> tuple[DataLoader, Dat
 
     s = cfg.simclr
     size = int(s.input_size or s.patch_size)
-    views = view_transform(size, s.crop_scale, s.crop_scale_max, s.rotation_deg)
+    views = view_transform(size, s.crop_scale, s.crop_scale_max, s.rotation_deg,
+                           float(s.brightness), float(s.contrast), float(s.gamma))
+    if s.intensity_norm != "none":
+        dm = IntensityNormalized(dm, str(s.intensity_norm))
     train_ds = train_patch_dataset(dm, int(s.patch_size), views, stride=s.stride,
                                    cache_max_gb=float(s.cache_max_gb))
     val_ds = val_patch_dataset(dm, int(s.patch_size), views, resize_transform(size),
@@ -95,6 +99,23 @@ def build_loaders(cfg: DictConfig, dm, world_size: int) -> tuple[DataLoader, Dat
     if val_ds is not None and len(val_ds) > 0:
         val_loader = DataLoader(val_ds, batch_size=batch, shuffle=False, **common)
     return train_loader, val_loader
+
+
+class IntensityNormalized:
+    """A data module whose ``load`` returns each image with its per-image intensity
+    normalisation (``simclr.intensity_norm``, = the detector's ``patch.intensity_norm``)."""
+
+    def __init__(self, dm, mode: str):
+        self._dm, self._mode = dm, mode
+
+    def load(self, item):
+        from lightning_modules.patch_detector.intensity import intensity_normalize
+
+        img = torch.as_tensor(np.asarray(self._dm.load(item), dtype=np.float32))
+        return intensity_normalize(img[None, None], self._mode)[0, 0].numpy()
+
+    def __getattr__(self, name):
+        return getattr(self._dm, name)
 
 
 def _is_rank_zero() -> bool:

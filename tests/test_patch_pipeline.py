@@ -116,3 +116,34 @@ def test_cross_validation_reports_mean_and_sd(tmp_path):
     assert metrics["n_folds"] == 2 and "auroc_sd" in metrics
     assert (tmp_path / "fold0" / "metrics.json").is_file()
     assert (tmp_path / "fold1" / "report.html").is_file()
+
+
+def test_detect_image_restores_our_options(run_dir, tmp_path):
+    """Every detector option lands in patch_detector.json and detect_image scores a test
+    image exactly as the pipeline did (the cell_normalize bug must not come back)."""
+    from experiments import detect_image
+
+    out = tmp_path / "run"
+    opts = ["patch.features=dense", "patch.dense_layers=[layer2]",
+            "patch.intensity_norm=percentile", "patch.image_score=topk",
+            "patch.topk_fraction=0.05", "patch.cell_normalize=true",
+            f"patch.encoder_dir={run_dir[0] / 'encoders'}"]  # reuse: no SimCLR training here
+    pipeline.main([*TINY, *opts, f"out_dir={out}"])
+    state = json.loads((out / "patch_detector.json").read_text())
+    assert state["features"] == "dense" and state["intensity_norm"] == "percentile"
+    assert state["normalizer"]["image_score"] == "topk"
+    det, _ = detect_image.load_detector(out)
+    assert (det.feature_mode, det.intensity_norm, det.cell_normalize) == ("dense", "percentile",
+                                                                          True)
+    assert det.normalizer.topk_fraction == 0.05
+    test = pd.read_csv(out / "scores.csv")
+    row = test.iloc[0]
+    results = detect_image.main([row.path, f"run_dir={out}", f"out={tmp_path}"])
+    assert results[0]["score"] == pytest.approx(row.score, abs=1e-5)
+
+
+def test_bad_option_values_fail():
+    with pytest.raises(ConfigError, match="patch.features"):
+        pipeline.main([*TINY, "patch.features=sparse"])
+    with pytest.raises(ConfigError, match="patch.image_score"):
+        pipeline.main([*TINY, "patch.image_score=mean"])

@@ -26,6 +26,10 @@ across images and runs and the 0.5 cut-off means something:
    image score is ``max A_final = sigmoid((r - c)/σ)``, and ``score > 0.5`` reproduces exactly
    the validation Youden cut-off. Without abnormal validation images ``c`` is the 95th
    percentile of the normal ones (specificity 0.95 on validation).
+
+``image_score=topk`` (our option, not the paper's) uses ``r`` = the mean of the top
+``topk_fraction`` of ``F``'s blocks instead of its maximum; the image score is then
+``sigmoid((r - c)/σ)`` (no longer exactly ``max A_final``), calibrated the same way.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import numpy as np
 import torch
 
 FUSIONS = ("geometric", "product")
+IMAGE_SCORES = ("max", "topk")
 _EPS = 1e-6  # floor of Ã before the log: a perfect match (distance 0) stays finite
 
 
@@ -117,6 +122,22 @@ def youden_cutoff(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(cuts[best])
 
 
+def image_reduce(fused: torch.Tensor, how: str = "max", topk_fraction: float = 0.01
+                 ) -> torch.Tensor:
+    """Image score from a (B, h, w) map: its maximum (paper) or the mean of its top
+    ``topk_fraction`` of blocks (at least one; ``topk``, our option: one extreme block, often a
+    pose or edge artefact, no longer decides alone)."""
+    if how not in IMAGE_SCORES:
+        raise ValueError(f"patch.image_score={how!r} is not one of {list(IMAGE_SCORES)}")
+    flat = fused.flatten(1)  # (B, h*w)
+    if how == "max":
+        return flat.max(1).values
+    if not 0.0 < topk_fraction <= 1.0:
+        raise ValueError(f"patch.topk_fraction={topk_fraction} must lie in (0, 1]")
+    k = max(1, int(round(topk_fraction * flat.shape[1])))
+    return flat.topk(k, dim=1).values.mean(1)
+
+
 @dataclass
 class MapNormalizer:
     """Normalize of eq. 6, fitted on the validation set (see the module docstring)."""
@@ -127,9 +148,15 @@ class MapNormalizer:
     scales: list[float]  # m_s: median validation-normal patch score per size
     center: float = 0.0  # c: raw image-score cut-off (validation Youden)
     spread: float = 1.0  # σ: sd of validation raw image scores
+    image_score: str = "max"  # max (paper) | topk (mean of the top topk_fraction blocks)
+    topk_fraction: float = 0.01
 
     def fused_log_map(self, maps: list[torch.Tensor]) -> torch.Tensor:
         return fuse_log_maps(maps, self.scales, self.weights, self.fusion)  # (B, h, w)
+
+    def image_raw(self, fused: torch.Tensor) -> torch.Tensor:
+        """Raw image score r of fused log-maps (B, h, w) -> (B,)."""
+        return image_reduce(fused, self.image_score, self.topk_fraction)
 
     def normalize(self, fused: torch.Tensor) -> torch.Tensor:
         # float64: a float32 sigmoid saturates at 1 already 17 spreads above the cut-off,
@@ -145,7 +172,8 @@ class MapNormalizer:
 
     @classmethod
     def fit_scales(cls, normal_patch_scores: list[torch.Tensor], sizes: list[int],
-                   weights: list[float], fusion: str) -> MapNormalizer:
+                   weights: list[float], fusion: str, image_score: str = "max",
+                   topk_fraction: float = 0.01) -> MapNormalizer:
         """Step 1: m_s from the validation normal patch scores of each size."""
         scales = []
         for s, sc in zip(sizes, normal_patch_scores):
@@ -156,7 +184,8 @@ class MapNormalizer:
                                  "normalisation needs normal validation images.")
             m = float(sc.median())
             scales.append(m if m > 0 else float(sc.mean()) or 1.0)
-        return cls(list(map(int, sizes)), list(map(float, weights)), fusion, scales)
+        return cls(list(map(int, sizes)), list(map(float, weights)), fusion, scales,
+                   image_score=image_score, topk_fraction=float(topk_fraction))
 
     def fit_calibration(self, raw_image_scores: np.ndarray, labels: np.ndarray) -> None:
         """Step 2: c (Youden on validation, or the normal 95th percentile) and σ."""

@@ -20,6 +20,16 @@ class PatchConfig:
     # divide each patch distance by the median leave-one-image-out distance of the normal
     # reference patches at its grid cell (not in the paper; see detector.py)
     cell_normalize: bool = False
+    # --- our options (not in the paper; profile=paper keeps the defaults) ---
+    # pooled = one globally pooled h per patch (paper) | dense = every position of the encoder's
+    # mid-level feature map is its own cell in the locality search (see detector.py)
+    features: str = "pooled"
+    dense_layers: list[str] = field(default_factory=lambda: ["layer2"])  # ResNet layers, dense
+    dense_pool: int = 3  # local average pooling of the dense maps (PatchCore's 3x3)
+    # none = raw intensities (paper) | percentile = each image's p1/p99 mapped to 0/1
+    intensity_norm: str = "none"
+    image_score: str = "max"  # max of A_final (paper) | topk = mean of its top topk_fraction
+    topk_fraction: float = 0.01
     stride_fraction: float = 1.0  # 1.0 = paper's non-overlapping grid; 0.5 = overlapping
     chunk_size: int = 4096  # rows per block of the locality search (bounds memory)
     feature_batch_size: int = 256  # patches per encoder forward pass

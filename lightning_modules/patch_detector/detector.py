@@ -17,6 +17,17 @@ normal tissue of the image. Dividing by the local normal spread is the usual rem
 outlier factor on the grid; PaDiM, Defard et al. 2021, models each position separately for the
 same reason). It uses the normal training images only.
 
+Options of ours, not in the paper (each off in ``profile=paper``):
+
+- ``features="dense"``: instead of one globally pooled vector ``h`` per patch, the encoder's
+  mid-level feature maps (``dense_layers``, e.g. ResNet layer 2; PatchCore-style local
+  averaging) are kept, and every feature-map position is its own cell in the locality search,
+  of ``s / m`` pixels for an ``m x m`` map. With 32-pixel encoder inputs ResNet layer 4 is
+  1 x 1, so a pooled patch feature cannot say *where* in the patch something differs.
+  The locality radius ``d`` stays in patch sizes (``d * m`` cells).
+- ``intensity_norm="percentile"``: each image's own 1st / 99th intensity percentiles are
+  mapped to 0 / 1 before the encoders (see :mod:`.intensity`).
+
 The work is split so that the expensive part is done once: ``features`` (encoders) ->
 ``patch_scores`` (locality search, any distance) -> ``fuse`` (weights, normalisation), which is
 what the ablations re-run for each variant.
@@ -34,8 +45,11 @@ from lightning_modules.patch_detector.anomaly_map import (
     patch_scores_to_map,
 )
 from lightning_modules.patch_detector.distances import fit_transform, prepare
+from lightning_modules.patch_detector.intensity import INTENSITY_NORMS, intensity_normalize
 from lightning_modules.patch_detector.locality import locality_nearest
 from lightning_modules.patch_detector.reference_db import ReferenceDB
+
+FEATURE_MODES = ("pooled", "dense")
 
 
 class PatchAnomalyDetector(nn.Module):
@@ -52,8 +66,22 @@ class PatchAnomalyDetector(nn.Module):
     def __init__(self, encoders: dict[int, nn.Module], image_size: int, patch_sizes: list[int],
                  locality: list[int], distance: str = "mahalanobis", shrinkage: float = 0.1,
                  stride_fraction: float = 1.0, chunk_size: int = 4096,
-                 feature_batch_size: int = 256, cell_normalize: bool = False):
+                 feature_batch_size: int = 256, cell_normalize: bool = False,
+                 features: str = "pooled", dense_layers: list[str] | None = None,
+                 dense_pool: int = 3, intensity_norm: str = "none"):
         super().__init__()
+        if features not in FEATURE_MODES:
+            raise ValueError(f"patch.features={features!r} is not one of {list(FEATURE_MODES)}")
+        if intensity_norm not in INTENSITY_NORMS:
+            raise ValueError(f"patch.intensity_norm={intensity_norm!r} is not one of "
+                             f"{list(INTENSITY_NORMS)}")
+        if features == "dense" and stride_fraction != 1.0:
+            raise ValueError("patch.features=dense needs patch.stride_fraction=1 (the feature "
+                             "map positions already overlap)")
+        self.feature_mode = features
+        self.dense_layers = [str(x) for x in (dense_layers or ["layer2"])]
+        self.dense_pool = int(dense_pool)
+        self.intensity_norm = intensity_norm
         self.patch_sizes = [int(s) for s in patch_sizes]
         if sorted(encoders) != sorted(self.patch_sizes):
             raise ValueError(f"encoders for sizes {sorted(encoders)} but patch_sizes "
@@ -73,17 +101,53 @@ class PatchAnomalyDetector(nn.Module):
         for s in self.patch_sizes:
             if s > self.image_size:
                 raise ValueError(f"patch size {s} is larger than the image ({self.image_size})")
+        self._map_side: dict[int, int] = {}
+        if self.feature_mode == "dense":
+            for s in self.patch_sizes:
+                enc = encoders[s]
+                if not hasattr(enc, "feature_map"):
+                    raise ValueError("patch.features=dense needs encoders with feature_map()")
+                with torch.no_grad():
+                    was = enc.training
+                    m = enc.eval().feature_map(torch.zeros(1, 1, s, s), self.dense_layers,
+                                               self.dense_pool).shape[-1]
+                    enc.train(was)
+                if s % m:
+                    raise ValueError(f"patch size {s} is not a multiple of its {m}x{m} "
+                                     f"feature map ({self.dense_layers})")
+                self._map_side[s] = int(m)
 
     # --- geometry -----------------------------------------------------------------------
     def stride(self, size: int) -> int:
         return max(1, int(round(size * self.stride_fraction)))
 
-    def grid(self, size: int):
+    def map_side(self, size: int) -> int:
+        """Side ``m`` of the feature map of one patch: 1 for pooled features."""
+        return self._map_side.get(size, 1)
+
+    def cell_size(self, size: int) -> int:
+        """Pixels per cell of the locality search: the patch (pooled) or one map position."""
+        return size // self.map_side(size)
+
+    def cell_stride(self, size: int) -> int:
+        return self.stride(size) // self.map_side(size)
+
+    def patch_grid(self, size: int):
+        """The grid of patches the encoder sees (row-major)."""
         return patch_grid(self.image_size, size, self.stride(size))
+
+    def grid(self, size: int):
+        """The grid of cells that get a score: the patches, or (dense) the positions of their
+        feature maps, each a ``cell_size`` square, row-major over the whole image."""
+        if self.map_side(size) == 1:
+            return self.patch_grid(size)
+        c = self.cell_size(size)
+        n = (len(self.patch_grid(size)) ** 0.5) * self.map_side(size)  # square grid
+        return patch_grid(int(round(n)) * c, c, c)
 
     def window(self, size: int) -> int:
         """Chebyshev radius in grid cells: ``d`` patch sizes = ``d * s / stride`` cells."""
-        return int(round(self.locality[size] * size / self.stride(size)))
+        return int(round(self.locality[size] * size / self.cell_stride(size)))
 
     def cell_tensors(self, size: int) -> dict[str, torch.Tensor]:
         g = self.grid(size)
@@ -92,12 +156,19 @@ class PatchAnomalyDetector(nn.Module):
 
     @property
     def block(self) -> int:
-        return map_block(self.image_size, [(s, self.stride(s)) for s in self.patch_sizes])
+        return map_block(self.image_size, [(self.cell_size(s), self.cell_stride(s))
+                                           for s in self.patch_sizes])
 
     def patch_config(self, size: int) -> dict:
         """Settings that define a reference database of this size (checked when loading)."""
-        return {"image_size": self.image_size, "patch_size": int(size),
-                "stride": self.stride(size)}
+        cfg = {"image_size": self.image_size, "patch_size": int(size),
+               "stride": self.stride(size)}
+        if self.feature_mode == "dense":
+            cfg.update(features="dense", dense_layers=list(self.dense_layers),
+                       dense_pool=self.dense_pool)
+        if self.intensity_norm != "none":
+            cfg["intensity_norm"] = self.intensity_norm
+        return cfg
 
     # --- features -----------------------------------------------------------------------
     def extract(self, images: torch.Tensor, size: int) -> torch.Tensor:
@@ -105,7 +176,7 @@ class PatchAnomalyDetector(nn.Module):
         st = self.stride(size)
         p = images[:, 0].unfold(1, size, st).unfold(2, size, st)  # (B, nr, nc, s, s)
         b, nr, nc = p.shape[:3]
-        if nr * nc != len(self.grid(size)):
+        if nr * nc != len(self.patch_grid(size)):
             raise ValueError(f"images of shape {tuple(images.shape)} do not match "
                              f"image_size={self.image_size}")
         return p.reshape(b * nr * nc, 1, size, size)
@@ -113,14 +184,27 @@ class PatchAnomalyDetector(nn.Module):
     @torch.no_grad()
     def features(self, images: torch.Tensor, sizes: list[int] | None = None
                  ) -> dict[int, torch.Tensor]:
-        """Encoder features of every grid patch: ``{size: (B, N, D)}`` (on the images' device)."""
+        """Encoder features of every grid cell: ``{size: (B, N, D)}`` (on the images' device),
+        N in the row-major order of :meth:`grid`."""
+        images = intensity_normalize(images, self.intensity_norm)
         out = {}
         for s in sizes or self.patch_sizes:
             enc = self.encoders[str(s)]
             patches = self.extract(images, s)  # (B*N, 1, s, s)
-            feats = [enc(patches[i:i + self.feature_batch_size])
-                     for i in range(0, patches.shape[0], self.feature_batch_size)]
-            out[s] = torch.cat(feats).float().reshape(images.shape[0], -1, feats[0].shape[-1])
+            if self.feature_mode == "pooled":
+                feats = [enc(patches[i:i + self.feature_batch_size])
+                         for i in range(0, patches.shape[0], self.feature_batch_size)]
+                out[s] = torch.cat(feats).float().reshape(images.shape[0], -1,
+                                                          feats[0].shape[-1])
+                continue
+            feats = torch.cat([enc.feature_map(patches[i:i + self.feature_batch_size],
+                                               self.dense_layers, self.dense_pool)
+                               for i in range(0, patches.shape[0], self.feature_batch_size)])
+            b, n_side = images.shape[0], int(round(len(self.patch_grid(s)) ** 0.5))
+            m, dim = feats.shape[-1], feats.shape[1]
+            f = feats.float().reshape(b, n_side, n_side, dim, m, m)  # (B, nr, nc, C, m, m)
+            # cell (r*m + i, c*m + j) = position (i, j) of patch (r, c): row-major fine grid
+            out[s] = f.permute(0, 1, 4, 2, 5, 3).reshape(b, n_side * m * n_side * m, dim)
         return out
 
     # --- reference database and scores -----------------------------------------------------
@@ -194,7 +278,8 @@ class PatchAnomalyDetector(nn.Module):
         maps = []
         for s in sizes or self.patch_sizes:
             ct = self.cell_tensors(s)
-            maps.append(patch_scores_to_map(scores[s], ct["x"], ct["y"], s, self.image_size, g))
+            maps.append(patch_scores_to_map(scores[s], ct["x"], ct["y"], self.cell_size(s),
+                                            self.image_size, g))
         return maps
 
     def upsample(self, block_map: torch.Tensor) -> torch.Tensor:
@@ -210,13 +295,13 @@ class PatchAnomalyDetector(nn.Module):
             raise RuntimeError("the detector has no fitted normalisation (fit it on validation)")
         fused = norm.fused_log_map(self.size_maps(scores, norm.sizes))  # (B, h, w)
         final = norm.normalize(fused)
-        return final, final.flatten(1).max(1).values
+        return final, norm.normalize(norm.image_raw(fused))
 
     def raw_image_scores(self, scores: dict[int, torch.Tensor], normalizer: MapNormalizer
                          ) -> torch.Tensor:
         """max of the fused log-map, before calibration: (B,)."""
         fused = normalizer.fused_log_map(self.size_maps(scores, normalizer.sizes))
-        return fused.flatten(1).max(1).values
+        return normalizer.image_raw(fused)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

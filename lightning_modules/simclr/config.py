@@ -16,6 +16,14 @@ class SimCLRConfig:
     # Upper bound of the kept area fraction; None = crop_scale (exactly 50 %, the paper's wording).
     crop_scale_max: float | None = None
     rotation_deg: float = 5.0  # random rotation +-5 deg (paper)
+    # Intensity augmentation (ours; the paper has none): random brightness / contrast factors
+    # in [1 - x, 1 + x] and gamma in [1/(1 + g), 1 + g]; 0 = off (paper).
+    brightness: float = 0.0
+    contrast: float = 0.0
+    gamma: float = 0.0
+    # Per-image intensity normalisation of the training images (= patch.intensity_norm; set by
+    # the patch pipeline so the encoder sees what the detector feeds it)
+    intensity_norm: str = "none"
     input_size: int | None = None  # resize patches to this before the encoder; None = patch_size
     # Patch grid stride in pixels; None = patch_size (the paper's non-overlapping grid).
     stride: int | None = None

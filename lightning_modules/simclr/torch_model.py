@@ -17,6 +17,40 @@ from torch import nn
 from lightning_modules.simclr.transforms import resize_batch
 
 _FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
+RESNET_LAYERS = ("layer1", "layer2", "layer3", "layer4")
+
+
+def resnet_feature_map(net: nn.Module, x: torch.Tensor, layers: list[str] | tuple[str, ...],
+                       pool: int = 3) -> torch.Tensor:
+    """Dense mid-level features of a torchvision ResNet, PatchCore-style (Roth et al., CVPR
+    2022, https://arxiv.org/abs/2106.08265): the maps of ``layers`` (each ``pool`` x ``pool``
+    average-pooled, stride 1, so every position also sees its neighbours), deeper maps
+    bilinearly resized to the shallowest one, concatenated along channels.
+
+    (B, 1, S, S) -> (B, sum of the layers' channels, S/r, S/r), r = 4, 8, 16, 32 for
+    layer1..layer4 (the shallowest layer named).
+    """
+    bad = [name for name in layers if name not in RESNET_LAYERS]
+    if not layers or bad:
+        raise ValueError(f"patch.dense_layers={list(layers)} must name some of {RESNET_LAYERS}")
+    deepest = max(RESNET_LAYERS.index(name) for name in layers)
+    h = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    maps = {}
+    for name in RESNET_LAYERS[:deepest + 1]:
+        h = getattr(net, name)(h)
+        maps[name] = h
+    ordered = sorted(layers, key=RESNET_LAYERS.index)
+    size = maps[ordered[0]].shape[-2:]
+    out = []
+    for name in ordered:
+        f = maps[name]
+        if pool > 1:
+            f = nn.functional.avg_pool2d(f, pool, stride=1, padding=pool // 2,
+                                         count_include_pad=False)
+        if f.shape[-2:] != size:
+            f = nn.functional.interpolate(f, size=size, mode="bilinear", align_corners=False)
+        out.append(f)
+    return torch.cat(out, 1)
 
 
 def encoder_feature_dim(backbone: str) -> int:
@@ -72,10 +106,19 @@ class PatchEncoder(nn.Module):
         self.backbone_name = backbone_name
         self.feature_dim = encoder_feature_dim(backbone_name)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != 1 or x.shape[-2:] != (self.patch_size, self.patch_size):
             raise ValueError(
                 f"This encoder was trained on (B, 1, {self.patch_size}, {self.patch_size}) "
                 f"patches; got {tuple(x.shape)}. Use the encoder of the matching resolution."
             )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
         return self.backbone(resize_batch(x, self.input_size))  # (B, F)
+
+    def feature_map(self, x: torch.Tensor, layers: list[str] | tuple[str, ...] = ("layer2",),
+                    pool: int = 3) -> torch.Tensor:
+        """Dense features of the patches (see :func:`resnet_feature_map`): (B, C, m, m)."""
+        self._check(x)
+        return resnet_feature_map(self.backbone, resize_batch(x, self.input_size), layers, pool)

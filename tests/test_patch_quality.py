@@ -1,0 +1,170 @@
+"""Our options of the patch detector (dense cells, intensity normalisation, top-k score,
+intensity augmentation) and a quality guard: it must separate a small synthetic set, and
+must not when its features are noise."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from lightning_modules.patch_detector.anomaly_map import MapNormalizer, image_reduce
+from lightning_modules.patch_detector.detector import PatchAnomalyDetector
+from lightning_modules.patch_detector.intensity import intensity_normalize
+from lightning_modules.patch_detector.reference_db import ReferenceDB
+from lightning_modules.simclr.torch_model import PatchEncoder, build_backbone
+from lightning_modules.simclr.transforms import RandomIntensity, view_transform
+
+
+class CellMeanEncoder(nn.Module):
+    """Toy dense encoder: the feature map is the patch's m x m block means (1 channel)."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)
+
+    def feature_map(self, x, layers, pool):  # (B, 1, s, s) -> (B, 1, m, m)
+        return nn.functional.adaptive_avg_pool2d(x, self.m)
+
+
+def test_intensity_normalize_percentiles_and_gain_invariance():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 1, 16, 16, generator=g) * 0.5 + 0.2
+    y = intensity_normalize(x, "percentile")
+    flat = y.flatten(1)
+    assert torch.allclose(torch.quantile(flat, 0.01, dim=1), torch.zeros(3), atol=2e-3)
+    assert torch.allclose(torch.quantile(flat, 0.99, dim=1), torch.ones(3), atol=2e-3)
+    # exposure (gain) and offset changes disappear
+    assert torch.allclose(intensity_normalize(0.7 * x + 0.1, "percentile"), y, atol=1e-5)
+    assert intensity_normalize(x, "none") is x
+    with pytest.raises(ValueError, match="intensity_norm"):
+        intensity_normalize(x, "zscore")
+
+
+def test_image_reduce_max_and_topk():
+    m = torch.arange(100, dtype=torch.float32).reshape(1, 10, 10)
+    assert float(image_reduce(m, "max")) == 99.0
+    assert float(image_reduce(m, "topk", 0.05)) == pytest.approx(np.mean([95, 96, 97, 98, 99]))
+    assert float(image_reduce(m, "topk", 0.001)) == 99.0  # at least one block
+    with pytest.raises(ValueError):
+        image_reduce(m, "mean")
+    # from_dict of a state written before the option existed: the paper's max
+    d = MapNormalizer([8], [1.0], "geometric", [1.0]).to_dict()
+    d.pop("image_score"), d.pop("topk_fraction")
+    assert MapNormalizer.from_dict(d).image_score == "max"
+
+
+def test_resnet_feature_map_shapes():
+    enc = PatchEncoder(build_backbone("resnet18"), patch_size=16, backbone_name="resnet18",
+                       input_size=32).eval()
+    x = torch.rand(2, 1, 16, 16)
+    assert enc.feature_map(x, ["layer2"]).shape == (2, 128, 4, 4)
+    assert enc.feature_map(x, ["layer3", "layer2"]).shape == (2, 384, 4, 4)
+    assert enc.feature_map(x, ["layer3"], pool=1).shape == (2, 256, 2, 2)
+    with pytest.raises(ValueError, match="dense_layers"):
+        enc.feature_map(x, ["layer9"])
+
+
+def test_dense_cells_map_to_their_pixels():
+    """Fine cell (r*m + i, c*m + j) holds position (i, j) of patch (r, c)."""
+    m, s = 4, 16
+    det = PatchAnomalyDetector({s: CellMeanEncoder(m), 32: CellMeanEncoder(m)}, 32, [s, 32],
+                               [1, 0], distance="euclidean", features="dense")
+    assert det.map_side(s) == m and det.cell_size(s) == 4 and det.cell_size(32) == 8
+    assert det.window(s) == m  # d = 1 patch size = m cells
+    x = torch.rand(2, 1, 32, 32)
+    f = det.features(x)[s]  # (B, N, 1)
+    grid = det.grid(s)
+    assert f.shape == (2, len(grid), 1) and len(grid) == 8 * 8
+    for k in (0, 5, 17, 63):
+        c = grid[k]
+        want = x[:, 0, c.y:c.y + c.size, c.x:c.x + c.size].mean((1, 2))
+        assert torch.allclose(f[:, k, 0], want, atol=1e-6)
+    assert det.patch_config(s)["features"] == "dense"
+    with pytest.raises(ValueError, match="stride_fraction"):
+        PatchAnomalyDetector({s: CellMeanEncoder(m)}, 32, [s], [1], features="dense",
+                             stride_fraction=0.5)
+
+
+def test_random_intensity_stays_in_range():
+    t = RandomIntensity(0.3, 0.3, 0.5)
+    x = torch.rand(1, 16, 16)
+    y = t(x)
+    assert y.shape == x.shape and 0 <= float(y.min()) and float(y.max()) <= 1
+    assert len(view_transform(8).transforms) + 1 == len(view_transform(8, gamma=0.2).transforms)
+
+
+# --- quality guard ------------------------------------------------------------------------
+def _phantoms(n, abnormal, seed):
+    """32x32 'radiographs': a bright body with random shift, gain and gamma, noise; abnormal
+    ones carry one faint blob (4 px radius) somewhere in the body."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:32, 0:32].astype(np.float32)
+    out = []
+    for _ in range(n):
+        dx, dy = rng.uniform(-2, 2, 2)
+        body = 1 / (1 + np.exp(-(9 - np.maximum(abs(xx - 16 - dx), abs(yy - 16 - dy)))))
+        img = 0.2 + 0.5 * body + 0.1 * np.sin((yy - dy) / 2.0) * body
+        if abnormal:
+            cx, cy = rng.uniform(10, 22, 2)
+            img = img + 0.25 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * 2.0 ** 2))
+        img = rng.uniform(0.8, 1.1) * img ** rng.uniform(0.85, 1.15)
+        out.append(np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1))
+    return torch.from_numpy(np.stack(out)).float()[:, None]
+
+
+def _fit(det, train, val_n, val_a):
+    for s, f in det.features(train).items():
+        n_img, n, d = f.shape
+        ct = det.cell_tensors(s)
+        det.set_db(ReferenceDB(s, f.reshape(-1, d), **{k: v.repeat(n_img) for k, v in ct.items()},
+                               image_index=torch.arange(n_img).repeat_interleave(n).int(),
+                               config=det.patch_config(s)))
+    val = torch.cat([val_n, val_a])
+    y = np.r_[np.zeros(len(val_n)), np.ones(len(val_a))]
+    sc = det.patch_scores(det.features(val))
+    norm = MapNormalizer.fit_scales([sc[s][: len(val_n)] for s in det.patch_sizes],
+                                    det.patch_sizes, [1.0] * len(det.patch_sizes), "geometric",
+                                    "topk", 0.02)
+    norm.fit_calibration(det.raw_image_scores(sc, norm).numpy(), y)
+    det.normalizer = norm
+
+
+@pytest.fixture(scope="module")
+def guard_data():
+    return (_phantoms(40, False, 1), _phantoms(10, False, 2), _phantoms(10, True, 3),
+            _phantoms(20, False, 4), _phantoms(20, True, 5))
+
+
+def _guard_detector():
+    torch.manual_seed(0)
+    enc = PatchEncoder(build_backbone("resnet18"), patch_size=16, backbone_name="resnet18",
+                       input_size=32).eval()
+    return PatchAnomalyDetector({16: enc}, 32, [16], [1], distance="euclidean",
+                                features="dense", dense_layers=["layer2"],
+                                intensity_norm="percentile")
+
+
+def test_quality_guard_detects_faint_blobs(guard_data):
+    train, vn, va, tn, ta = guard_data
+    det = _guard_detector()
+    _fit(det, train, vn, va)
+    scores = det(torch.cat([tn, ta]))["score"].numpy()
+    y = np.r_[np.zeros(len(tn)), np.ones(len(ta))]
+    assert roc_auc_score(y, scores) > 0.85
+
+
+def test_quality_guard_noise_features_do_not(guard_data, monkeypatch):
+    train, vn, va, tn, ta = guard_data
+    det = _guard_detector()
+    real = det.features
+    g = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(det, "features", lambda x, sizes=None: {
+        s: torch.randn(f.shape, generator=g) for s, f in real(x, sizes).items()})
+    _fit(det, train, vn, va)
+    scores = det(torch.cat([tn, ta]))["score"].numpy()
+    y = np.r_[np.zeros(len(tn)), np.ones(len(ta))]
+    assert abs(roc_auc_score(y, scores) - 0.5) < 0.25
