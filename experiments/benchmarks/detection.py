@@ -148,9 +148,14 @@ def _cached(name: str, settings: dict, write) -> Path:
 
 def phantom_set(modality: str, size, counts: Counts, seed: int) -> Path:
     from datamodules.phantoms import write_folder
+    from datamodules.phantoms.anatomy import CT_STYLES, CXR_STYLES
 
+    # The style's ranges are part of the key: a recalibrated style is a new set.
+    style = (CT_STYLES if modality == "bct" else CXR_STYLES)["hard"]
     settings = {"kind": "phantom", "modality": modality, "size": size, "seed": seed,
-                "style": "hard", **asdict(counts)}
+                "style": "hard", "style_ranges": {k: list(v) if isinstance(v, tuple) else v
+                                                  for k, v in style.items()},
+                **asdict(counts)}
 
     def write(tmp: Path) -> None:
         write_folder(tmp, modality, n_train_normal=counts.train_normal,
