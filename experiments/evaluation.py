@@ -493,6 +493,20 @@ def sens_at_spec(val_labels: Any, val_scores: Any, test_labels: Any, test_scores
     }
 
 
+def sensitivity_at_specificities(val_labels: Any, val_scores: Any, test_labels: Any,
+                                  test_scores: Any, specs=(0.90, 0.95)) -> dict[str, float]:
+    """``sens_at_spec_0.90`` / ``sens_at_spec_0.95``: test sensitivity at thresholds fixed on
+    validation normals (:func:`sens_at_spec`); NaN without validation normals."""
+    out = {}
+    for spec in specs:
+        try:
+            out[f"sens_at_spec_{spec:.2f}"] = sens_at_spec(val_labels, val_scores, test_labels,
+                                                           test_scores, spec)["sensitivity"]
+        except ValueError:
+            out[f"sens_at_spec_{spec:.2f}"] = float("nan")
+    return out
+
+
 # --- pixel level ----------------------------------------------------------------------------
 def pixel_auroc(masks: Any, maps: Any, max_pixels: int = 10_000_000, seed: int = 0) -> float:
     """Pixel-level AUROC: all pixels (voxels) of all images pooled; lesion pixels positive.

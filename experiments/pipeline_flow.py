@@ -228,7 +228,12 @@ def _finding_names(items) -> list[str]:
 
 
 def evaluate(val_items, val, test_items, test) -> dict[str, Any]:
-    from experiments.evaluation import binary_metrics, per_finding_metrics
+    from experiments.evaluation import (
+        binary_metrics,
+        delong_test,
+        per_finding_metrics,
+        sensitivity_at_specificities,
+    )
 
     y_val = np.array([it.label for it in val_items])
     y_test = np.array([it.label for it in test_items])
@@ -240,6 +245,10 @@ def evaluate(val_items, val, test_items, test) -> dict[str, Any]:
     threshold, how = val_threshold(y_val, val.score)
     metrics: dict[str, Any] = dict(binary_metrics(y_test, test.score, threshold))
     metrics["threshold_source"] = how
+    metrics.update(sensitivity_at_specificities(y_val, val.score, y_test, test.score))
+    # Paired DeLong test on the same test cases: is the posterior better than p(x|M0) alone?
+    metrics["p_posterior_vs_likelihood"] = delong_test(y_test, test.score,
+                                                       test.score_likelihood)
     lik_threshold, _ = val_threshold(y_val, val.score_likelihood)
     lik = binary_metrics(y_test, test.score_likelihood, lik_threshold)
     metrics["auroc_likelihood"] = float(lik["auroc"])
@@ -461,9 +470,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics["score"] = str(cfg.glow.score)
     masks = [dm.load_mask(it) for it in test_items]
     if test.anomaly_map is not None and any(m is not None for m in masks):
-        from experiments.evaluation import pixel_auroc
+        from experiments.evaluation import pixel_auroc, pixel_auroc_ci
 
         metrics["pixel_auroc"] = float(pixel_auroc(masks, list(test.anomaly_map)))
+        metrics["pixel_auroc_ci"] = list(pixel_auroc_ci(masks, list(test.anomaly_map)))
     metrics["n_train_normal"] = counts["S_normal (train/normal)"]
     metrics["n_train_mixture"] = counts["S_mixture (train/mixture)"]
     report = write_outputs(cfg, out, dm, val_items, val, test_items, test, metrics, m0, counts,

@@ -301,6 +301,8 @@ def evaluate(cfg: DictConfig, det, dm, val: SplitScores, test: SplitScores) -> d
 
     thr = float(cfg.patch.threshold)
     metrics = ev.binary_metrics(test.labels, test.scores, thr)
+    metrics.update(ev.sensitivity_at_specificities(val.labels, val.scores, test.labels,
+                                                   test.scores))
     val_m = ev.binary_metrics(val.labels, val.scores, thr)
     metrics.update({f"val/{k}": val_m[k] for k in ("auroc", "accuracy", "sensitivity",
                                                     "specificity")})
@@ -322,6 +324,7 @@ def evaluate(cfg: DictConfig, det, dm, val: SplitScores, test: SplitScores) -> d
                  for m, it in zip(masks, test.items)]
         maps = det.upsample(test.final_maps).numpy()
         metrics["pixel_auroc"] = ev.pixel_auroc(masks, list(maps))
+        metrics["pixel_auroc_ci"] = list(ev.pixel_auroc_ci(masks, list(maps)))
     metrics["n_reference_images"] = len(dm.items("train", "normal"))
     return metrics
 

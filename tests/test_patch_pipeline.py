@@ -35,8 +35,11 @@ def test_pipeline_writes_the_contracted_outputs(run_dir):
     assert set(scores.label) == {0, 1} and scores.score.between(0, 1).all()
     m = json.loads((out / "metrics.json").read_text())
     for k in ("auroc", "accuracy", "precision", "sensitivity", "specificity", "threshold",
-              "val/auroc", "pixel_auroc"):
+              "val/auroc", "pixel_auroc", "auroc_ci", "pixel_auroc_ci", "sens_at_spec_0.90",
+              "sens_at_spec_0.95"):
         assert k in m, k
+    lo, hi = m["auroc_ci"]
+    assert lo <= m["auroc"] <= hi and 0 <= m["sens_at_spec_0.95"] <= 1
     assert m["threshold"] == 0.5
     assert (out / "report.html").is_file() and list((out / "figures").glob("*.png"))
     # The split manifest: every item once per group, its sha256 in run_info.json.

@@ -175,8 +175,11 @@ def test_pipeline_end_to_end(out_dir, modality, monkeypatch, one_thread):
         assert float(r["score_likelihood"]) == pytest.approx(-float(r["log_p_m0"]))
     saved = json.loads((out / "metrics.json").read_text())
     for k in ("auroc", "accuracy", "precision", "sensitivity", "specificity", "threshold",
-              "auroc_likelihood", "val/auroc", "per_finding"):
+              "auroc_likelihood", "val/auroc", "per_finding", "auroc_ci", "sens_at_spec_0.90",
+              "sens_at_spec_0.95", "p_posterior_vs_likelihood"):
         assert k in saved, k
+    assert saved["auroc_ci"][0] <= saved["auroc"] <= saved["auroc_ci"][1]
+    assert 0.0 <= saved["p_posterior_vs_likelihood"] <= 1.0
     assert 0.0 <= metrics["auroc"] <= 1.0 and metrics["threshold_source"] == "Youden's J on val"
     html = (out / "report.html").read_text()
     assert "figures/roc.png" in html and "Youden" in html
