@@ -49,15 +49,22 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     from rich.table import Table
 
     table = Table(title=f"make demo: phantom data, profile=cpu ({total:.0f} s)")
-    for col in ("run", "AUROC", "AUROC (likelihood only)", "pixel AUROC", "time"):
+    for col in ("run", "AUROC [95 % CI]", "AUROC (likelihood only)", "pixel AUROC", "time"):
         table.add_column(col)
 
-    def fmt(v):
-        return "–" if v is None else f"{v:.3f}"
+    def fmt(v, ci=None):
+        if v is None:
+            return "–"
+        if ci is None or len(ci) != 2:
+            return f"{v:.3f}"
+        return f"{v:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"  # 95 % CI: DeLong / bootstrap over images
 
     for name, m in results.items():
-        table.add_row(name, fmt(m.get("auroc")), fmt(m.get("auroc_likelihood")),
-                      fmt(m.get("pixel_auroc")), f"{times[name]:.0f} s")
+        lik = m.get("likelihood") or {}
+        table.add_row(name, fmt(m.get("auroc"), m.get("auroc_ci")),
+                      fmt(m.get("auroc_likelihood"), lik.get("auroc_ci")),
+                      fmt(m.get("pixel_auroc"), m.get("pixel_auroc_ci")),
+                      f"{times[name]:.0f} s")
     console = Console()
     console.print(table)
     for name in results:
