@@ -5,7 +5,8 @@ summarised; a split left empty is an error).
 Verification (``data.verify``):
     quick  decides what the reader will do, reading no more than needed: PNG chunk CRCs,
            DICOM headers (multi-frame, photometric, decoder, native length, slice order and
-           duplicates of a series), compressed DICOM pixel data decoded once; results are cached in ``.cache/verified/`` keyed by file size + mtime, so a large
+           duplicates of a series), compressed DICOM pixel data decoded once; results are
+           cached in ``.cache/verified/`` keyed by file size + mtime, so a large
            data set (PadChest: ~24k PNGs) is read once, not per run
     full   decode every item (slow; finds everything)
     none   trust the files (a broken one then fails at load time, naming the file)

@@ -435,7 +435,6 @@ def ordered_slices(folder: str | Path, series_uid: str | None = None):
 
 
 def _read_slices(slices, key, normal) -> tuple[np.ndarray, tuple[float, float, float]]:
-
     hu_slices = []
     shape = None
     for f, _ in slices:

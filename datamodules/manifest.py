@@ -24,8 +24,7 @@ COLUMNS = ("item", "patient", "split", "group", "label")
 
 def manifest_rows(dm) -> list[tuple[str, str, str, str, str]]:
     dm.setup()
-    root = Path(str(getattr(dm, "root", "") or "")).resolve() if getattr(dm, "root", None) \
-        else None
+    root = Path(dm.root).resolve() if getattr(dm, "root", None) else None
     rows = []
     for split, groups in SPLIT_GROUPS.items():
         for group in groups:

@@ -23,11 +23,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from datamodules.config import DataConfig
+from lightning_modules.glow import config as glow_config
 from lightning_modules.glow.config import GlowConfig
+from lightning_modules.patch_detector import config as patch_config
 from lightning_modules.patch_detector.config import PatchConfig
 from lightning_modules.simclr.config import SimCLRConfig
 
@@ -118,6 +120,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "simclr.backbone": ("resnet18", "resnet34", "resnet50"),
     "glow.model": ("m0", "m1"),
     "glow.coupling_scale": ("paper", "glow"),
+    "glow.m1_init": glow_config.M1_INITS,
+    "glow.intensity_norm": glow_config.INTENSITY_NORMS,
+    "glow.schedule": glow_config.SCHEDULES,
+    "glow.score": glow_config.IMAGE_SCORES,
+    "patch.features": patch_config.FEATURE_MODES,
+    "patch.intensity_norm": patch_config.INTENSITY_NORMS,
+    "patch.image_score": patch_config.IMAGE_SCORES,
     "patch.distance": ("euclidean", "manhattan", "cosine", "mahalanobis"),
     "patch.fusion": ("geometric", "product"),
     "optim.name": ("lars", "adam", "adamw", "sgd"),
@@ -182,6 +191,10 @@ RANGES: dict[str, tuple[Any, str]] = {
     "optim.momentum": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
     "optim.warmup_epochs": (lambda v: _finite(v) and v >= 0, "a number >= 0"),
     "optim.grad_clip": (lambda v: _finite(v) and v > 0, "a number > 0 or null"),
+    "glow.matched_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "glow.map_sigma": (lambda v: _finite(v) and v >= 0, "a number >= 0"),
+    "glow.map_top_fraction": (lambda v: _finite(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "patch.topk_fraction": (lambda v: _finite(v) and 0 < v <= 1, "a number in (0, 1]"),
     "eval.n_extremes": (lambda v: v >= 0, "an integer >= 0"),
     "eval.n_overlays": (lambda v: v >= 0, "an integer >= 0"),
     "eval.threshold": (_finite, "a finite number"),
@@ -196,7 +209,7 @@ def check_ranges(cfg: DictConfig) -> None:
             continue
         if value is None:
             continue
-        if hasattr(value, "_content"):  # ListConfig -> list
+        if isinstance(value, ListConfig):
             value = OmegaConf.to_container(value)
         try:
             ok = bool(check(value))

@@ -33,7 +33,7 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -362,32 +362,6 @@ def delong_test(labels: Any, scores_a: Any, scores_b: Any) -> float:
     if var <= 1e-15:
         return 1.0 if abs(diff) < 1e-12 else 0.0
     return float(2.0 * scipy.stats.norm.sf(abs(diff) / math.sqrt(var)))
-
-
-def stratified_bootstrap_ci(labels: Any, statistic: Callable[[np.ndarray], float],
-                            n_boot: int = 2000, level: float = 0.95,
-                            seed: int = 0) -> tuple[float, float]:
-    """Percentile ``level`` CI of ``statistic(idx)`` over stratified bootstrap resamples.
-
-    Each resample draws, with replacement, as many normal and as many abnormal items as there
-    are (so every resample keeps both classes); ``statistic`` gets the (N,) index array of the
-    resample. Non-finite replicates are dropped (logged).
-    """
-    y = _as_numpy(labels).reshape(-1)
-    _z(level)
-    rng = np.random.default_rng(seed)
-    strata = [np.flatnonzero(y == c) for c in np.unique(y)]
-    reps = np.empty(n_boot)
-    for b in range(n_boot):
-        idx = np.concatenate([rng.choice(g, size=g.size, replace=True) for g in strata])
-        reps[b] = statistic(idx)
-    ok = np.isfinite(reps)
-    if not ok.all():
-        log.info("bootstrap: %d of %d replicates non-finite, dropped", int((~ok).sum()), n_boot)
-    if not ok.any():
-        return float("nan"), float("nan")
-    lo, hi = np.quantile(reps[ok], [0.5 - level / 2.0, 0.5 + level / 2.0])
-    return float(lo), float(hi)
 
 
 def bootstrap_auroc_ci(labels: Any, scores: Any, n_boot: int = 2000, level: float = 0.95,

@@ -67,18 +67,8 @@ def check_config(cfg: DictConfig) -> None:
         if v is not None and len(v) != len(p.patch_sizes):
             raise ConfigError(f"patch.{name} needs one value per patch size "
                               f"({len(p.patch_sizes)}), got {list(v)}")
-    from lightning_modules.patch_detector.anomaly_map import IMAGE_SCORES
-    from lightning_modules.patch_detector.detector import FEATURE_MODES
-    from lightning_modules.patch_detector.intensity import INTENSITY_NORMS
-
-    for key, allowed in (("features", FEATURE_MODES), ("intensity_norm", INTENSITY_NORMS),
-                         ("image_score", IMAGE_SCORES)):
-        if p[key] not in allowed:
-            raise ConfigError(f"patch.{key}={p[key]!r} is not one of {list(allowed)}")
     if p.features == "dense" and p.stride_fraction != 1:
         raise ConfigError("patch.features=dense needs patch.stride_fraction=1")
-    if not 0 < p.topk_fraction <= 1:
-        raise ConfigError(f"patch.topk_fraction={p.topk_fraction} must lie in (0, 1]")
     if not 0 < p.stride_fraction <= 1:
         raise ConfigError(f"patch.stride_fraction={p.stride_fraction} must lie in (0, 1]")
     if p.n_folds_run < 1 or p.n_folds_run > cfg.data.n_folds:

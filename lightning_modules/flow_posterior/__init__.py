@@ -6,7 +6,6 @@ checks); ``scoring``: batched scoring of items with the two flows M0 (S_normal) 
 """
 
 from lightning_modules.flow_posterior.posterior import (
-    IMAGE_SCORES,
     PreprocessingMismatch,
     anomaly_map,
     check_same_preprocessing,
@@ -24,6 +23,7 @@ from lightning_modules.flow_posterior.scoring import (
     score_batches,
     score_items,
 )
+from lightning_modules.glow.config import IMAGE_SCORES  # the flow's image scores
 
 __all__ = [
     "IMAGE_SCORES",

@@ -153,7 +153,6 @@ def check_same_preprocessing(signatures: Mapping[str, Mapping[str, Any]]) -> Non
 
 # --- Local score and anomaly map (our addition; Shibata et al. score whole images only) -------
 
-IMAGE_SCORES = ("global", "local")
 
 
 def anomaly_map(map_m0: ArrayLike, map_m1: ArrayLike, sigma: float = 0.0) -> np.ndarray:

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Allowed values of the options below (validated with every config in experiments.config).
+M1_INITS = ("scratch", "m0")
+INTENSITY_NORMS = ("none", "rank")
+SCHEDULES = ("independent", "matched")
+IMAGE_SCORES = ("global", "local")
+
 
 @dataclass
 class GlowConfig:

@@ -17,6 +17,8 @@ from typing import Any
 import normflows as nf
 import torch
 
+from lightning_modules.glow.config import INTENSITY_NORMS
+
 from . import layers2d
 from .layers2d import ActNorm, GlowStep
 from .layers3d import Squeeze3d
@@ -47,7 +49,6 @@ def dequantize(x: torch.Tensor, n_bits: int, noise: bool,
     return (k + u) / 2**n_bits - 0.5
 
 
-INTENSITY_NORMS = ("none", "rank")
 
 
 def intensity_normalize(x: torch.Tensor, mode: str = "none") -> torch.Tensor:

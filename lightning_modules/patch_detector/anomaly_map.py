@@ -41,8 +41,10 @@ from functools import reduce
 import numpy as np
 import torch
 
+from lightning_modules.patch_detector.config import IMAGE_SCORES
+
 FUSIONS = ("geometric", "product")
-IMAGE_SCORES = ("max", "topk")
+
 _EPS = 1e-6  # floor of Ã before the log: a perfect match (distance 0) stays finite
 
 

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Allowed values of our options (validated with every config in experiments.config).
+FEATURE_MODES = ("pooled", "dense")
+INTENSITY_NORMS = ("none", "percentile")
+IMAGE_SCORES = ("max", "topk")
+
 
 @dataclass
 class PatchConfig:

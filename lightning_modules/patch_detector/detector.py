@@ -44,12 +44,11 @@ from lightning_modules.patch_detector.anomaly_map import (
     map_block,
     patch_scores_to_map,
 )
+from lightning_modules.patch_detector.config import FEATURE_MODES
 from lightning_modules.patch_detector.distances import fit_transform, prepare
 from lightning_modules.patch_detector.intensity import INTENSITY_NORMS, intensity_normalize
 from lightning_modules.patch_detector.locality import locality_nearest
 from lightning_modules.patch_detector.reference_db import ReferenceDB
-
-FEATURE_MODES = ("pooled", "dense")
 
 
 class PatchAnomalyDetector(nn.Module):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-INTENSITY_NORMS = ("none", "percentile")
+from lightning_modules.patch_detector.config import INTENSITY_NORMS
 
 
 def intensity_normalize(images: torch.Tensor, mode: str = "none", low: float = 1.0,

@@ -80,8 +80,6 @@ def locality_nearest(query: torch.Tensor, query_cells: torch.Tensor, ref: torch.
     if query_groups is not None:
         q_grp = query_groups.to(device)[q_order].long()
         r_grp = ref_groups.to(device)[r_order].long()
-    r_bounds = _row_bounds(ref_cells[:, 0], n_rows)
-    q_bounds = _row_bounds(query_cells[:, 0], n_rows)
     grid = _regular(query_cells, ref_cells, n_rows, n_cols)
     if grid is not None:  # every cell equally often: search by cell offset, no wasted work
         n_qi, n_ri = grid
@@ -95,6 +93,8 @@ def locality_nearest(query: torch.Tensor, query_cells: torch.Tensor, ref: torch.
         scores, index = torch.empty_like(best), torch.empty_like(best_idx)
         scores[q_order], index[q_order] = best, best_idx
         return finish(scores, kernel), index
+    r_bounds = _row_bounds(ref_cells[:, 0], n_rows)
+    q_bounds = _row_bounds(query_cells[:, 0], n_rows)
 
     # One block = one reference grid row (all reference images) against every query patch
     # that can see it (query rows k-d..k+d, all query images); columns with |j - l| > d are
