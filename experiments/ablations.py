@@ -28,7 +28,6 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
 from omegaconf import OmegaConf
 
 from experiments.common import setup_logging
@@ -118,6 +117,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from experiments import evaluation as ev
     from experiments import pipeline_patch as pp
     from experiments.config import prepare_run_dir
+    from lightning_modules.patch_detector.lightning_model import apply_normalizer, fit_normalizer
 
     setup_logging()
     argv = sys.argv[1:] if argv is None else argv
@@ -128,34 +128,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cfg = pp.load(["method=patch", *run_overrides(argv[1:]), *spec.get("overrides", []),
                    *argv[1:]])
     out = prepare_run_dir(cfg)
-    dm, det, _, shas = pp.prepare(cfg)
-    use_cache = True  # the point of an ablation: compute the features once
-    splits = {}
-    for split in ("val", "test"):
-        items = [it for it in dm.items(split) if it.label in (0, 1)]
-        feats = pp.cached_features(out / "features" / f"{split}.safetensors", det, dm, items,
-                                   shas, f"Features: {split} patches", use_cache)
-        splits[split] = (items, np.array([it.label for it in items]), feats)
+    dm, module, trainer = pp.prepare(cfg)
+    det = module.detector
+    test_loader = pp.loader(dm, pp.labelled(dm, "test"))
+    n_test = len(test_loader.dataset)
+
+    def split_scores(distance: str) -> tuple:
+        """Validation and test patch scores of the run's detector under ``distance``."""
+        det.distance = distance
+        trainer.validate(module, pp.loader(dm, pp.labelled(dm, "val")), verbose=False)
+        trainer.test(module, test_loader, verbose=False)
+        return module.val_result, module.test_result
 
     p = cfg.patch
     variants = expand_grid(spec.get("grid", {}), det.patch_sizes, [float(w) for w in p.weights],
                            p.distance, p.fusion)
     log.info("Ablation %s: %d variants", spec["name"], len(variants))
-    scores_by_distance: dict[str, dict] = {}
+    scores_by_distance: dict[str, tuple] = {}
     rows = []
     for v in variants:
         if v["distance"] not in scores_by_distance:
-            scores_by_distance[v["distance"]] = {
-                split: pp.SplitScores(items, labels, {
-                    s: t.cpu() for s, t in det.patch_scores(
-                        {s: f.to(next(det.parameters()).device) for s, f in feats.items()},
-                        v["distance"]).items()})
-                for split, (items, labels, feats) in splits.items()}
-        val, test = (scores_by_distance[v["distance"]][k] for k in ("val", "test"))
-        norm = pp.fit_normalizer(det, val, v["sizes"], v["weights"], v["fusion"],
-                                 str(cfg.patch.image_score), float(cfg.patch.topk_fraction))
-        pp.apply_normalizer(det, val, norm)
-        pp.apply_normalizer(det, test, norm)
+            scores_by_distance[v["distance"]] = split_scores(v["distance"])
+        val, test = scores_by_distance[v["distance"]]
+        norm = fit_normalizer(det, val, v["sizes"], v["weights"], v["fusion"],
+                              str(cfg.patch.image_score), float(cfg.patch.topk_fraction))
+        apply_normalizer(det, val, norm)
+        apply_normalizer(det, test, norm)
         m = ev.binary_metrics(test.labels, test.scores, float(p.threshold))
         rows.append({
             "sizes": "/".join(map(str, v["sizes"])),
@@ -169,8 +167,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     folder = out / "ablations"
     folder.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(folder / f"{spec['name']}.csv", index=False)
-    md = (f"# Ablation {spec['name']}\n\nRun: `{out}`; test set n = {len(splits['test'][0])}; "
-          f"Normalize fitted on validation (n = {len(splits['val'][0])}) for each variant.\n\n"
+    md = (f"# Ablation {spec['name']}\n\nRun: `{out}`; test set n = {n_test}; "
+          f"Normalize fitted on validation (n = {len(val.labels)}) for each variant.\n\n"
           + markdown_table(rows))
     (folder / f"{spec['name']}.md").write_text(md)
     print(markdown_table(rows))

@@ -8,6 +8,7 @@ from pathlib import Path
 from datamodules.base import MedicalDataModule
 from datamodules.factory import build_datamodule
 from datamodules.manifest import write_splits_csv
+from experiments.cli import entry
 from experiments.common import setup_logging
 from experiments.config import load_config
 
@@ -39,4 +40,4 @@ def main(argv: list[str] | None = None) -> MedicalDataModule:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

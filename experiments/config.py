@@ -127,6 +127,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "patch.features": patch_config.FEATURE_MODES,
     "patch.intensity_norm": patch_config.INTENSITY_NORMS,
     "patch.image_score": patch_config.IMAGE_SCORES,
+    "patch.reuse_encoders": patch_config.REUSE_MODES,
     "patch.distance": ("euclidean", "manhattan", "cosine", "mahalanobis"),
     "patch.fusion": ("geometric", "product"),
     "optim.name": ("lars", "adam", "adamw", "sgd"),
@@ -227,6 +228,18 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message says which key and how to fix it."""
 
 
+class PrintConfig(Exception):  # noqa: N818 - a request, not an error
+    """``print_config=true``: the resolved configuration (YAML) instead of a run.
+
+    Raised by :func:`load_config` once the configuration is complete; ``experiments.cli``
+    prints it and exits 0 (as Hydra's ``--cfg job`` and LightningCLI's ``--print_config``)."""
+
+    def __init__(self, cfg: DictConfig):
+        super().__init__("print_config=true")
+        self.cfg = cfg
+        self.yaml = OmegaConf.to_yaml(cfg)
+
+
 def parse_overrides(argv: list[str]) -> list[str]:
     """Normalise command-line overrides to OmegaConf dotlist items.
 
@@ -297,9 +310,12 @@ def load_config(job: str | list[str], argv: list[str] | None = None) -> DictConf
     overrides = parse_overrides(argv)
     selectors = {}
     rest = []
+    print_config = False
     for item in overrides:
         key, value = item.split("=", 1)
-        if key in _FILE_SELECTORS:
+        if key == "print_config":
+            print_config = value.lower() in ("true", "1", "yes")
+        elif key in _FILE_SELECTORS:
             selectors[key] = value
         else:
             rest.append(item)
@@ -338,6 +354,8 @@ def load_config(job: str | list[str], argv: list[str] | None = None) -> DictConf
     validate(cfg)
     OmegaConf.set_readonly(cfg, False)
     OmegaConf.set_struct(cfg, True)
+    if print_config:
+        raise PrintConfig(cfg)
     return cfg
 
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from experiments import pipeline
+from experiments.cli import entry
 from experiments.common import setup_logging
 
 log = logging.getLogger(__name__)
@@ -73,4 +74,4 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -2,9 +2,9 @@
 
     python -m experiments.detect_image IMAGE [IMAGE ...] run_dir=OUT [out=DIR] [threshold=0.5]
 
-``run_dir`` is the ``out_dir`` of a ``python -m experiments.pipeline method=patch`` run: it
-holds ``patch_detector.json`` (settings + the Normalize fitted on validation), the encoders and
-the reference databases (``ckpt=OUT/patch_detector.json`` is accepted too). Images are PNG
+``run_dir`` is the ``out_dir`` of a ``python -m experiments.pipeline method=patch`` run: its
+``patch_detector.ckpt`` holds the detector's settings, encoders, reference databases and the
+Normalize fitted on validation (``ckpt=OUT/patch_detector.ckpt`` is accepted too). Images are PNG
 (8/16-bit) or DICOM, read and resized as the data modules do. For each image the score and the
 verdict (abnormal iff score > threshold) are printed, and ``<out>/<name>_overlay.png`` shows the
 final anomaly map on the image (default ``out``: ``<run_dir>/detections``).
@@ -12,7 +12,6 @@ final anomaly map on the image (default ``out``: ``<run_dir>/detections``).
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -20,61 +19,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from experiments.cli import entry
 from experiments.common import setup_logging
 from experiments.config import ConfigError
-from lightning_modules.patch_detector.anomaly_map import MapNormalizer
 from lightning_modules.patch_detector.detector import PatchAnomalyDetector
-from lightning_modules.patch_detector.reference_db import ReferenceDB, file_sha256
+from lightning_modules.patch_detector.lightning_model import PatchDetectorModule
 
 log = logging.getLogger(__name__)
-STATE_FILE = "patch_detector.json"
+CKPT_FILE = "patch_detector.ckpt"
 KEYS = ("run_dir", "ckpt", "out", "threshold", "device")
 
 
 def load_detector(run_dir: str | Path, device: str | torch.device = "cpu"
                   ) -> tuple[PatchAnomalyDetector, dict]:
-    """The detector of a pipeline run, with its encoders, databases and normalisation."""
-    from lightning_modules.simclr import load_encoder
-
-    run_dir = Path(run_dir)
-    if run_dir.is_file():
-        run_dir = run_dir.parent
-    path = run_dir / STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: run_dir must be the out_dir of a "
-                                "finished `python -m experiments.pipeline method=patch` run.")
-    state = json.loads(path.read_text())
-
-    def resolve(p: str) -> Path:
-        q = Path(p)
-        return q if q.is_absolute() else run_dir / q
-
-    encoders, shas = {}, {}
-    for s in state["patch_sizes"]:
-        info = state["encoders"][str(s)]
-        ckpt = resolve(info["checkpoint"])
-        sha = file_sha256(ckpt)
-        if sha != info["sha256"]:
-            raise ValueError(f"Encoder {ckpt} has sha256 {sha}, but the run was built with "
-                             f"sha256 {info['sha256']}: the checkpoint changed after the run.")
-        encoders[int(s)] = load_encoder(ckpt, map_location=device).eval()
-        shas[int(s)] = sha
-    det = PatchAnomalyDetector(
-        encoders, state["image_size"], state["patch_sizes"], state["locality"],
-        distance=state["distance"], shrinkage=state["shrinkage"],
-        stride_fraction=state["stride_fraction"],
-        cell_normalize=bool(state.get("cell_normalize", False)),
-        # states written before these options existed are the paper's defaults
-        features=state.get("features", "pooled"),
-        dense_layers=state.get("dense_layers", ["layer2"]),
-        dense_pool=int(state.get("dense_pool", 3)),
-        intensity_norm=state.get("intensity_norm", "none"),
-    ).to(device).eval()
-    for s in det.patch_sizes:
-        det.set_db(ReferenceDB.load(resolve(state["databases"][str(s)]), shas[s],
-                                    det.patch_config(s)))
-    det.normalizer = MapNormalizer.from_dict(state["normalizer"])
-    return det, state
+    """The fitted detector of a pipeline run (encoders, databases and normalisation all come
+    from ``OUT/patch_detector.ckpt``, read with ``weights_only=True``) and its settings."""
+    path = Path(run_dir)
+    if path.is_dir():
+        path = path / CKPT_FILE
+    module = PatchDetectorModule.load(path, map_location=device)
+    return module.detector, {"threshold": float(module.hparams.threshold),
+                             "image_size": module.detector.image_size}
 
 
 def read_image(path: str | Path, image_size: int) -> np.ndarray:
@@ -135,4 +100,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+from experiments.cli import entry
 from experiments.common import setup_logging
 from experiments.config import ConfigError, parse_overrides
 
@@ -38,4 +39,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

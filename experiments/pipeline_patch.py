@@ -1,15 +1,17 @@
-"""Multiresolution patch anomaly detection pipeline (Kim et al., Sci Rep 2023).
+"""Multiresolution patch anomaly detection pipeline (Kim et al., Sci Rep 2023): build, fit,
+test, write.
 
     python -m experiments.pipeline method=patch data=... out_dir=OUT [profile=cpu|paper]
 
-1. one SimCLR encoder per patch size: reused from ``OUT/encoders/res<s>`` (or
-   ``patch.encoder_dir``) when a checkpoint exists, else trained by
-   ``experiments.train_simclr.train`` on the normal training images;
-2. reference databases: features of every normal training patch (``OUT/db/res<s>.safetensors``);
-3. validation: patch scores -> per-size scales and calibration of eq. 6 (never the test set);
-4. test: anomaly maps, image scores (max of the final map), abnormal iff score > threshold;
-5. ``OUT/scores.csv``, ``OUT/metrics.json``, ``OUT/report.html`` and, for
-   ``experiments.detect_image`` and the ablations, ``OUT/patch_detector.json``.
+1. one SimCLR encoder per patch size: reused from ``OUT/encoders/res<s>`` when its
+   ``fingerprint.json`` says it was trained on the same data and settings with the same code
+   (or from ``patch.encoder_dir``, as given), else trained by ``experiments.train_simclr.train``
+   on the normal training images;
+2. :class:`~lightning_modules.patch_detector.lightning_model.PatchDetectorModule` does the
+   rest in Lightning's stages: fit = reference databases of the normal training patches,
+   validate = Normalize of eq. 6 (never the test set), test = anomaly maps and image scores;
+3. ``OUT/scores.csv``, ``OUT/metrics.json``, ``OUT/report.html`` and ``OUT/patch_detector.ckpt``
+   (databases, normalisation and encoders in one checkpoint, for ``experiments.detect_image``).
 
 With ``patch.n_folds_run=K`` the pipeline runs folds 0..K-1 of ``data.n_folds`` (encoders
 trained per fold: the training images differ) into ``OUT/fold<k>`` and reports mean ± sd.
@@ -18,32 +20,32 @@ trained per fold: the training images differ) into ``OUT/fold<k>`` and reports m
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
-from safetensors import safe_open
-from safetensors.torch import save_file
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
 
+from datamodules.base import ItemDataset
 from datamodules.manifest import record_splits
-from experiments.common import setup_logging, track
-from experiments.config import ConfigError, load_config, prepare_run_dir
+from experiments.cli import entry
+from experiments.common import setup_logging
+from experiments.config import ConfigError, git_commit, load_config, prepare_run_dir
 from lightning_modules.patch_detector.anomaly_map import FUSIONS, MapNormalizer
 from lightning_modules.patch_detector.detector import PatchAnomalyDetector
-from lightning_modules.patch_detector.reference_db import (
-    ReferenceDB,
-    ReferenceDBMismatch,
-    file_sha256,
-)
+from lightning_modules.patch_detector.lightning_model import PatchDetectorModule, SplitScores
+from lightning_modules.patch_detector.reference_db import file_sha256
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "patch_detector.json"
+CKPT_FILE = "patch_detector.ckpt"
+FINGERPRINT = "fingerprint.json"  # in each encoder folder, written after a finished training
 JOBS = ["simclr", "patch"]  # SimCLR recipe from configs/simclr.yaml, detector from patch.yaml
+FEATURE_BATCH = 8  # images per forward pass when scoring
 
 
 def load(argv: list[str] | None = None) -> DictConfig:
@@ -103,14 +105,63 @@ def encoder_folder(cfg: DictConfig, out: Path, size: int) -> Path:
     return base / f"res{size}"
 
 
+def encoder_cfg(cfg: DictConfig, size: int, i: int, folder: Path) -> DictConfig:
+    """The configuration the encoder of patch size ``size`` (``i``-th) is trained with."""
+    p, c = cfg.patch, copy.deepcopy(cfg)
+    c.simclr.patch_size = size
+    c.out_dir = str(folder)
+    c.simclr.intensity_norm = str(p.intensity_norm)  # train on what the detector sees
+    if p.encoder_input_sizes is not None:
+        c.simclr.input_size = int(p.encoder_input_sizes[i])
+    if p.encoder_epochs is not None:
+        c.trainer.max_epochs = int(p.encoder_epochs[i])
+    return c
+
+
+def encoder_fingerprint(c: DictConfig, dm) -> dict:
+    """What an encoder depends on: its training / validation images, the resolved settings of
+    its training and the code version (``git_commit``)."""
+    def digest(obj) -> str:
+        return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+    data = {k: v for k, v in OmegaConf.to_container(c.data, resolve=True).items()
+            if k not in ("num_workers", "root")}  # the item list below stands for the root
+    return {"items": digest([[it.path, it.label] for s in ("train", "val")
+                             for it in dm.items(s)]),
+            "settings": digest({k: OmegaConf.to_container(c[k], resolve=True)
+                                for k in ("simclr", "optim", "trainer")} | {"data": data,
+                                                                             "seed": c.seed}),
+            "code": git_commit()}
+
+
+def reusable_encoder(cfg: DictConfig, folder: Path, fingerprint: dict) -> Path | None:
+    """The finished encoder in ``folder`` if its fingerprint matches; None when there is
+    none (or an unfinished one: training resumes or restarts); refuse on a mismatch."""
+    ckpt = find_encoder_checkpoint(folder)
+    if cfg.patch.encoder_dir:  # encoders the user chose explicitly: used as given
+        return ckpt
+    mode, fp = str(cfg.patch.reuse_encoders), folder / FINGERPRINT
+    if ckpt is None or mode == "retrain" or not fp.is_file():
+        return None
+    old = json.loads(fp.read_text())
+    differs = [k for k in fingerprint if old.get(k) != fingerprint[k]]
+    if differs and mode != "force":
+        raise ConfigError(
+            f"{folder} holds an encoder trained with other {' / '.join(differs)}; pass "
+            "patch.reuse_encoders=retrain to train it again, or patch.reuse_encoders=force to "
+            "use it anyway.")
+    return ckpt
+
+
 def ensure_encoders(cfg: DictConfig, dm, out: Path) -> dict[int, Path]:
-    """Checkpoint per patch size: reuse, or train the missing ones (scoring is cheap,
-    training is not)."""
+    """Checkpoint per patch size: reuse what the fingerprint proves is the same, or train."""
     paths = {}
     p = cfg.patch
     for i, size in enumerate(int(s) for s in p.patch_sizes):
         folder = encoder_folder(cfg, out, size)
-        ckpt = find_encoder_checkpoint(folder)
+        c = encoder_cfg(cfg, size, i, folder)
+        fingerprint = encoder_fingerprint(c, dm)
+        ckpt = reusable_encoder(cfg, folder, fingerprint)
         if ckpt is not None:
             log.info("Encoder res %d: reusing %s", size, ckpt)
             paths[size] = ckpt
@@ -121,14 +172,6 @@ def ensure_encoders(cfg: DictConfig, dm, out: Path) -> dict[int, Path]:
                                     f"`make train-simclr RES={size}` or allow training.")
         from experiments.train_simclr import train
 
-        c = copy.deepcopy(cfg)
-        c.simclr.patch_size = size
-        c.out_dir = str(folder)
-        c.simclr.intensity_norm = str(p.intensity_norm)  # train on what the detector sees
-        if p.encoder_input_sizes is not None:
-            c.simclr.input_size = int(p.encoder_input_sizes[i])
-        if p.encoder_epochs is not None:
-            c.trainer.max_epochs = int(p.encoder_epochs[i])
         log.info("Encoder res %d: training SimCLR into %s", size, folder)
         result = Path(train(c, datamodule=dm))
         _finish_wandb()  # one W&B run per encoder: train() leaves its run open
@@ -136,6 +179,7 @@ def ensure_encoders(cfg: DictConfig, dm, out: Path) -> dict[int, Path]:
         if ckpt is None:
             raise RuntimeError(f"SimCLR training for size {size} wrote no checkpoint in "
                                f"{folder} (trainer.fast_dev_run saves none)")
+        (folder / FINGERPRINT).write_text(json.dumps(fingerprint, indent=2))
         paths[size] = ckpt
     return paths
 
@@ -148,12 +192,12 @@ def _finish_wandb() -> None:
         wandb.finish()
 
 
-def build_detector(cfg: DictConfig, ckpts: dict[int, Path], device: torch.device
-                   ) -> PatchAnomalyDetector:
+def build_module(cfg: DictConfig, ckpts: dict[int, Path], image_ids: list[str]
+                 ) -> PatchDetectorModule:
     from lightning_modules.simclr import load_encoder
 
     p = cfg.patch
-    encoders = {s: load_encoder(ckpts[s], map_location=device).eval() for s in ckpts}
+    encoders = {s: load_encoder(ckpts[s]).eval() for s in ckpts}
     det = PatchAnomalyDetector(
         encoders, int(cfg.data.image_size), [int(s) for s in p.patch_sizes],
         [int(d) for d in p.locality], distance=p.distance, shrinkage=p.shrinkage,
@@ -161,132 +205,61 @@ def build_detector(cfg: DictConfig, ckpts: dict[int, Path], device: torch.device
         feature_batch_size=p.feature_batch_size, cell_normalize=p.cell_normalize,
         features=str(p.features), dense_layers=[str(x) for x in p.dense_layers],
         dense_pool=int(p.dense_pool), intensity_norm=str(p.intensity_norm),
-    )
-    return det.to(device).eval()
+    ).eval()
+    return PatchDetectorModule(det, [float(w) for w in p.weights], str(p.fusion),
+                               str(p.image_score), float(p.topk_fraction), float(p.threshold),
+                               image_ids=image_ids,
+                               encoder_sha256={s: file_sha256(c) for s, c in ckpts.items()})
 
 
-# --- features ---------------------------------------------------------------------------------
-@torch.no_grad()
-def compute_features(det: PatchAnomalyDetector, dm, items, description: str,
-                     batch_size: int = 8) -> dict[int, torch.Tensor]:
-    """``{size: (n_items, N, D)}`` float32 on the CPU, every patch of every item."""
-    device = next(det.parameters()).device
-    out: dict[int, list[torch.Tensor]] = {s: [] for s in det.patch_sizes}
-    batches = range(0, len(items), batch_size)
-    for b0 in track(batches, description, total=len(batches)):
-        imgs = np.stack([dm.load(it) for it in items[b0:b0 + batch_size]])  # (B, H, W)
-        x = torch.from_numpy(imgs).float().unsqueeze(1).to(device)  # (B, 1, H, W)
-        for s, f in det.features(x).items():
-            out[s].append(f.cpu())
-    return {s: torch.cat(v) for s, v in out.items()}
+def scoring_trainer(cfg: DictConfig):
+    """One epoch over the normal training images, no optimiser, no sanity check."""
+    import warnings
+
+    import pytorch_lightning as pl
+
+    # both are intended here: nothing is optimised, and the fixed encoders stay in eval mode
+    warnings.filterwarnings("ignore", message=r".*configure_optimizers. returned .None.")
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+    return pl.Trainer(accelerator="gpu" if device_of(cfg).type == "cuda" else "cpu",
+                      devices=1, max_epochs=1, num_sanity_val_steps=0, logger=False,
+                      enable_checkpointing=False, enable_model_summary=False)
 
 
-def _feature_meta(items, shas: dict[int, str], det: PatchAnomalyDetector) -> dict[str, str]:
-    return {"paths": json.dumps([it.path for it in items]),
-            "encoders": json.dumps({str(s): shas[s] for s in sorted(shas)}),
-            "config": json.dumps({str(s): det.patch_config(s) for s in det.patch_sizes})}
+def loader(dm, items) -> DataLoader:
+    return DataLoader(ItemDataset(dm, items), batch_size=FEATURE_BATCH, shuffle=False,
+                      num_workers=int(dm.cfg.num_workers))
 
 
-def cached_features(path: Path, det, dm, items, shas, description: str, use_cache: bool
-                    ) -> dict[int, torch.Tensor]:
-    """Features of ``items``, read from ``path`` when it was written for the same items,
-    encoders and patch settings; computed (and written) otherwise."""
-    meta = _feature_meta(items, shas, det)
-    if use_cache and path.is_file():
-        with safe_open(str(path), framework="pt") as f:
-            if f.metadata() == meta:
-                log.info("%s: reusing %s", description, path)
-                return {s: f.get_tensor(f"res{s}") for s in det.patch_sizes}
-    feats = compute_features(det, dm, items, description)
-    if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({f"res{s}": v.contiguous() for s, v in feats.items()}, str(path), metadata=meta)
-    return feats
-
-
-def ensure_dbs(det: PatchAnomalyDetector, dm, out: Path, shas: dict[int, str]) -> None:
-    """Load the reference databases that match the encoders, build the others."""
-    missing = []
-    for s in det.patch_sizes:
-        path = out / "db" / f"res{s}.safetensors"
-        if path.is_file():
-            try:
-                det.set_db(ReferenceDB.load(path, shas[s], det.patch_config(s)))
-                log.info("Reference DB res %d: reusing %s (%d patches)", s, path,
-                         len(det.dbs[s]))
-                continue
-            except ReferenceDBMismatch as e:
-                log.warning("%s Rebuilding it.", e)
-        missing.append(s)
-    if not missing:
-        return
-    items = dm.items("train", "normal")
-    if not items:
-        raise RuntimeError("No normal training images: the reference database needs them.")
-    feats = compute_features(det, dm, items, "Reference DB: normal training patches")
-    image_ids = [Path(it.path).name for it in items]
-    for s in missing:
-        f = feats[s]  # (n_img, N, D)
-        n_img, n, dim = f.shape
-        ct = det.cell_tensors(s)
-        db = ReferenceDB(
-            patch_size=s, features=f.reshape(n_img * n, dim),
-            **{k: v.repeat(n_img) for k, v in ct.items()},
-            image_index=torch.arange(n_img, dtype=torch.int32).repeat_interleave(n),
-            image_ids=image_ids, encoder_sha256=shas[s], config=det.patch_config(s),
-        )
-        db.save(out / "db" / f"res{s}.safetensors")
-        det.set_db(db)
-        log.info("Reference DB res %d: %d patches from %d images", s, len(db), n_img)
-
-
-# --- scoring ----------------------------------------------------------------------------------
-@dataclass
-class SplitScores:
-    items: list
-    labels: np.ndarray  # (n,)
-    patch_scores: dict[int, torch.Tensor]  # {size: (n, N)} raw
-    final_maps: torch.Tensor | None = None  # (n, H/g, W/g)
-    scores: np.ndarray | None = None  # (n,) image scores in (0, 1)
-    raw: np.ndarray | None = None  # (n,) max of the fused log map
-    extra: dict = field(default_factory=dict)
-
-
-def fit_normalizer(det: PatchAnomalyDetector, val: SplitScores, sizes: list[int],
-                   weights: list[float], fusion: str, image_score: str = "max",
-                   topk_fraction: float = 0.01) -> MapNormalizer:
-    """Normalize of eq. 6 on the validation set only (see anomaly_map)."""
-    normal = val.labels == 0
-    if not normal.any():
-        raise RuntimeError("The validation set has no normal images: Normalize (eq. 6) is "
-                           "fitted on them.")
-    norm = MapNormalizer.fit_scales([val.patch_scores[s][torch.from_numpy(normal)]
-                                     for s in sizes], sizes, weights, fusion,
-                                    image_score, topk_fraction)
-    raw = det.raw_image_scores(val.patch_scores, norm).numpy()
-    norm.fit_calibration(raw, val.labels)
-    return norm
-
-
-def apply_normalizer(det: PatchAnomalyDetector, split: SplitScores, norm: MapNormalizer) -> None:
-    final, scores = det.fuse(split.patch_scores, norm)
-    split.final_maps, split.scores = final, scores.numpy().astype(np.float64)
-    split.raw = det.raw_image_scores(split.patch_scores, norm).numpy()
-
-
-def score_split(det, dm, out: Path, split: str, shas, use_cache: bool) -> SplitScores:
+def labelled(dm, split: str) -> list:
     items = [it for it in dm.items(split) if it.label in (0, 1)]
     if not items:
         raise RuntimeError(f"No labelled {split} images.")
-    feats = cached_features(out / "features" / f"{split}.safetensors", det, dm, items, shas,
-                            f"Features: {split} patches", use_cache)
-    scores = det.patch_scores({s: f.to(next(det.parameters()).device) for s, f in feats.items()})
-    return SplitScores(items, np.array([it.label for it in items]),
-                       {s: v.cpu() for s, v in scores.items()})
+    return items
+
+
+def prepare(cfg: DictConfig, dm=None):
+    """Data, encoders and the fitted module (reference databases + Normalize) of a run:
+    ``(dm, module, trainer)``; ``module.val_result`` holds the validation scores."""
+    if dm is None:
+        from datamodules.factory import build_datamodule
+
+        dm = build_datamodule(cfg.data)
+    dm.setup()
+    train = dm.items("train", "normal")
+    if not train:
+        raise RuntimeError("No normal training images: the reference database needs them.")
+    module = build_module(cfg, ensure_encoders(cfg, dm, Path(cfg.out_dir)),
+                          [Path(it.path).name for it in train])
+    trainer = scoring_trainer(cfg)
+    trainer.fit(module, loader(dm, train), loader(dm, labelled(dm, "val")))
+    return dm, module, trainer
 
 
 # --- outputs ----------------------------------------------------------------------------------
-def evaluate(cfg: DictConfig, det, dm, val: SplitScores, test: SplitScores) -> dict:
+def evaluate(cfg: DictConfig, det, dm, val: SplitScores, test: SplitScores, val_items: list,
+             test_items: list) -> dict:
     from experiments import evaluation as ev
 
     thr = float(cfg.patch.threshold)
@@ -303,15 +276,15 @@ def evaluate(cfg: DictConfig, det, dm, val: SplitScores, test: SplitScores) -> d
                             topk_fraction=det.normalizer.topk_fraction)
         raw = det.raw_image_scores(test.patch_scores, one).numpy()
         metrics[f"auroc_res{s}"] = ev.auroc(test.labels, raw)
-    findings = [it.finding for it in test.items]
+    findings = [it.finding for it in test_items]
     if any(findings):
         metrics["per_finding"] = ev.per_finding_metrics(test.labels, test.scores, findings, thr)
-    masks = [dm.load_mask(it) for it in test.items]
+    masks = [dm.load_mask(it) for it in test_items]
     if any(m is not None for m in masks):
         shape = next(m for m in masks if m is not None).shape
         # normal test images count with all-negative masks (false alarms on them matter)
         masks = [np.zeros(shape, bool) if m is None and it.label == 0 else m
-                 for m, it in zip(masks, test.items)]
+                 for m, it in zip(masks, test_items)]
         maps = det.upsample(test.final_maps).numpy()
         metrics["pixel_auroc"] = ev.pixel_auroc(masks, list(maps))
         metrics["pixel_auroc_ci"] = list(ev.pixel_auroc_ci(masks, list(maps)))
@@ -320,15 +293,15 @@ def evaluate(cfg: DictConfig, det, dm, val: SplitScores, test: SplitScores) -> d
 
 
 def write_outputs(cfg: DictConfig, out: Path, det, dm, val: SplitScores, test: SplitScores,
-                  metrics: dict) -> Path:
+                  val_items: list, test_items: list, metrics: dict) -> Path:
     from experiments import evaluation as ev
     from experiments import plots
     from experiments.report import Report
 
-    ev.write_scores_csv(out / "scores.csv", [it.path for it in test.items], test.labels,
+    ev.write_scores_csv(out / "scores.csv", [it.path for it in test_items], test.labels,
                         test.scores, raw_score=list(test.raw),
-                        finding=[it.finding for it in test.items])
-    ev.write_scores_csv(out / "val_scores.csv", [it.path for it in val.items], val.labels,
+                        finding=[it.finding for it in test_items])
+    ev.write_scores_csv(out / "val_scores.csv", [it.path for it in val_items], val.labels,
                         val.scores, raw_score=list(val.raw))
     ev.write_metrics_json(out / "metrics.json", metrics)
 
@@ -339,7 +312,7 @@ def write_outputs(cfg: DictConfig, out: Path, det, dm, val: SplitScores, test: S
         f"Patch sizes {list(n.sizes)} on {det.image_size}² images, locality d = "
         f"{[int(d) for d in p.locality]}, {p.distance} distance, weights {list(n.weights)} "
         f"({n.fusion} fusion), grid stride = {p.stride_fraction} × patch size. Normalize (eq. 6) "
-        f"fitted on {len(val.items)} validation images; abnormal iff score > {p.threshold}."
+        f"fitted on {len(val_items)} validation images; abnormal iff score > {p.threshold}."
     )
     rep.add_metrics(ev.flatten_metrics({k: v for k, v in metrics.items()
                                         if k != "per_finding"}), title="Test metrics")
@@ -351,9 +324,9 @@ def write_outputs(cfg: DictConfig, out: Path, det, dm, val: SplitScores, test: S
                                    **{f"res {s} only": test.patch_scores[s].max(1).values.numpy()
                                       for s in n.sizes}},
                                   title="Test ROC"), "ROC on the test set; Youden cut-off marked")
-    if any(it.finding for it in test.items):
+    if any(it.finding for it in test_items):
         rep.add_figure(plots.plot_roc_per_finding(fig / "roc_per_finding.png", test.labels,
-                                                  test.scores, [it.finding for it in test.items],
+                                                  test.scores, [it.finding for it in test_items],
                                                   title="ROC per finding"))
     rep.add_figure(plots.plot_histograms(fig / "histograms.png", test.scores, test.labels,
                                          "image score (max of A_final)", title="Test scores",
@@ -366,85 +339,33 @@ def write_outputs(cfg: DictConfig, out: Path, det, dm, val: SplitScores, test: S
 
     for name, idx in (("most", order[:k]), ("least", order[::-1][:k])):
         rep.add_figure(plots.plot_image_grid(
-            fig / f"{name}_anomalous.png", [dm.load(test.items[i]) for i in idx],
+            fig / f"{name}_anomalous.png", [dm.load(test_items[i]) for i in idx],
             [caption(i) for i in idx], title=f"{k} {name} anomalous test images"))
     k = min(int(cfg.eval.n_overlays), len(order))
     idx = order[:k]
     maps = det.upsample(test.final_maps[torch.from_numpy(idx.copy())]).numpy()
     rep.add_figure(plots.plot_overlays(
-        fig / "overlays.png", [dm.load(test.items[i]) for i in idx], list(maps),
-        [caption(i) for i in idx], masks=[dm.load_mask(test.items[i]) for i in idx],
+        fig / "overlays.png", [dm.load(test_items[i]) for i in idx], list(maps),
+        [caption(i) for i in idx], masks=[dm.load_mask(test_items[i]) for i in idx],
         vmin=0.0, vmax=1.0, title="A_final on the most anomalous test images",
         map_label="A_final"), "Final anomaly maps (lesion masks outlined where known)")
     return rep.write()
 
 
-def save_state(cfg: DictConfig, out: Path, det: PatchAnomalyDetector,
-               ckpts: dict[int, Path], shas: dict[int, str]) -> Path:
-    """What ``experiments.detect_image`` needs to score new images (paths relative to OUT
-    where they lie inside it)."""
-    def rel(p: Path) -> str:
-        p = Path(p).resolve()
-        try:
-            return str(p.relative_to(out.resolve()))
-        except ValueError:
-            return str(p)
-
-    state = {
-        "image_size": det.image_size,
-        "patch_sizes": det.patch_sizes,
-        "locality": [det.locality[s] for s in det.patch_sizes],
-        "distance": det.distance,
-        "shrinkage": det.shrinkage,
-        "stride_fraction": det.stride_fraction,
-        "cell_normalize": det.cell_normalize,
-        "features": det.feature_mode,
-        "dense_layers": list(det.dense_layers),
-        "dense_pool": det.dense_pool,
-        "intensity_norm": det.intensity_norm,
-        "threshold": float(cfg.patch.threshold),
-        "encoders": {str(s): {"checkpoint": rel(ckpts[s]), "sha256": shas[s]}
-                     for s in det.patch_sizes},
-        "databases": {str(s): f"db/res{s}.safetensors" for s in det.patch_sizes},
-        "normalizer": det.normalizer.to_dict(),
-    }
-    path = out / STATE_FILE
-    path.write_text(json.dumps(state, indent=2))
-    return path
-
-
-# --- entry ------------------------------------------------------------------------------------
-def prepare(cfg: DictConfig, dm=None):
-    """Data, encoders, detector and reference databases of a run (shared with the ablations)."""
-    out = Path(cfg.out_dir)
-    if dm is None:
-        from datamodules.factory import build_datamodule
-
-        dm = build_datamodule(cfg.data)
-    dm.setup()
-    ckpts = ensure_encoders(cfg, dm, out)
-    shas = {s: file_sha256(c) for s, c in ckpts.items()}
-    det = build_detector(cfg, ckpts, device_of(cfg))
-    ensure_dbs(det, dm, out, shas)
-    return dm, det, ckpts, shas
-
-
 def run_single(cfg: DictConfig, dm=None) -> dict:
     out = prepare_run_dir(cfg)
     torch.manual_seed(int(cfg.seed))
-    dm, det, ckpts, shas = prepare(cfg, dm)
+    dm, module, trainer = prepare(cfg, dm)
     record_splits(dm, out)  # OUT/splits.csv + its sha256 in run_info.json
-    use_cache = bool(cfg.patch.cache_features)
-    val = score_split(det, dm, out, "val", shas, use_cache)
-    test = score_split(det, dm, out, "test", shas, use_cache)
-    p = cfg.patch
-    det.normalizer = fit_normalizer(det, val, det.patch_sizes, [float(w) for w in p.weights],
-                                    p.fusion, str(p.image_score), float(p.topk_fraction))
-    apply_normalizer(det, val, det.normalizer)
-    apply_normalizer(det, test, det.normalizer)
-    metrics = evaluate(cfg, det, dm, val, test)
-    save_state(cfg, out, det, ckpts, shas)
-    report = write_outputs(cfg, out, det, dm, val, test, metrics)
+    test_items = labelled(dm, "test")
+    trainer.test(module, loader(dm, test_items), verbose=False)
+    trainer.save_checkpoint(out / CKPT_FILE)
+    val, test = module.val_result, module.test_result
+    val_items = [labelled(dm, "val")[i] for i in val.index]
+    test_items = [test_items[i] for i in test.index]
+    metrics = evaluate(cfg, module.detector, dm, val, test, val_items, test_items)
+    report = write_outputs(cfg, out, module.detector, dm, val, test, val_items, test_items,
+                           metrics)
     log.info("Report: %s", report)
     log_to_wandb(cfg, out, metrics)
     return metrics
@@ -511,4 +432,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from experiments.cli import entry
 from experiments.common import build_trainer, make_logger, resolve_ckpt_path, setup_logging
 from experiments.config import ConfigError, load_config, prepare_run_dir
 
@@ -213,4 +214,4 @@ def main(argv: list[str] | None = None) -> Path | None:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

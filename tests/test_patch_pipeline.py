@@ -52,10 +52,13 @@ def test_pipeline_writes_the_contracted_outputs(run_dir):
         lambda p: Path(p).name))
     info = json.loads((out / "run_info.json").read_text())
     assert info["splits_sha256"] == hashlib.sha256((out / "splits.csv").read_bytes()).hexdigest()
-    for s in (16, 32, 64):
-        assert (out / "db" / f"res{s}.safetensors").is_file()
-    state = json.loads((out / "patch_detector.json").read_text())
-    assert state["normalizer"]["sizes"] == [16, 32, 64]
+    # One checkpoint holds the fitted detector: databases, normalisation, settings.
+    from lightning_modules.patch_detector.lightning_model import PatchDetectorModule
+
+    det = PatchDetectorModule.load(out / "patch_detector.ckpt").detector
+    assert det.normalizer.sizes == [16, 32, 64] and sorted(det.dbs) == [16, 32, 64]
+    n_train = int(((manifest.split == "train") & (manifest.group == "normal")).sum())
+    assert {len(det.dbs[s].image_ids) for s in det.dbs} == {n_train}
 
 
 def test_val_youden_cut_lands_at_half(run_dir):
@@ -85,7 +88,7 @@ def test_bad_fusion_fails():
 
 
 def test_ablation_table2_reuses_the_run(run_dir, caplog):
-    """Ablations re-score only: the run's encoders, databases and features are reused."""
+    """Ablations re-score only: the run's encoders are reused (the fingerprint matches)."""
     from experiments import ablations
 
     out, _ = run_dir
@@ -97,8 +100,17 @@ def test_ablation_table2_reuses_the_run(run_dir, caplog):
     assert (out / "ablations" / "table2.csv").is_file()
     assert (out / "ablations" / "table2.md").read_text().count("\n|") >= 13
     assert [p.stat().st_mtime for p in enc] == mtimes
-    assert "Reference DB res 16: reusing" in caplog.text
-    assert "Features: test patches: reusing" in caplog.text
+    assert "Encoder res 16: reusing" in caplog.text
+
+
+def test_rerun_with_other_data_refuses_the_old_encoders(run_dir):
+    """A rerun into the same out_dir reuses an encoder only when its fingerprint (training
+    images, settings, code) matches; otherwise it says how to retrain or force."""
+    out, _ = run_dir
+    with pytest.raises(ConfigError, match="reuse_encoders=retrain.*reuse_encoders=force"):
+        pipeline.main([*TINY, "data.phantom_seed=5", f"out_dir={out}"])
+    fp = json.loads((out / "encoders" / "res16" / "fingerprint.json").read_text())
+    assert set(fp) == {"items", "settings", "code"}
 
 
 def test_ablation_grid_expansion():
@@ -122,8 +134,8 @@ def test_cross_validation_reports_mean_and_sd(tmp_path):
 
 
 def test_detect_image_restores_our_options(run_dir, tmp_path):
-    """Every detector option lands in patch_detector.json and detect_image scores a test
-    image exactly as the pipeline did (the cell_normalize bug must not come back)."""
+    """Every detector option lands in the checkpoint and detect_image scores a test image
+    exactly as the pipeline did (the cell_normalize bug must not come back)."""
     from experiments import detect_image
 
     out = tmp_path / "run"
@@ -132,10 +144,8 @@ def test_detect_image_restores_our_options(run_dir, tmp_path):
             "patch.topk_fraction=0.05", "patch.cell_normalize=true",
             f"patch.encoder_dir={run_dir[0] / 'encoders'}"]  # reuse: no SimCLR training here
     pipeline.main([*TINY, *opts, f"out_dir={out}"])
-    state = json.loads((out / "patch_detector.json").read_text())
-    assert state["features"] == "dense" and state["intensity_norm"] == "percentile"
-    assert state["normalizer"]["image_score"] == "topk"
     det, _ = detect_image.load_detector(out)
+    assert det.normalizer.image_score == "topk"
     assert (det.feature_mode, det.intensity_norm, det.cell_normalize) == ("dense", "percentile",
                                                                           True)
     assert det.normalizer.topk_fraction == 0.05

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 FEATURE_MODES = ("pooled", "dense")
 INTENSITY_NORMS = ("none", "percentile")
 IMAGE_SCORES = ("max", "topk")
+REUSE_MODES = ("check", "retrain", "force")
 
 
 @dataclass
@@ -45,6 +46,9 @@ class PatchConfig:
     encoder_input_sizes: list[int] | None = None
     # Per-size trainer.max_epochs when training an encoder here (None = trainer.max_epochs)
     encoder_epochs: list[int] | None = None
-    cache_features: bool = True  # keep val/test features in <out_dir>/features (ablations)
+    # An encoder in <out_dir>/encoders is reused only when its fingerprint.json (training
+    # images, resolved settings, code version) matches: check | retrain (train it again) |
+    # force (use it whatever it was trained on). Encoders in patch.encoder_dir are used as given.
+    reuse_encoders: str = "check"
     n_folds_run: int = 1  # >1: run folds 0..n-1 of data.n_folds and report mean ± sd
     device: str = "auto"  # auto | cpu | cuda

@@ -116,6 +116,17 @@ class PatchAnomalyDetector(nn.Module):
                                      f"feature map ({self.dense_layers})")
                 self._map_side[s] = int(m)
 
+    def settings(self) -> dict:
+        """The constructor's arguments other than the encoders (a checkpoint's hparams)."""
+        return {"image_size": self.image_size, "patch_sizes": list(self.patch_sizes),
+                "locality": [self.locality[s] for s in self.patch_sizes],
+                "distance": self.distance, "shrinkage": self.shrinkage,
+                "stride_fraction": self.stride_fraction, "chunk_size": self.chunk_size,
+                "feature_batch_size": self.feature_batch_size,
+                "cell_normalize": self.cell_normalize, "features": self.feature_mode,
+                "dense_layers": list(self.dense_layers), "dense_pool": self.dense_pool,
+                "intensity_norm": self.intensity_norm}
+
     # --- geometry -----------------------------------------------------------------------
     def stride(self, size: int) -> int:
         return max(1, int(round(size * self.stride_fraction)))

@@ -1,0 +1,53 @@
+"""Entry points: one-line user errors with exit status 2, print_config=true, debug tracebacks."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from experiments import cli, pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_config_error_is_one_line_and_exit_2(capsys, monkeypatch):
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    assert cli.run(pipeline.main, ["method=patch", "patch.distanse=cosine"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "patch.distanse" in err and "patch.distance" in err
+    assert "Traceback" not in err
+
+
+def test_debug_env_shows_the_traceback(monkeypatch):
+    from experiments.config import ConfigError
+
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+    with pytest.raises(ConfigError, match="patch.distanse"):
+        cli.run(pipeline.main, ["method=patch", "patch.distanse=cosine"])
+
+
+def test_bug_is_not_hidden():
+    def main(argv):
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):
+        cli.run(main, [])
+
+
+def test_print_config_prints_the_resolved_yaml_and_exits_0(capsys):
+    assert cli.run(pipeline.main, ["method=patch", "profile=cpu", "patch.distance=cosine",
+                                   "print_config=true"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["patch"]["distance"] == "cosine" and cfg["profile"] == "cpu"
+    assert cfg["simclr"]["patch_size"]  # the whole job: SimCLR recipe + detector
+
+
+def test_module_entry_point_exits_2_in_a_subprocess():
+    r = subprocess.run([sys.executable, "-m", "experiments.pipeline", "method=patch",
+                        "data.batch_size=0"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "data.batch_size" in r.stderr and "Traceback" not in r.stderr
