@@ -22,6 +22,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.config import data_config
+
 SPLIT_GROUPS: dict[str, tuple[str, ...]] = {
     "train": ("normal", "mixture"),
     "val": ("normal", "abnormal"),
@@ -38,15 +40,6 @@ class Item:
     finding: str = ""  # e.g. "Lung Opacity", "haemorrhage"; "" if none/unknown
     mask_path: str | None = None  # lesion mask (same stem), if any
     group_id: str = ""  # patient / case id, for patient-level splits; never logged
-
-
-def _cfg(cfg, key, default):
-    """Read an optional config field (data modules also accept plain dicts / older configs)."""
-    try:
-        value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-    except Exception:
-        value = getattr(cfg, key, default)
-    return default if value is None else value
 
 
 class ItemDataset(Dataset):
@@ -71,7 +64,7 @@ class MedicalDataModule(pl.LightningDataModule):
 
     def __init__(self, cfg):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = data_config(cfg)  # typed: defaults from the schema, unknown keys fail
         self._index: dict[tuple[str, str], list[Item]] | None = None
 
     # --- to implement -------------------------------------------------------------------

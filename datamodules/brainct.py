@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from datamodules.base import ABNORMAL, NORMAL, Item
-from datamodules.common import FileDataModule, _cfg
+from datamodules.common import FileDataModule
 from datamodules.splits import flow_index
 
 log = logging.getLogger(__name__)
@@ -96,13 +96,13 @@ class BrainCTDataModule(FileDataModule):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        root = _cfg(cfg, "root", "")
+        root = self.cfg.root or ""
         if not root:
             raise ValueError("BrainCTDataModule needs data.root (the folder holding labels.csv).")
         self.root = Path(root).expanduser()
 
     def index_items(self) -> dict[tuple[str, str], list[Item]]:
-        csv = _cfg(self.cfg, "labels_csv", "") or LABELS_CSV
+        csv = self.cfg.labels_csv or LABELS_CSV
         csv_path = Path(csv) if Path(csv).is_absolute() else self.root / csv
         df = load_index(csv_path, self.root)
         absent = df["path"].isna()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.base import SPLIT_GROUPS, Item, MedicalDataModule, _cfg
+from datamodules.base import SPLIT_GROUPS, Item, MedicalDataModule
 from datamodules.dicom import (
     MIN_SLICES,
     MissingDecoderError,
@@ -101,7 +101,7 @@ class FileDataModule(MedicalDataModule):
         empty = [f"{s}/{g}" for s, g in self.required if not index.get((s, g))]
         if empty:
             raise EmptySplitError(
-                f"{type(self).__name__} (data.root={_cfg(self.cfg, 'root', '')}): no usable "
+                f"{type(self).__name__} (data.root={self.cfg.root or ''}): no usable "
                 f"items in {', '.join(empty)}. Check the data layout and the log above for "
                 "skipped files."
             )
@@ -109,7 +109,7 @@ class FileDataModule(MedicalDataModule):
     def verify_index(
         self, index: dict[tuple[str, str], list[Item]]
     ) -> dict[tuple[str, str], list[Item]]:
-        mode = str(_cfg(self.cfg, "verify", "quick"))
+        mode = str(self.cfg.verify)
         if mode not in VERIFY_MODES:
             raise ValueError(f"data.verify={mode!r} is not one of {list(VERIFY_MODES)}")
         if mode == "none":
@@ -152,7 +152,7 @@ class FileDataModule(MedicalDataModule):
         paths = sorted({it.path for it in items})
         by_path = {it.path: it for it in items}
         cache_file = CACHE_DIR / "verified" / (
-            hashlib.sha1(str(_cfg(self.cfg, "root", "")).encode()).hexdigest()[:16]
+            hashlib.sha1(str(self.cfg.root or "").encode()).hexdigest()[:16]
             + f".v{CHECK_VERSION}.json"
         )
         cache = {}
@@ -230,10 +230,10 @@ class FileDataModule(MedicalDataModule):
 
     # --- loading ------------------------------------------------------------------------
     def load(self, item: Item) -> np.ndarray:
-        if not _cfg(self.cfg, "cache_items", False):
+        if not self.cfg.cache_items:
             return self._load(item)
-        target = (tuple(_cfg(self.cfg, "volume_size", [32, 128, 128])) if self.is_3d
-                  else int(_cfg(self.cfg, "image_size", 1024)))
+        target = (tuple(self.cfg.volume_size) if self.is_3d
+                  else int(self.cfg.image_size))
         key = f"{item.path}|{_stamp(item.path)}|{target}"
         path = CACHE_DIR / "items" / (hashlib.sha1(key.encode()).hexdigest() + ".npy")
         if path.is_file():
@@ -251,11 +251,11 @@ class FileDataModule(MedicalDataModule):
 
     def _load(self, item: Item) -> np.ndarray:
         if self.is_3d:
-            shape = tuple(int(s) for s in _cfg(self.cfg, "volume_size", [32, 128, 128]))
+            shape = tuple(int(s) for s in self.cfg.volume_size)
             # (D, H, W) in [0, 1]
             return load_brain_volume(item.path, shape, self.series_uid.get(item.path))
         img = read_2d(item.path, expect_16bit=self.expect_16bit)  # (H, W) in [0, 1]
-        return resize_2d(img, int(_cfg(self.cfg, "image_size", 1024)))
+        return resize_2d(img, int(self.cfg.image_size))
 
     def check_mask_shape(self, item: Item, mask_shape: tuple[int, ...] | None = None) -> None:
         """A mask must have its image's native shape (it would be stretched otherwise)."""
@@ -279,9 +279,9 @@ class FileDataModule(MedicalDataModule):
         if self.is_3d:
             if mask.ndim != 3:
                 raise ImageReadError(f"{path}: a 3D item needs a (D, H, W) .npy mask.")
-            shape = tuple(int(s) for s in _cfg(self.cfg, "volume_size", [32, 128, 128]))
+            shape = tuple(int(s) for s in self.cfg.volume_size)
             return resize_mask(mask, shape)
-        return resize_mask(mask, int(_cfg(self.cfg, "image_size", 1024)))
+        return resize_mask(mask, int(self.cfg.image_size))
 
 
 def _stamp(p: str) -> list:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from omegaconf import DictConfig, OmegaConf
+
 
 @dataclass
 class DataConfig:
@@ -64,3 +66,11 @@ class DataConfig:
     phantom_count: int = 48
     phantom_size: int = 256
     phantom_seed: int = 0
+
+
+def data_config(cfg) -> DictConfig:
+    """The ``data`` section typed by :class:`DataConfig`: a plain dict, dataclass or DictConfig
+    is merged onto the schema (its defaults are the only ones; an unknown key fails)."""
+    if isinstance(cfg, DictConfig) and OmegaConf.get_type(cfg) is DataConfig:
+        return cfg
+    return OmegaConf.merge(OmegaConf.structured(DataConfig), cfg)

@@ -9,14 +9,14 @@ under the repository root (reused when its completion marker exists), and a WARN
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import shutil
 import tempfile
 from pathlib import Path
 
 from datamodules.base import MedicalDataModule
-from datamodules.common import CACHE_DIR, _cfg
+from datamodules.common import CACHE_DIR
+from datamodules.config import data_config
 
 log = logging.getLogger(__name__)
 
@@ -37,32 +37,32 @@ def _classes():
 
 
 def _with(cfg, **values):
-    """A copy of ``cfg`` (DictConfig, dataclass or dict) with ``values`` set."""
-    if dataclasses.is_dataclass(cfg):
-        return dataclasses.replace(cfg, **values)
-    out = copy.deepcopy(cfg)
+    """A copy of the typed ``cfg`` with ``values`` set."""
+    out = copy.deepcopy(data_config(cfg))
     for k, v in values.items():
         out[k] = v
     return out
 
 
 def modality_of(cfg) -> str:
-    name = str(_cfg(cfg, "name", "folder"))
+    cfg = data_config(cfg)
+    name = str(cfg.name)
     if name in ("bct", "phantom_bct"):
         return "bct"
     if name in ("padchest", "rsna", "phantom_cxr"):
         return "cxr"
-    return str(_cfg(cfg, "modality", "cxr"))
+    return str(cfg.modality)
 
 
 def phantom_root(cfg) -> Path:
-    name = str(_cfg(cfg, "name", "folder"))
+    cfg = data_config(cfg)
+    name = str(cfg.name)
     name = "folder" if name.startswith("phantom_") else name
     modality = modality_of(cfg)
     size = "x".join(map(str, _volume_shape(cfg))) if modality == "bct" else \
-        str(int(_cfg(cfg, "phantom_size", 256)))
-    count = int(_cfg(cfg, "phantom_count", 48))
-    seed = int(_cfg(cfg, "phantom_seed", 0))
+        str(int(cfg.phantom_size))
+    count = int(cfg.phantom_count)
+    seed = int(cfg.phantom_seed)
     return PHANTOM_DIR / f"{name}-{modality}-{size}-{count}-{seed}"
 
 
@@ -88,9 +88,9 @@ def _phantom_kwargs(name: str, cfg) -> dict:
     ``phantom_count`` = number of normal images/cases; abnormal ones are half as many (split
     between the lesion kinds), and the folder layout gets ``count`` mixture items and
     ``count / 8`` val/test items per class."""
-    count = max(int(_cfg(cfg, "phantom_count", 48)), 8)
-    size = int(_cfg(cfg, "phantom_size", 256))
-    seed = int(_cfg(cfg, "phantom_seed", 0))
+    count = max(int(cfg.phantom_count), 8)
+    size = int(cfg.phantom_size)
+    seed = int(cfg.phantom_seed)
     if name == "padchest":
         return dict(n_normal=count, n_abnormal=count // 2, size=size, seed=seed)
     if name == "rsna":
@@ -106,17 +106,19 @@ def _phantom_kwargs(name: str, cfg) -> dict:
 
 
 def _volume_shape(cfg) -> tuple[int, int, int]:
-    return tuple(int(v) for v in _cfg(cfg, "volume_size", [32, 128, 128]))
+    cfg = data_config(cfg)
+    return tuple(int(v) for v in cfg.volume_size)
 
 
 def ensure_phantoms(cfg) -> Path:
     """Generate (once) and return the phantom data folder for ``cfg``."""
+    cfg = data_config(cfg)
     root = phantom_root(cfg)
     if (root / MARKER).is_file():
         log.warning("data.root is empty: using PHANTOM data from %s (synthetic images, not "
                     "patient data; results say nothing about real performance).", root)
         return root
-    name = str(_cfg(cfg, "name", "folder"))
+    name = str(cfg.name)
     fn = _phantom_writer(name)
     kwargs = _phantom_kwargs("folder" if name.startswith("phantom_") else name, cfg)
     log.warning("data.root is empty: generating PHANTOM data (%s) in %s. Set data.root=DIR to "
@@ -141,14 +143,15 @@ def ensure_phantoms(cfg) -> Path:
 
 def build_datamodule(data_cfg) -> MedicalDataModule:
     """The data module for ``data_cfg`` (the ``data`` config section)."""
-    name = str(_cfg(data_cfg, "name", "folder"))
+    data_cfg = data_config(data_cfg)
+    name = str(data_cfg.name)
     classes = _classes()
     if name not in classes:
         raise ValueError(f"data.name={name!r} is not one of {list(classes)}")
     cfg = data_cfg
     if name in ("phantom_cxr", "phantom_bct") or name == "bct":
         cfg = _with(cfg, modality=modality_of(cfg))
-    if not _cfg(cfg, "root", ""):
+    if not cfg.root:
         root = ensure_phantoms(cfg)
         # Set sizes from the real-data YAMLs (e.g. the paper's RSNA Table 1) do not apply to
         # the small phantom set: use every phantom case with the default shares.

@@ -20,7 +20,7 @@ import logging
 from pathlib import Path
 
 from datamodules.base import ABNORMAL, NORMAL, SPLIT_GROUPS, UNLABELED, Item
-from datamodules.common import FileDataModule, _cfg
+from datamodules.common import FileDataModule
 from datamodules.images import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,8 @@ class FolderDataModule(FileDataModule):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.is_3d = str(_cfg(cfg, "modality", "cxr")) == "bct"
-        root = _cfg(cfg, "root", "")
+        self.is_3d = str(self.cfg.modality) == "bct"
+        root = self.cfg.root or ""
         if not root:
             raise ValueError("FolderDataModule needs data.root=DIR (see datamodules/folder.py).")
         self.root = Path(root).expanduser()
@@ -108,7 +108,7 @@ class FolderDataModule(FileDataModule):
             kind = "a .npy volume or a series sub-folder" if self.is_3d else ".png / .dcm"
             log.warning(
                 "%d entries under %s are not %s items (data.modality=%s) and were ignored, "
-                "e.g. %s", n_ignored, self.root, kind, _cfg(self.cfg, "modality", "cxr"),
+                "e.g. %s", n_ignored, self.root, kind, self.cfg.modality,
                 ", ".join(examples[:3]),
             )
         return index

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from datamodules.base import ABNORMAL, NORMAL, Item
-from datamodules.common import FileDataModule, _cfg
+from datamodules.common import FileDataModule
 from datamodules.splits import patient_split
 
 log = logging.getLogger(__name__)
@@ -201,17 +201,17 @@ class PadChestDataModule(FileDataModule):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        root = _cfg(cfg, "root", "")
+        root = self.cfg.root or ""
         if not root:
             raise ValueError("PadChestDataModule needs data.root (the PadChest image folder).")
         self.root = Path(root).expanduser()
 
     def index_items(self) -> dict[tuple[str, str], list[Item]]:
-        csv = _cfg(self.cfg, "labels_csv", "")
+        csv = self.cfg.labels_csv or ""
         csv_path = (self.root / csv if not Path(csv).is_absolute() else Path(csv)) if csv \
             else find_csv(self.root)
-        df = load_index(csv_path, str(_cfg(self.cfg, "exclude_policy", "drop")),
-                        str(_cfg(self.cfg, "suboptimal_policy", "drop")))
+        df = load_index(csv_path, str(self.cfg.exclude_policy),
+                        str(self.cfg.suboptimal_policy))
         df["path"] = resolve_images(df, self.root)
         absent = df["path"].isna()
         if absent.any():
@@ -221,17 +221,17 @@ class PadChestDataModule(FileDataModule):
                 int(absent.sum()), len(df), self.root,
             )
         df = df[~absent]
-        if str(_cfg(self.cfg, "cohort", "all")) == "paper":
-            df = paper_cohort(df, int(_cfg(self.cfg, "cohort_normal", 2574)),
-                              int(_cfg(self.cfg, "cohort_abnormal", 4801)),
-                              int(_cfg(self.cfg, "split_seed", 0)))
-        elif str(_cfg(self.cfg, "cohort", "all")) != "all":
-            raise ValueError(f"data.cohort={_cfg(self.cfg, 'cohort', '')!r} is not one of "
+        if str(self.cfg.cohort) == "paper":
+            df = paper_cohort(df, int(self.cfg.cohort_normal),
+                              int(self.cfg.cohort_abnormal),
+                              int(self.cfg.split_seed))
+        elif str(self.cfg.cohort) != "all":
+            raise ValueError(f"data.cohort={self.cfg.cohort!r} is not one of "
                              "['all', 'paper']")
         assign = patient_split(
             df["PatientID"].tolist(), df["is_normal"].tolist(),
-            fold=int(_cfg(self.cfg, "fold", 0)), n_folds=int(_cfg(self.cfg, "n_folds", 5)),
-            seed=int(_cfg(self.cfg, "split_seed", 0)),
+            fold=int(self.cfg.fold), n_folds=int(self.cfg.n_folds),
+            seed=int(self.cfg.split_seed),
         )
         masks = _listing(self.root / MASK_DIR)
         index: dict[tuple[str, str], list[Item]] = {}

@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from datamodules.base import Item
-from datamodules.common import FileDataModule, _cfg
+from datamodules.common import FileDataModule
 from datamodules.splits import flow_index
 
 log = logging.getLogger(__name__)
@@ -95,13 +95,13 @@ class RSNADataModule(FileDataModule):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        root = _cfg(cfg, "root", "")
+        root = self.cfg.root or ""
         if not root:
             raise ValueError("RSNADataModule needs data.root (the Kaggle RSNA folder).")
         self.root = Path(root).expanduser()
 
     def _path(self, key: str, default: str) -> Path:
-        value = _cfg(self.cfg, key, "") or default
+        value = self.cfg[key] or default
         return Path(value) if Path(value).is_absolute() else self.root / value
 
     def _with_images(self, df: pd.DataFrame, image_dir: Path) -> pd.DataFrame:
@@ -119,7 +119,7 @@ class RSNADataModule(FileDataModule):
     def index_items(self) -> dict[tuple[str, str], list[Item]]:
         df = load_index(self._path("labels_csv", LABELS_CSV), self._path("class_csv", CLASS_CSV))
         df = self._with_images(df, self._path("image_dir", IMAGE_DIR))
-        if _cfg(self.cfg, "extra_class_csv", ""):
+        if self.cfg.extra_class_csv:
             extra = _read(self._path("extra_class_csv", ""), ("patientId", "class"))
             extra = extra[["patientId", "class"]].drop_duplicates()
             unknown = sorted(set(extra["class"]) - set(CLASSES))

@@ -238,17 +238,20 @@ def flow_index(normal_ids: Sequence[str], abnormal_ids: Sequence[str], cfg,
     """
     import random
 
-    from datamodules.base import ABNORMAL, NORMAL, UNLABELED, _cfg
+    from datamodules.base import ABNORMAL, NORMAL, UNLABELED
+    from datamodules.config import data_config
 
-    seed = int(_cfg(cfg, "split_seed", 0))
+    cfg = data_config(cfg)
+
+    seed = int(cfg.split_seed)
     sets = flow_sets(
         list(normal_ids), list(abnormal_ids),
-        FlowSetSizes(_cfg(cfg, "n_normal", None), _cfg(cfg, "n_mixture_normal", None),
-                     _cfg(cfg, "n_mixture_abnormal", None), _cfg(cfg, "n_unknown_normal", None),
-                     _cfg(cfg, "n_unknown_abnormal", None)),
-        seed=seed, fold=int(_cfg(cfg, "fold", 0)), n_folds=int(_cfg(cfg, "n_folds", 5)),
-        mixture_overlap=bool(_cfg(cfg, "mixture_overlap", False)),
-        val_fraction=float(_cfg(cfg, "val_fraction", 0.15)),
+        FlowSetSizes(cfg.n_normal, cfg.n_mixture_normal,
+                     cfg.n_mixture_abnormal, cfg.n_unknown_normal,
+                     cfg.n_unknown_abnormal),
+        seed=seed, fold=int(cfg.fold), n_folds=int(cfg.n_folds),
+        mixture_overlap=bool(cfg.mixture_overlap),
+        val_fraction=float(cfg.val_fraction),
     )
     mixture = sorted(sets["mixture_normal"] + sets["mixture_abnormal"])
     random.Random(seed).shuffle(mixture)
