@@ -42,6 +42,8 @@ import scipy.stats
 import torch
 from torchmetrics.functional.classification import binary_auroc, binary_roc, binary_stat_scores
 
+from lightning_modules.thresholds import cut_points, youden_cutoff
+
 log = logging.getLogger(__name__)
 
 METRIC_KEYS = (
@@ -140,36 +142,18 @@ def roc_with_youden(
     if _one_class(y, "roc_with_youden"):
         nan = np.array([np.nan])
         return nan, nan, nan, float("nan")
-    ranks, distinct = _dense_rank01(s)
+    ranks, _ = _dense_rank01(s)
     fpr_t, tpr_t, thr_rank = binary_roc(
         torch.from_numpy(ranks), torch.from_numpy(y), validate_args=False
     )
     fpr = fpr_t.double().numpy()
     tpr = tpr_t.double().numpy()
     # torchmetrics point k>=1 is the rule `rank >= thr_rank[k]`, i.e. `score >= v_k` with v_k
-    # the k-th largest distinct score; point 0 (prepended by torchmetrics) predicts nothing.
-    # Rewrite as `score > t` with t half-way to the next lower distinct score.
-    desc = distinct[::-1]  # (m,) distinct scores, descending
-    if len(desc) > 1:
-        gap = desc[-2] - desc[-1]
-        lower = np.append(desc[1:], desc[-1] - gap)  # next lower neighbour of each v_k
-    else:
-        lower = desc - 1.0
-    with np.errstate(invalid="ignore", over="ignore"):
-        mid = desc + (lower - desc) / 2.0  # overflow-safe midpoint
-        # infinite scores: any finite value between the two neighbours; a -inf score can
-        # never be flagged by `score > t`, so the last point is then not reachable.
-        mid = np.where(
-            np.isfinite(mid), mid,
-            np.where(np.isfinite(lower), lower,
-                     np.where(np.isfinite(desc), desc - 1.0 - np.abs(desc),
-                              np.where(desc > 0, 0.0, -np.inf))),
-        )
-    thresholds = np.concatenate([[desc[0]], mid])
+    # the k-th largest distinct score; point 0 (prepended by torchmetrics) predicts nothing:
+    # the same rules as `score > t` for the cut points t (half-way to the next lower score).
+    thresholds = cut_points(s)
     assert len(thresholds) == len(fpr) == len(thr_rank)
-    j = tpr - fpr
-    best = int(np.argmax(j))  # first maximum = largest threshold
-    return fpr, tpr, thresholds, float(thresholds[best])
+    return fpr, tpr, thresholds, youden_cutoff(y, s)
 
 
 def binary_metrics(labels: Any, scores: Any, threshold: float) -> dict[str, Any]:

@@ -9,8 +9,8 @@ from lightning_modules.patch_detector.anomaly_map import (
     fuse_log_maps,
     map_block,
     patch_scores_to_map,
-    youden_cutoff,
 )
+from lightning_modules.thresholds import youden_cutoff
 
 
 def test_each_pixel_gets_its_patch_score():
@@ -93,13 +93,3 @@ def test_scales_are_validation_normal_medians():
     assert n.scales == [2.0, 20.0]
 
 
-def test_youden_cutoff_agrees_with_the_shared_evaluation():
-    from experiments.evaluation import roc_with_youden
-
-    rng = np.random.default_rng(3)
-    y = rng.integers(0, 2, 80)
-    s = rng.normal(size=80) + y
-    c = youden_cutoff(y, s)
-    shared = roc_with_youden(y, s)[3]
-    # both are "score > c" rules at the same split of the sorted scores
-    assert ((s > c) == (s > shared)).all()

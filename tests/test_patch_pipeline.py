@@ -64,7 +64,7 @@ def test_pipeline_writes_the_contracted_outputs(run_dir):
 def test_val_youden_cut_lands_at_half(run_dir):
     out, _ = run_dir
     val = pd.read_csv(out / "val_scores.csv")
-    from lightning_modules.patch_detector.anomaly_map import youden_cutoff
+    from lightning_modules.thresholds import youden_cutoff
 
     c = youden_cutoff(val.label.to_numpy(), val.raw_score.to_numpy())
     assert ((val.score > 0.5) == (val.raw_score > c)).all()

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from lightning_modules.patch_detector.config import IMAGE_SCORES
+from lightning_modules.thresholds import decision_threshold
 
 FUSIONS = ("geometric", "product")
 
@@ -104,24 +105,6 @@ def fuse_log_maps(maps: list[torch.Tensor], scales: list[float], weights: list[f
                 raise ValueError("patch.fusion=product needs positive weights")
             out = out + torch.log(w * rel)
     return out
-
-
-def youden_cutoff(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Cut-off ``c`` maximising sensitivity + specificity - 1 for the rule ``score > c``.
-
-    ``c`` is the midpoint between the two adjacent distinct scores it separates, so a score
-    equal to a validation score is never on the boundary. Ties in J: the highest cut-off (the
-    more specific rule)."""
-    labels, scores = np.asarray(labels).astype(int), np.asarray(scores, dtype=np.float64)
-    u = np.unique(scores)
-    cuts = np.concatenate([[u[0] - 1.0], (u[:-1] + u[1:]) / 2, [u[-1] + 1.0]])
-    pred = scores[None, :] > cuts[:, None]  # (C, N)
-    pos, neg = labels == 1, labels == 0
-    tpr = pred[:, pos].mean(1)
-    fpr = pred[:, neg].mean(1)
-    j = tpr - fpr
-    best = np.flatnonzero(j >= j.max() - 1e-12)[-1]
-    return float(cuts[best])
 
 
 def image_reduce(fused: torch.Tensor, how: str = "max", topk_fraction: float = 0.01
@@ -193,9 +176,6 @@ class MapNormalizer:
         """Step 2: c (Youden on validation, or the normal 95th percentile) and σ."""
         r = np.asarray(raw_image_scores, dtype=np.float64)
         y = np.asarray(labels).astype(int)
-        if (y == 1).any() and (y == 0).any():
-            self.center = youden_cutoff(y, r)
-        else:
-            self.center = float(np.quantile(r[y == 0] if (y == 0).any() else r, 0.95))
+        self.center, _ = decision_threshold(y, r, specificity=0.95)
         sd = float(np.std(r))
         self.spread = sd if sd > 0 else 1.0
