@@ -5,7 +5,7 @@ item as a float32 array at the configured size. Training and scoring code build 
 torch datasets from ``items()`` + ``load()``, so the same code path runs on real data, the
 generic folder layout and the embedded phantoms.
 
-Splits and groups (DESIGN.md §3)::
+Splits and groups (README: "Your own images (folder layout)")::
 
     train: normal, mixture        (mixture = unlabeled normal+abnormal, flow method)
     val:   normal, abnormal

@@ -1,4 +1,4 @@
-"""The generic folder data set: ``data=folder data.root=DIR`` (DESIGN.md §3).
+"""The generic folder data set: ``data=folder data.root=DIR`` (README: "Your own images (folder layout)").
 
 Layout::
 

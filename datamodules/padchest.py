@@ -171,7 +171,7 @@ def paper_cohort(df: pd.DataFrame, n_normal: int, n_abnormal: int, seed: int = 0
     the abnormals (their normal images are left out, so the counts are exact). Patients are
     taken in a seeded random order, whole, until the count is reached; the last patient's
     images are cut to the exact count. No single CSV filter reproduces the paper's cohort
-    (DESIGN.md §5): this is a same-sized, patient-level sample, not the same images.
+    (README: "The paper's PadChest experiment"): this is a same-sized, patient-level sample, not the same images.
     """
     has_abn = df.groupby("PatientID")["is_normal"].agg(lambda v: not v.all())
     rng = np.random.default_rng(seed)

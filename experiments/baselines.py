@@ -1,5 +1,5 @@
-"""Two reference detectors that need no training (DESIGN.md §5: every quality claim is made
-next to them, measured in the same run on the same images).
+"""Two reference detectors that need no training (README "Detection benchmark": every quality
+claim is made next to them, measured in the same run on the same images).
 
 Both are pure functions on numpy arrays of images in a common shape: 2D ``(N, H, W)`` or 3D
 ``(N, D, H, W)``, intensities as the methods see them (e.g. [0, 1]; brain window / 127 for

@@ -22,6 +22,7 @@ import torch
 from experiments.cli import entry
 from experiments.common import setup_logging
 from experiments.config import ConfigError
+from lightning_modules.devices import pick_device
 from lightning_modules.patch_detector.detector import PatchAnomalyDetector
 from lightning_modules.patch_detector.lightning_model import PatchDetectorModule
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     setup_logging()
     paths, opts = parse_argv(sys.argv[1:] if argv is None else argv)
     run_dir = Path(opts.get("run_dir") or opts["ckpt"])
-    device = opts.get("device", "cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(opts.get("device", "auto"))
     det, state = load_detector(run_dir, device)
     threshold = float(opts.get("threshold", state["threshold"]))
     out = Path(opts.get("out") or (run_dir if run_dir.is_dir() else run_dir.parent) / "detections")

@@ -3,7 +3,7 @@
     python -m experiments.pipeline method=patch|flow data=... out_dir=OUT [profile=cpu|paper]
 
 Writes OUT/scores.csv (path,label,score; label 1 = abnormal; higher = more anomalous),
-OUT/metrics.json and OUT/report.html (DESIGN.md §3). The work is done by
+OUT/metrics.json and OUT/report.html (README: "Evaluation outputs and how to read the report"). The work is done by
 ``experiments.pipeline_<method>`` (``load(argv)`` -> config, ``run(cfg)`` -> metrics).
 """
 

@@ -35,6 +35,7 @@ from datamodules.manifest import record_splits
 from experiments.cli import entry
 from experiments.common import setup_logging
 from experiments.config import ConfigError, git_commit, load_config, prepare_run_dir
+from lightning_modules.devices import pick_device
 from lightning_modules.patch_detector.anomaly_map import FUSIONS, MapNormalizer
 from lightning_modules.patch_detector.detector import PatchAnomalyDetector
 from lightning_modules.patch_detector.lightning_model import PatchDetectorModule, SplitScores
@@ -78,10 +79,9 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def device_of(cfg: DictConfig) -> torch.device:
+    """``patch.device`` (auto: the GPU unless ``trainer.accelerator=cpu``)."""
     want = cfg.patch.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu"
-    return torch.device(want)
+    return pick_device("cpu" if want == "auto" and cfg.trainer.accelerator == "cpu" else want)
 
 
 # --- encoders ---------------------------------------------------------------------------------

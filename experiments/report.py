@@ -231,7 +231,7 @@ def write_standard_outputs(
     extra_metrics: Mapping[str, Any] | None = None,
     notes: str = "",
 ) -> dict[str, Any]:
-    """One call for the contract outputs of a pipeline run (DESIGN.md §3).
+    """One call for the contract outputs of a pipeline run (README: "Evaluation outputs and how to read the report").
 
     Writes ``out_dir/scores.csv`` (``path,label,score`` + ``finding`` + one column per extra
     score), ``out_dir/metrics.json`` (``auroc, accuracy, precision, sensitivity, specificity,

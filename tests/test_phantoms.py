@@ -322,7 +322,7 @@ def bct(tmp_path_factory):
 
 
 def _read_series(folder: Path):
-    """A minimal reference reader (DESIGN.md §2): drop localizers, sort along the normal."""
+    """A minimal reference reader (README: "Head CT (flow method, 3D)"): drop localizers, sort along the normal."""
     slices = [pydicom.dcmread(p) for p in folder.glob("*.dcm")]
     axial = [s for s in slices if "LOCALIZER" not in s.ImageType]
     n_loc = len(slices) - len(axial)

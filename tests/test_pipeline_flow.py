@@ -93,7 +93,7 @@ def _phantom_volume_hu(rng: np.random.Generator, abnormal: bool, shape=(8, 16, 1
 
 def write_folder_phantoms(root, modality: str, seed: int = 0, n_train: int = 32,
                           n_eval: int = 8) -> None:
-    """The folder layout (DESIGN.md §3) with tiny 2D PNGs or 3D .npy HU volumes."""
+    """The folder layout (README: "Your own images (folder layout)") with tiny 2D PNGs or 3D .npy HU volumes."""
     from PIL import Image
     from test_flow_posterior import phantom
 

@@ -1,6 +1,6 @@
 """Embedded phantom data: synthetic chest radiographs and head CTs written in the real on-disk
 formats of PadChest, RSNA Pneumonia, head-CT DICOM series and the generic folder layout, so
-the same reader code runs on real and demo data (DESIGN.md §2-3).
+the same reader code runs on real and demo data (README: "Data sets").
 
 Pure generators: :func:`make_cxr`, :func:`make_head_ct`. Writers: :func:`write_padchest`,
 :func:`write_rsna`, :func:`write_bct`, :func:`write_folder`. CLI::

@@ -1,4 +1,4 @@
-"""Write phantom data sets in the real on-disk formats (DESIGN.md §2-3).
+"""Write phantom data sets in the real on-disk formats (README: "Data sets").
 
 The readers in ``datamodules`` run the same code on these files as on the real data sets, so
 every quirk the readers must handle appears here on purpose (and is listed in each writer's
@@ -369,7 +369,7 @@ def write_padchest(root, n_normal: int | None = None, n_abnormal: int | None = N
     (the real 36 columns in the real order, first unnamed = index) and 16-bit PNGs at
     ``<root>/<ImageDir>/<ImageID>``.
 
-    ``n_normal`` / ``n_abnormal`` count the rows a reader following DESIGN.md keeps:
+    ``n_normal`` / ``n_abnormal`` count the rows a reader following README "Data sets" keeps:
     ``MethodLabel == 'Physician'``, ``Projection == 'PA'``, Labels exactly ``['normal']`` or a
     list of findings (nodule, consolidation + pneumonia, pleural effusion, cardiomegaly). On top
     come rows a reader must filter or apply a policy to (``n_extra``, default 3 % of the
@@ -688,7 +688,7 @@ def write_bct(root, n_normal: int | None = None, n_haemorrhage: int | None = Non
 
 
 # ------------------------------------------------------------------------------------------
-# Generic folder layout (DESIGN.md §3)
+# Generic folder layout (README: "Your own images (folder layout)")
 # ------------------------------------------------------------------------------------------
 
 

@@ -1,5 +1,5 @@
 """Benchmark: detection quality of every method on sets no profile was tuned on, next to the
-two references of DESIGN.md §5 measured on the same images (issue 11).
+two references of the README ("Detection benchmark") measured on the same images (issue 11).
 
     python -m experiments.benchmarks.detection [--sets cxr,bct,digits] [--methods patch,flow]
         [--seed 9001] [--out outputs/benchmarks/detection] [--quick]

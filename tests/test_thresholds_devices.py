@@ -45,3 +45,17 @@ def test_decision_threshold_falls_back_to_the_normal_quantile():
     assert t == pytest.approx(0.5) and "Youden" in how
     with pytest.raises(ValueError, match="no normal"):
         decision_threshold(np.ones(3, int), np.arange(3.0))
+
+
+def test_pick_device():
+    import torch
+
+    from lightning_modules.devices import pick_device
+
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="tpu"):
+        pick_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="use cpu or auto"):
+            pick_device("cuda")
