@@ -146,6 +146,44 @@ def _check_finite(name: str, values: np.ndarray) -> None:
 
 
 @torch.no_grad()
+def score_batch(m0: Any, m1: Any, x: torch.Tensor, n_bits: int = 8, maps: bool = False,
+                map_sigma: float = 1.0) -> dict[str, Any]:
+    """One batch (B, C, ...) in [0, 1] on the models' device: ``log_p_m0``, ``log_p_m1``,
+    ``zero_fraction`` (B,) float32 on the CPU and, with ``maps``, ``anomaly_map`` (numpy)."""
+    out = {"log_p_m0": m0.log_likelihood(x).float().reshape(-1).cpu(),  # (B,)
+           "log_p_m1": m1.log_likelihood(x).float().reshape(-1).cpu(),  # (B,)
+           "zero_fraction": zero_fraction(x, n_bits).cpu()}  # (B,)
+    if maps:
+        a0 = m0.log_likelihood_map(x).double().cpu().numpy()  # (B, *spatial)
+        a1 = m1.log_likelihood_map(x).double().cpu().numpy()
+        out["anomaly_map"] = anomaly_map(a0, a1, map_sigma)
+    return out
+
+
+def gather_scores(parts: Sequence[Mapping[str, Any]], score: str = "global",
+                  map_top_fraction: float = 0.01) -> FlowScores:
+    """The :func:`score_batch` outputs of a split -> :class:`FlowScores` (float64), checked
+    finite; with maps, the image score of each map (the anomaly score for ``score="local"``)."""
+    if score not in ("global", "local"):
+        raise ValueError(f"score={score!r} is not one of ('global', 'local')")
+    if not parts:
+        empty = np.zeros(0, dtype=np.float64)
+        return FlowScores(empty, empty.copy(), empty.copy())
+    out = FlowScores(*(torch.cat([p[k] for p in parts]).double().numpy()
+                       for k in ("log_p_m0", "log_p_m1", "zero_fraction")))
+    _check_finite("M0", out.log_p_m0)
+    _check_finite("M1", out.log_p_m1)
+    if "anomaly_map" in parts[0]:
+        out.anomaly_map = np.concatenate([p["anomaly_map"] for p in parts])
+        local = map_score(out.anomaly_map, map_top_fraction)
+        _check_finite("The anomaly map", local)
+        if score == "local":
+            out.local_score = local
+        else:
+            out.extra["local_score"] = local
+    return out
+
+
 def score_batches(m0: Any, m1: Any, batches: Iterable[Any], *, device: torch.device | str = "cpu",
                   n_bits: int = 8, total: int | None = None, progress: bool = True,
                   description: str = "Scoring with M0 and M1", maps: bool = False,
@@ -168,36 +206,12 @@ def score_batches(m0: Any, m1: Any, batches: Iterable[Any], *, device: torch.dev
     for m in (m0, m1):
         if isinstance(m, torch.nn.Module):
             m.to(device).eval()
-    lp0, lp1, zf, amaps = [], [], [], []
+    parts = []
     for batch in track(batches, description, total=total, enabled=progress):
         x = batch["image"] if isinstance(batch, Mapping) else batch
         x = x.to(device, dtype=torch.float32, non_blocking=True)  # (B, C, H, W) | (B, C, D, H, W)
-        lp0.append(m0.log_likelihood(x).float().reshape(-1).cpu())  # (B,)
-        lp1.append(m1.log_likelihood(x).float().reshape(-1).cpu())  # (B,)
-        zf.append(zero_fraction(x, n_bits).cpu())  # (B,)
-        if maps:
-            a0 = m0.log_likelihood_map(x).double().cpu().numpy()  # (B, *spatial)
-            a1 = m1.log_likelihood_map(x).double().cpu().numpy()
-            amaps.append(anomaly_map(a0, a1, map_sigma))
-    if not lp0:
-        empty = np.zeros(0, dtype=np.float64)
-        return FlowScores(empty, empty.copy(), empty.copy())
-    out = FlowScores(
-        log_p_m0=torch.cat(lp0).double().numpy(),
-        log_p_m1=torch.cat(lp1).double().numpy(),
-        zero_fraction=torch.cat(zf).double().numpy(),
-    )
-    _check_finite("M0", out.log_p_m0)
-    _check_finite("M1", out.log_p_m1)
-    if maps:
-        out.anomaly_map = np.concatenate(amaps)
-        local = map_score(out.anomaly_map, map_top_fraction)
-        _check_finite("The anomaly map", local)
-        if score == "local":
-            out.local_score = local
-        else:
-            out.extra["local_score"] = local
-    return out
+        parts.append(score_batch(m0, m1, x, n_bits, maps, map_sigma))
+    return gather_scores(parts, score, map_top_fraction)
 
 
 def score_items(m0: Any, m1: Any, dm: Any, items: Sequence[Any], *, batch_size: int = 8,

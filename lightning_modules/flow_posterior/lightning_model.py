@@ -1,0 +1,108 @@
+"""The flow posterior detector's lifecycle as a LightningModule (Shibata et al.,
+arXiv:2001.07847): it wraps the two trained Glows M0 (S_normal) and M1 (S_mixture).
+
+- **validate**: scores the validation images and fixes the decision threshold on them (Youden's
+  J, or the 95th percentile of the normal scores when val has no abnormal image) — never on
+  test; ``val_result`` holds the scores;
+- **test**: scores S_unknown; ``test_result`` holds log p(x|M0), log p(x|M1), the posterior
+  (eq. 3), the likelihood-only score (Appendix A) and the anomaly maps;
+- **predict**: ``{"score", "log_posterior", "log_p_m0", "log_p_m1"}`` of new images.
+
+M0 and M1 are trained beforehand by ``experiments.train_glow`` (each its own GlowModule, with
+its own checkpoint); this module trains nothing. The validation threshold is part of its state
+dict (``get_extra_state``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from lightning_modules.flow_posterior.scoring import FlowScores, gather_scores, score_batch
+from lightning_modules.thresholds import decision_threshold
+
+log = logging.getLogger(__name__)
+
+
+class FlowPosteriorModule(pl.LightningModule):
+    """Args:
+        m0, m1: models with ``log_likelihood(x) -> (B,)`` (and ``log_likelihood_map`` for maps).
+        n_bits: the data's bit depth (for the zero-pixel fraction).
+        score: ``global`` = -log p(normal|x) (paper) | ``local`` = the anomaly map's top part.
+        maps: compute the anomaly maps (implied by ``score="local"``).
+    """
+
+    def __init__(self, m0, m1, n_bits: int = 8, score: str = "global", maps: bool = True,
+                 map_sigma: float = 1.0, map_top_fraction: float = 0.01):
+        super().__init__()
+        if score not in ("global", "local"):
+            raise ValueError(f"glow.score={score!r} is not one of ('global', 'local')")
+        self.m0, self.m1 = m0, m1
+        self.save_hyperparameters({"n_bits": int(n_bits), "score": score,
+                                   "maps": bool(maps or score == "local"),
+                                   "map_sigma": float(map_sigma),
+                                   "map_top_fraction": float(map_top_fraction)}, logger=False)
+        self.threshold: float | None = None
+        self.threshold_source = ""
+        self.likelihood_threshold: float | None = None
+        self._parts: list[dict] = []
+        self._labels: list[torch.Tensor] = []
+        self.val_result: FlowScores | None = None
+        self.val_labels: np.ndarray | None = None
+        self.test_result: FlowScores | None = None
+
+    def get_extra_state(self) -> dict:
+        return {"threshold": self.threshold, "threshold_source": self.threshold_source,
+                "likelihood_threshold": self.likelihood_threshold}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.threshold = state["threshold"]
+        self.threshold_source = state["threshold_source"]
+        self.likelihood_threshold = state["likelihood_threshold"]
+
+    def configure_optimizers(self):
+        return None
+
+    def _step(self, batch: dict) -> dict:
+        hp = self.hparams
+        part = score_batch(self.m0, self.m1, batch["image"].float(), hp.n_bits, hp.maps,
+                           hp.map_sigma)
+        self._parts.append(part)
+        if "label" in batch:
+            self._labels.append(torch.as_tensor(batch["label"]).cpu())
+        return part
+
+    def _take(self) -> tuple[FlowScores, np.ndarray]:
+        hp = self.hparams
+        scores = gather_scores(self._parts, hp.score, hp.map_top_fraction)
+        labels = torch.cat(self._labels).numpy() if self._labels else np.zeros(0, int)
+        self._parts, self._labels = [], []
+        return scores, labels
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        val, labels = self._take()
+        self.val_result, self.val_labels = val, labels
+        self.threshold, self.threshold_source = decision_threshold(labels, val.score)
+        self.likelihood_threshold, _ = decision_threshold(labels, val.score_likelihood)
+        if "percentile" in self.threshold_source:
+            log.warning("val has no abnormal images: threshold = %s (specificity 0.95 on val) "
+                        "instead of Youden's J.", self.threshold_source)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_result, _ = self._take()
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, np.ndarray]:
+        self._parts, self._labels = [], []
+        self._step(batch)
+        s, _ = self._take()
+        return {"score": s.score, "log_posterior": s.log_posterior, "log_p_m0": s.log_p_m0,
+                "log_p_m1": s.log_p_m1}
