@@ -366,6 +366,28 @@ def bootstrap_auroc_ci(labels: Any, scores: Any, n_boot: int = 2000, level: floa
     return float(lo), float(hi)
 
 
+def roc_band(labels: Any, scores: Any, n_boot: int = 200, level: float = 0.95, seed: int = 0,
+             n_grid: int = 101) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pointwise ``level`` band of the ROC curve: ``(fpr_grid, tpr_low, tpr_high)`` from a
+    stratified bootstrap (cases resampled within each class); the TPR of a resample at FPR f
+    is that of the rule ``score > t`` with t its normals' upper f-quantile."""
+    y, s = _check_labels_scores(labels, scores)
+    grid = np.linspace(0.0, 1.0, n_grid)
+    if _one_class(y, "roc_band"):
+        nan = np.full(n_grid, np.nan)
+        return grid, nan, nan.copy()
+    rng = np.random.default_rng(seed)
+    pos, neg = s[y == 1], s[y == 0]
+    tprs = np.empty((n_boot, n_grid))
+    for b in range(n_boot):
+        p_b, n_b = rng.choice(pos, pos.size), rng.choice(neg, neg.size)
+        t = np.quantile(n_b, 1.0 - grid)  # (G,) cut-offs with FPR ~ grid
+        tprs[b] = (p_b[None, :] > t[:, None]).mean(1)
+    tprs[:, -1] = 1.0  # FPR 1: everything flagged
+    lo, hi = np.quantile(tprs, [0.5 - level / 2.0, 0.5 + level / 2.0], axis=0)
+    return grid, lo, hi
+
+
 def pixel_pair_counts(masks: Any, maps: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(C (n, n), P (n,), N (n,))`` over the n images that have a mask: ``C[i, j]`` = number
     of (lesion pixel of image i, background pixel of image j) pairs with the lesion pixel
@@ -545,6 +567,16 @@ def summarize_folds(fold_metrics: Sequence[Mapping[str, Any]]) -> dict[str, dict
             "n": int(vals.size),
         }
     return out
+
+
+def pooled_auroc(fold_scores: Sequence[tuple[Any, Any]], level: float = 0.95) -> dict[str, Any]:
+    """AUROC and its DeLong CI of the test cases of all folds pooled (``[(labels, scores)]``,
+    one pair per fold; scores on a common calibrated scale, e.g. the patch method's (0, 1))."""
+    y = np.concatenate([_as_numpy(f[0]).reshape(-1) for f in fold_scores])
+    s = np.concatenate([_as_numpy(f[1]).reshape(-1) for f in fold_scores])
+    ci = delong_ci(y, s, level)
+    return {"pooled_auroc": ci.auroc, "pooled_auroc_ci": [ci.low, ci.high],
+            "pooled_n": int(len(y))}
 
 
 def _is_number(v: Any) -> bool:

@@ -389,7 +389,12 @@ def log_to_wandb(cfg: DictConfig, out: Path, metrics: dict) -> None:
 
 
 def run(cfg: DictConfig) -> dict:
-    from experiments.evaluation import print_metrics_table, summarize_folds, write_metrics_json
+    from experiments.evaluation import (
+        pooled_auroc,
+        print_metrics_table,
+        summarize_folds,
+        write_metrics_json,
+    )
 
     check_config(cfg)
     if int(cfg.patch.n_folds_run) == 1:
@@ -412,11 +417,17 @@ def run(cfg: DictConfig) -> dict:
     metrics = {key: v["mean"] for key, v in summary.items()}
     metrics.update({f"{key}_sd": v["sd"] for key, v in summary.items()})
     metrics["n_folds"] = len(folds)
+    import pandas as pd
+
+    tables = [pd.read_csv(out / f"fold{k}" / "scores.csv") for k in range(len(folds))]
+    metrics.update(pooled_auroc([(t.label.to_numpy(), t.score.to_numpy()) for t in tables]))
     write_metrics_json(out / "metrics.json", metrics)
     from experiments.report import Report
 
     rep = Report(out, f"Patch detector: {len(folds)}-fold cross-validation")
     rep.add_metrics({k: v for k, v in summary.items()}, title="Mean ± sd over folds")
+    rep.add_metrics({k: metrics[k] for k in ("pooled_auroc", "pooled_auroc_ci", "pooled_n")},
+                    title="All folds' test cases pooled (DeLong 95 % CI)")
     rep.add_table([{"fold": k, **f} for k, f in enumerate(folds)], title="Per fold")
     rep.add_text("Each fold's report: " + ", ".join(f"fold{k}/report.html"
                                                     for k in range(len(folds))))

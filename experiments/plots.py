@@ -23,7 +23,15 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from experiments.evaluation import _as_numpy, _split_findings, auroc, format_value, roc_with_youden
+from experiments.evaluation import (
+    _as_numpy,
+    _split_findings,
+    auroc,
+    delong_ci,
+    format_value,
+    roc_band,
+    roc_with_youden,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +73,20 @@ def _roc_axes(fig: Figure, title: str):
     return ax
 
 
-def _draw_roc(ax, y: np.ndarray, s: np.ndarray, name: str, color: str, mark_youden: bool = True):
+def _draw_roc(ax, y: np.ndarray, s: np.ndarray, name: str, color: str, mark_youden: bool = True,
+              band: bool = False):
     fpr, tpr, thr, youden = roc_with_youden(y, s)
     if np.isnan(youden):
         return
     auc = auroc(y, s)
-    ax.plot(fpr, tpr, lw=2, color=color, label=f"{name}  AUROC {auc:.3f}")
+    label = f"{name}  AUROC {auc:.3f}"
+    if band:  # 95 % CI: DeLong for the AUROC, a stratified bootstrap for the curve
+        ci = delong_ci(y, s)
+        lo, hi = ci.low, ci.high
+        label += f" [{lo:.2f}, {hi:.2f}]"
+        grid, t_lo, t_hi = roc_band(y, s)
+        ax.fill_between(grid, t_lo, t_hi, color=color, alpha=0.15, lw=0)
+    ax.plot(fpr, tpr, lw=2, color=color, label=label)
     if mark_youden:
         i = int(np.argmax(tpr - fpr))
         ax.plot(fpr[i], tpr[i], "o", ms=8, mfc="white", mec=color, mew=2)
@@ -87,8 +103,9 @@ def _draw_roc(ax, y: np.ndarray, s: np.ndarray, name: str, color: str, mark_youd
 def plot_roc(
     path: str | Path, labels: Any, scores: Mapping[str, Any] | Any, title: str = ""
 ) -> Path:
-    """ROC curve of each score (``{name: scores}``; one array is named "score"), AUROC in the
-    legend, Youden's cut-off (max TPR - FPR) marked with a circle, chance diagonal."""
+    """ROC curve of each score (``{name: scores}``; one array is named "score"), AUROC with its
+    95 % CI (DeLong) in the legend, the curve's pointwise 95 % band (stratified bootstrap)
+    shaded, Youden's cut-off (max TPR - FPR) marked with a circle, chance diagonal."""
     if not isinstance(scores, Mapping):
         scores = {"score": scores}
     y = _as_numpy(labels).reshape(-1)
@@ -96,7 +113,8 @@ def plot_roc(
         fig = Figure(figsize=(6.2, 6.2))
         ax = _roc_axes(fig, title)
         for k, (name, s) in enumerate(scores.items()):
-            _draw_roc(ax, y, _as_numpy(s).reshape(-1), name, CURVE_COLORS[k % len(CURVE_COLORS)])
+            _draw_roc(ax, y, _as_numpy(s).reshape(-1), name, CURVE_COLORS[k % len(CURVE_COLORS)],
+                      band=True)
         ax.plot([], [], "o", mfc="white", mec="k", label="Youden cut-off")
         ax.legend(loc="lower right")
         return _save(fig, path)

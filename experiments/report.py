@@ -78,9 +78,10 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-def _cell(v: Any) -> str:
+def _cell(v: Any, ci: Any = None) -> str:
     cls = ' class="num"' if _is_num(v) or (isinstance(v, Mapping) and "mean" in v) else ""
-    return f"<td{cls}>{_esc(format_value(v))}</td>"
+    text = format_value(v) + (f" {format_value(ci)}" if ci is not None else "")
+    return f"<td{cls}>{_esc(text)}</td>"
 
 
 class Report:
@@ -116,14 +117,17 @@ class Report:
                            for v in metrics.values()):
             rows = [{"": k, **dict(v)} for k, v in metrics.items()]
             return self.add_table(rows, title=title)
-        flat = flatten_metrics(metrics)
+        flat = flatten_metrics(metrics, split_intervals=False)
         self._glossary_keys.update(k.rsplit("/", 1)[-1] for k in flat)
-        body = "".join(f"<tr><th scope='row'>{_esc(k)}</th>{_cell(v)}</tr>"
-                       for k, v in flat.items())
+        # an interval <key>_ci = [low, high] is shown next to <key>'s value
+        rows = [(k, v, flat.get(f"{k}_ci")) for k, v in flat.items()
+                if not (k.endswith("_ci") and k[:-3] in flat)]
+        body = "".join(f"<tr><th scope='row'>{_esc(k)}</th>{_cell(v, ci)}</tr>"
+                       for k, v, ci in rows)
         cap = f"<caption>{_esc(title)}</caption>" if title else ""
         self._blocks.append(
-            f"<table class='metrics'>{cap}<thead><tr><th>metric</th><th>value</th></tr></thead>"
-            f"<tbody>{body}</tbody></table>"
+            f"<table class='metrics'>{cap}<thead><tr><th>metric</th><th>value [95 % CI]</th>"
+            f"</tr></thead><tbody>{body}</tbody></table>"
         )
         return self
 

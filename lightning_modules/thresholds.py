@@ -62,3 +62,34 @@ def decision_threshold(labels: np.ndarray, scores: np.ndarray, specificity: floa
                 f"{100 * specificity:g}th percentile of val normals")
     raise ValueError("val has no normal images, so no decision threshold can be chosen "
                      "(never on test).")
+
+
+def stratified_folds(labels: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """Fold index (n,) in 0..k-1, each class dealt round-robin in a shuffled order."""
+    y = np.asarray(labels).astype(int)
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(y), dtype=int)
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        fold[idx] = np.arange(len(idx)) % k
+    return fold
+
+
+def cross_fitted_decisions(labels: np.ndarray, scores: np.ndarray, folds: np.ndarray,
+                           specificity: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """For a data set without a separate validation set (e.g. the paper's 33 + 33 head CTs):
+    each fold's threshold is chosen with :func:`decision_threshold` on the *other* folds and
+    applied to the fold (``folds`` from :func:`stratified_folds`). Every case is decided, and no
+    case's threshold saw its own label or score.
+
+    Returns ``(abnormal, thresholds)``: the decisions (n,) bool and each case's threshold (n,)."""
+    y = np.asarray(labels).astype(int)
+    s = np.asarray(scores, dtype=np.float64)
+    folds = np.asarray(folds)
+    if len(np.unique(folds)) < 2:
+        raise ValueError("cross-fitting needs at least 2 folds")
+    thresholds = np.empty(len(y), dtype=np.float64)
+    for f in np.unique(folds):
+        held = folds == f
+        thresholds[held] = decision_threshold(y[~held], s[~held], specificity)[0]
+    return s > thresholds, thresholds

@@ -422,3 +422,42 @@ def test_pixel_auroc_ci_exact_resamples():
         pixel_auroc([masks[i] for i in rep], [maps[i] for i in rep]))
     lo, hi = pixel_auroc_ci(masks, maps, n_boot=500)
     assert lo <= pixel_auroc(masks, maps) <= hi and hi - lo > 0.01
+
+
+def test_roc_band_brackets_the_true_curve():
+    """Binormal scores (abnormal ~ N(1, 1), normal ~ N(0, 1)): the true TPR at FPR f is
+    1 - Phi(Phi^-1(1 - f) - 1); the pointwise 95 % band of a 400-case sample contains it
+    at most FPRs, and narrows with more cases."""
+    from experiments.evaluation import roc_band
+
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(200, int), np.zeros(200, int)]
+    s = rng.normal(size=400) + y
+    grid, lo, hi = roc_band(y, s, n_boot=300)
+    true = 1 - scipy.stats.norm.cdf(scipy.stats.norm.ppf(1 - grid[1:-1]) - 1)
+    inside = (lo[1:-1] <= true + 1e-9) & (true <= hi[1:-1] + 1e-9)
+    assert inside.mean() > 0.85 and (lo <= hi).all() and hi[-1] == 1.0
+    y4 = np.r_[np.ones(800, int), np.zeros(800, int)]
+    _, lo4, hi4 = roc_band(y4, rng.normal(size=1600) + y4, n_boot=300)
+    assert (hi4 - lo4)[1:-1].mean() < 0.7 * (hi - lo)[1:-1].mean()
+
+
+def test_report_shows_the_interval_next_to_its_value(tmp_path):
+    from experiments.report import Report
+
+    rep = Report(tmp_path, "t").add_metrics({"auroc": 0.8108, "auroc_ci": [0.6864, 0.9351],
+                                             "accuracy": 0.79})
+    html = rep.write().read_text()
+    assert "0.8108 [0.6864, 0.9351]" in html and "auroc_ci" not in html
+
+
+def test_pooled_auroc_pools_cases_not_fold_aurocs():
+    from experiments.evaluation import pooled_auroc
+
+    # each fold separates perfectly, but fold 2's scores sit higher: pooled AUROC < 1
+    f1 = ([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4])
+    f2 = ([0, 0, 1, 1], [0.35, 0.45, 0.6, 0.7])
+    m = pooled_auroc([f1, f2])
+    want = brute_auroc(f1[0] + f2[0], f1[1] + f2[1])
+    assert m["pooled_auroc"] == pytest.approx(want) and want < 1.0 and m["pooled_n"] == 8
+    assert m["pooled_auroc_ci"][0] <= want <= m["pooled_auroc_ci"][1]

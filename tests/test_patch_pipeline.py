@@ -129,6 +129,8 @@ def test_ablation_grid_expansion():
 def test_cross_validation_reports_mean_and_sd(tmp_path):
     metrics = pipeline.main([*TINY, "patch.n_folds_run=2", f"out_dir={tmp_path}"])
     assert metrics["n_folds"] == 2 and "auroc_sd" in metrics
+    lo, hi = metrics["pooled_auroc_ci"]
+    assert lo <= metrics["pooled_auroc"] <= hi and metrics["pooled_n"] > 0
     assert (tmp_path / "fold0" / "metrics.json").is_file()
     assert (tmp_path / "fold1" / "report.html").is_file()
 

@@ -59,3 +59,23 @@ def test_pick_device():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="use cpu or auto"):
             pick_device("cuda")
+
+
+def test_cross_fitted_thresholds_never_use_a_cases_own_label():
+    from lightning_modules.thresholds import cross_fitted_decisions, stratified_folds
+
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 33 + [1] * 33)
+    s = rng.normal(size=66) + 1.5 * y
+    folds = stratified_folds(y, 5, seed=0)
+    assert sorted(np.bincount(folds[y == 1])) == [6, 6, 7, 7, 7]  # stratified
+    abnormal, thr = cross_fitted_decisions(y, s, folds)
+    assert (abnormal == (s > thr)).all() and ((abnormal == 1) == (y == 1)).mean() > 0.7
+    for f in range(5):
+        held = folds == f
+        # the fold's threshold comes from the other folds only ...
+        assert (thr[held] == decision_threshold(y[~held], s[~held])[0]).all()
+        # ... so whatever the fold's own labels and scores are, it does not move
+        y2, s2 = y.copy(), s.copy()
+        y2[held], s2[held] = 1 - y2[held], rng.normal(size=held.sum()) * 10
+        assert (cross_fitted_decisions(y2, s2, folds)[1][held] == thr[held]).all()
