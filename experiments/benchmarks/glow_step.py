@@ -11,7 +11,13 @@ Compares, on the same batch and the same L/K/width:
 
 Memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` over a step; on CPU the bytes
 of the tensors autograd saves for backward (saved-tensor hooks), a proxy for peak activation
-memory. The last two lines are ``throughput_vs_normflows=<x>`` and
+memory.
+
+How close the step is to the machine's limit: the FLOPs of one forward+backward step
+(``torch.utils.flop_counter.FlopCounterMode``) times the measured steps per second, against the
+FLOP/s of a plain ``torch.mm`` measured in the same run (``fraction_of_matmul_peak``), and the
+top operators of a ``torch.profiler`` run of the step (where the rest of the time goes).
+The last lines are ``fraction_of_matmul_peak=<x>``, ``throughput_vs_normflows=<x>`` and
 ``memory_checkpointed_ratio=<x>``.
 """
 
@@ -89,6 +95,43 @@ def _saved_bytes_generic(model, x) -> int:
     return m.bytes
 
 
+def step_flops(model, x) -> int:
+    """FLOPs of one forward + backward step (matmuls and convolutions, as counted by torch)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        _step(model, x)
+    return int(counter.get_total_flops())
+
+
+def matmul_flops_per_s(device, n: int = 1024, reps: int = 10) -> float:
+    """Sustained FLOP/s of a square float32 ``torch.mm`` (the reference for the step)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    torch.mm(a, b)
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+def top_ops(model, x, k: int = 6) -> list[tuple[str, float]]:
+    """The ``k`` operators with the largest share of one step's self time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
+    with profile(activities=acts) as prof:
+        _step(model, x)
+    events = prof.key_averages()
+    attr = "self_device_time_total" if x.is_cuda else "self_cpu_time_total"
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    ranked = sorted(events, key=lambda e: -getattr(e, attr))[:k]
+    return [(e.key, getattr(e, attr) / total) for e in ranked]
+
+
 def benchmark(args) -> dict:
     device = torch.device(args.device)
     shape = (1, args.size, args.size)
@@ -138,7 +181,13 @@ def benchmark(args) -> dict:
         _sync(device)
         times_ck.append(time.perf_counter() - t0)
     thr["project_checkpointed"] = args.batch / statistics.median(times_ck)
-    return {"throughput": thr, "memory": mem}
+    ours.set_checkpointing(False)
+    flops = step_flops(ours, inputs["project"])
+    peak = matmul_flops_per_s(device)
+    achieved = flops * thr["project"] / args.batch  # FLOP/s of the project's step
+    return {"throughput": thr, "memory": mem, "step_flops": flops, "matmul_flops_per_s": peak,
+            "fraction_of_matmul_peak": achieved / peak,
+            "top_ops": top_ops(ours, inputs["project"])}
 
 
 def main(argv=None) -> dict:
@@ -179,8 +228,13 @@ def main(argv=None) -> dict:
                       f"{e['params_gib'] + e['optimizer_gib']:.2f} GiB")
     thr_ratio = r["throughput"]["project"] / r["throughput"]["normflows"]
     mem_ratio = r["memory"]["project_checkpointed"] / r["memory"]["project"]
+    print(f"  step: {r['step_flops'] / 1e9:.2f} GFLOP; torch.mm {r['matmul_flops_per_s'] / 1e9:.1f} "
+          "GFLOP/s in this run; self time by operator:")
+    for name, share in r["top_ops"]:
+        print(f"    {share:6.1%}  {name}")
     print(f"memory_vs_normflows={r['memory']['project'] / r['memory']['normflows']:.3f}")
     print(f"checkpointing_throughput_cost={r['throughput']['project_checkpointed'] / r['throughput']['project']:.3f}")
+    print(f"fraction_of_matmul_peak={r['fraction_of_matmul_peak']:.3f}")
     print(f"throughput_vs_normflows={thr_ratio:.3f}")
     print(f"memory_checkpointed_ratio={mem_ratio:.3f}")
     return r
