@@ -5,6 +5,10 @@
   ``MEDANOMALY_DEBUG=1`` re-raises it with the full traceback.
 - ``print_config=true`` prints the resolved configuration as YAML and exits 0.
 - Anything else is a bug: it propagates with its traceback (exit status 1).
+- torch's intra-op thread count is chosen from the cores this process may use and the load
+  already on them (:func:`pick_threads`): on a 2-core machine shared with one other CPU-bound
+  job, two OpenMP threads per process slow each other down by 10x or more, one does not.
+  ``MEDANOMALY_THREADS=N`` sets it.
 
 Entry points end with ``if __name__ == "__main__": entry(main)``.
 """
@@ -18,6 +22,29 @@ from collections.abc import Callable
 from experiments.config import ConfigError, PrintConfig
 
 DEBUG_ENV = "MEDANOMALY_DEBUG"
+THREADS_ENV = "MEDANOMALY_THREADS"
+
+
+def pick_threads() -> int:
+    """Threads for torch: ``MEDANOMALY_THREADS``, else the usable cores minus the load that
+    other processes already put on them (1-minute load average), at least 1."""
+    if os.environ.get(THREADS_ENV):
+        return max(1, int(os.environ[THREADS_ENV]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    return max(1, min(int(cores or 1), int(cores or 1) - int(round(busy))))
+
+
+def configure_threads() -> int:
+    import torch
+
+    n = pick_threads()
+    if "OMP_NUM_THREADS" not in os.environ or os.environ.get(THREADS_ENV):
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -50,4 +77,5 @@ def run(main: Callable, argv: list[str] | None = None) -> int:
 
 
 def entry(main: Callable) -> None:
+    configure_threads()  # an explicit OMP_NUM_THREADS is respected
     sys.exit(run(main))

@@ -51,3 +51,18 @@ def test_module_entry_point_exits_2_in_a_subprocess():
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "data.batch_size" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_pick_threads_leaves_busy_cores_alone(monkeypatch):
+    import os
+
+    monkeypatch.delenv(cli.THREADS_ENV, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    assert cli.pick_threads() == 2  # idle 2-core machine
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 0.0, 0.0))
+    assert cli.pick_threads() == 1  # one other CPU-bound job
+    monkeypatch.setattr(os, "getloadavg", lambda: (7.0, 0.0, 0.0))
+    assert cli.pick_threads() == 1
+    monkeypatch.setenv(cli.THREADS_ENV, "3")
+    assert cli.pick_threads() == 3
