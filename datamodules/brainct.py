@@ -93,13 +93,7 @@ class BrainCTDataModule(FileDataModule):
     """One case = one DICOM series folder or one ``.npy`` HU volume."""
 
     is_3d = True
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        root = self.cfg.root or ""
-        if not root:
-            raise ValueError("BrainCTDataModule needs data.root (the folder holding labels.csv).")
-        self.root = Path(root).expanduser()
+    root_holds = "the folder holding labels.csv"
 
     def index_items(self) -> dict[tuple[str, str], list[Item]]:
         csv = self.cfg.labels_csv or LABELS_CSV

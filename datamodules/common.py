@@ -74,9 +74,13 @@ class FileDataModule(MedicalDataModule):
     # Item.group_id is a patient id: no patient may straddle train and val/test. The folder
     # layout has none (its stems repeat across splits), so there a case is a resolved file.
     patient_ids = True
+    root_holds = "the data set's folder"  # what data.root must hold (for the error message)
 
     def __init__(self, cfg):
         super().__init__(cfg)
+        if not self.cfg.root:
+            raise ValueError(f"{type(self).__name__} needs data.root ({self.root_holds}).")
+        self.root = Path(self.cfg.root).expanduser()
         self.skipped: list[tuple[Item, str]] = []
         # Series folder -> SeriesInstanceUID to read, for folders holding several series.
         self.series_uid: dict[str, str] = {}

@@ -46,14 +46,11 @@ class FolderDataModule(FileDataModule):
     """Items from the folder layout above; labels from the folder names."""
 
     patient_ids = False  # stems repeat across splits; leaks are checked by resolved file
+    root_holds = "the folder layout: DIR/train/normal, ... (see datamodules/folder.py)"
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.is_3d = str(self.cfg.modality) == "bct"
-        root = self.cfg.root or ""
-        if not root:
-            raise ValueError("FolderDataModule needs data.root=DIR (see datamodules/folder.py).")
-        self.root = Path(root).expanduser()
 
     def _entries(self, folder: Path) -> tuple[list[Path], list[Path]]:
         """(items, ignored entries) of one group folder."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +30,19 @@ IMAGE_SUFFIXES = PNG_SUFFIXES + DICOM_SUFFIXES
 
 
 
-def _bomb_message(path: Path, e: Exception) -> str:
-    return (f"{path}: image too large to decode safely ({e}). Downscale it first, or raise "
-            "PIL.Image.MAX_IMAGE_PIXELS in your own script if the file is trusted.")
+@contextmanager
+def _png_errors(path: Path, broken: str):
+    """Pillow's errors on ``path`` -> :class:`ImageReadError` naming the file and the fix."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: file not found.") from None
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(
+            f"{path}: image too large to decode safely ({e}). Downscale it first, or raise "
+            "PIL.Image.MAX_IMAGE_PIXELS in your own script if the file is trusted.") from None
+    except (OSError, SyntaxError, UnidentifiedImageError, ValueError) as e:
+        raise ImageReadError(f"{path}: {broken.format(e=e)}") from None
 
 
 def read_png(path: str | Path, expect_16bit: bool | None = None) -> np.ndarray:
@@ -44,20 +55,12 @@ def read_png(path: str | Path, expect_16bit: bool | None = None) -> np.ndarray:
     gray; true colour images are converted to luma (ITU-R 601) with a warning.
     """
     path = Path(path)
-    try:
+    with _png_errors(path, "cannot decode PNG ({e}). The file is probably truncated or "
+                           "corrupt; re-download or re-export it, or remove it from the data set."):
         with Image.open(path) as im:
             im.load()
             mode = im.mode
             arr = np.asarray(im)
-    except FileNotFoundError:
-        raise ImageReadError(f"{path}: file not found.") from None
-    except Image.DecompressionBombError as e:
-        raise ImageReadError(_bomb_message(path, e)) from None
-    except (OSError, SyntaxError, UnidentifiedImageError, ValueError) as e:
-        raise ImageReadError(
-            f"{path}: cannot decode PNG ({e}). The file is probably truncated or corrupt; "
-            "re-download or re-export it, or remove it from the data set."
-        ) from None
 
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         bits = 16
@@ -127,14 +130,6 @@ def read_mask(path: str | Path) -> np.ndarray:
 def verify_png(path: str | Path) -> None:
     """Cheap integrity check (chunk CRCs, no decompression); raises :class:`ImageReadError`."""
     path = Path(path)
-    try:
+    with _png_errors(path, "broken PNG ({e}); re-download or re-export it, or remove it."):
         with Image.open(path) as im:
             im.verify()
-    except FileNotFoundError:
-        raise ImageReadError(f"{path}: file not found.") from None
-    except Image.DecompressionBombError as e:
-        raise ImageReadError(_bomb_message(path, e)) from None
-    except (OSError, SyntaxError, UnidentifiedImageError, ValueError) as e:
-        raise ImageReadError(
-            f"{path}: broken PNG ({e}); re-download or re-export it, or remove it."
-        ) from None

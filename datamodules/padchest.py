@@ -198,13 +198,7 @@ class PadChestDataModule(FileDataModule):
     """PadChest PA radiographs; normal 70/15/15 by patient, abnormal in val/test only."""
 
     expect_16bit = True
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        root = self.cfg.root or ""
-        if not root:
-            raise ValueError("PadChestDataModule needs data.root (the PadChest image folder).")
-        self.root = Path(root).expanduser()
+    root_holds = "the PadChest image folder"
 
     def index_items(self) -> dict[tuple[str, str], list[Item]]:
         csv = self.cfg.labels_csv or ""

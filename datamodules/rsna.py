@@ -93,12 +93,7 @@ def load_index(labels_csv: str | Path, class_csv: str | Path | None = None) -> p
 class RSNADataModule(FileDataModule):
     """S_normal / S_mixture / S_unknown from the RSNA Pneumonia training set."""
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        root = self.cfg.root or ""
-        if not root:
-            raise ValueError("RSNADataModule needs data.root (the Kaggle RSNA folder).")
-        self.root = Path(root).expanduser()
+    root_holds = "the Kaggle RSNA folder"
 
     def _path(self, key: str, default: str) -> Path:
         value = self.cfg[key] or default

@@ -104,6 +104,21 @@ def _dicom_meta(sop_class: str, sop_uid: str, transfer_syntax: str):
     return meta
 
 
+def _new_dataset(sop_class: str, sop: str, syntax: str, modality: str, study_date: str,
+                 study_time: str):
+    """A DICOM data set with its file meta, SOP identity, study time and modality."""
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.file_meta = _dicom_meta(sop_class, sop, syntax)
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop
+    ds.StudyDate, ds.StudyTime = study_date, study_time
+    ds.Modality = modality
+    return ds
+
+
 def _uid(seed: int, *parts) -> str:
     """Deterministic DICOM UID (pydicom root + SHA-512 of the parts)."""
     from pydicom.uid import generate_uid
@@ -120,22 +135,15 @@ def write_cr_dicom(path: Path, img: np.ndarray, *, patient_id: str, patient_inde
     pydicom 3 has no JPEG Baseline *encoder* (only decoders), so the JPEG is written by Pillow
     and encapsulated with ``pydicom.encaps.encapsulate``. ``monochrome1`` / ``bits=16`` write
     an uncompressed inverted 12-bit radiograph instead (CR plates often store MONOCHROME1)."""
-    from pydicom.dataset import Dataset
     from pydicom.encaps import encapsulate
     from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, SecondaryCaptureImageStorage
 
     compressed = compressed and bits == 8 and not monochrome1
     sop = _uid(seed, "cr", patient_id, "sop")
-    ds = Dataset()
-    ds.file_meta = _dicom_meta(SecondaryCaptureImageStorage, sop,
-                               JPEGBaseline8Bit if compressed else ExplicitVRLittleEndian)
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = sop
-    ds.StudyDate = "19010101"
-    ds.StudyTime = "000000.00"
+    ds = _new_dataset(SecondaryCaptureImageStorage, sop,
+                      JPEGBaseline8Bit if compressed else ExplicitVRLittleEndian, "CR",
+                      "19010101", "000000.00")
     ds.AccessionNumber = ""
-    ds.Modality = "CR"
     ds.ConversionType = "WSD"
     ds.ReferringPhysicianName = ""
     ds.SeriesDescription = f"view: {view}"
@@ -220,14 +228,7 @@ def write_ct_series(folder: Path, hu: np.ndarray, *, case: str, case_index: int,
         stored = np.clip(stored, 0, 4095).astype(np.uint16)
 
     def base(sop: str, instance: int, syntax: str) -> Dataset:
-        ds = Dataset()
-        ds.file_meta = _dicom_meta(CTImageStorage, sop, syntax)
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = sop
-        ds.StudyDate = "20000101"
-        ds.StudyTime = "000000"
-        ds.Modality = "CT"
+        ds = _new_dataset(CTImageStorage, sop, syntax, "CT", "20000101", "000000")
         ds.Manufacturer = "PHANTOM"
         ds.PatientName = f"PHANTOM^{case_index}"  # placeholder demographics only
         ds.PatientID = f"PHANTOM-{case_index:05d}"
