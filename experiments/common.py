@@ -1,15 +1,17 @@
 """Pieces every entry point shares: logging set-up, the W&B logger, the Trainer (with atomic
-checkpoint writes), progress bars."""
+checkpoint writes and a divergence guard), progress bars."""
 
 from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.plugins import TorchCheckpointIO
 from rich.logging import RichHandler
 
@@ -144,6 +146,104 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                                weights_only=True if weights_only is None else weights_only)
 
 
+class TrainingDiverged(FloatingPointError):
+    """The loss, the monitored metric or a parameter became NaN/inf; training stopped and that
+    state was not saved."""
+
+
+class DivergenceGuard(Callback):
+    """Never save a non-finite state: after every optimiser step the loss and the parameters are
+    checked, before every checkpoint the monitored metric and the parameters; a NaN/inf stops
+    training with :class:`TrainingDiverged` (step, what, and the fix). The decision is reduced
+    over DDP ranks so that all of them stop together.
+
+    Also makes ``optim.lr`` count on resume: Lightning restores the learning rate stored in the
+    checkpoint's optimiser state, so a lower ``optim.lr`` given with ``ckpt_path=last`` would
+    silently be ignored; here the restored rates (and the schedulers' base rates) are scaled by
+    new lr / checkpointed lr."""
+
+    def __init__(self, monitor: str | None, ckpt_dir: Path, lr: float | None = None):
+        self.monitor, self.ckpt_dir, self.lr = monitor, Path(ckpt_dir), lr
+
+    def _stop(self, trainer, what: str) -> None:
+        step, epoch = trainer.global_step, trainer.current_epoch
+        last = self.ckpt_dir / "last.ckpt"
+        lower = f" optim.lr={self.lr / 10:g}" if self.lr else ""
+        if last.is_file():
+            fix = (f"{last} is the last good checkpoint: resume from it with gradient clipping "
+                   f"or a lower learning rate, e.g. ckpt_path=last optim.grad_clip=1.0{lower}")
+        else:
+            fix = ("No checkpoint was written yet: rerun with gradient clipping or a lower "
+                   f"learning rate, e.g. optim.grad_clip=1.0{lower}")
+        raise TrainingDiverged(
+            f"Training diverged at global step {step} (epoch {epoch}): {what} is not finite; "
+            f"stopped, and this state was not saved. {fix} (or trainer.precision=32-true).")
+
+    @staticmethod
+    def _non_finite_param(pl_module) -> str | None:
+        params = [p for p in pl_module.parameters() if p.is_floating_point()]
+        if not params:
+            return None
+        norm = torch.nn.utils.get_total_norm(params)  # one reduction, non-finite iff any is
+        if torch.isfinite(norm):
+            return None
+        for name, p in pl_module.named_parameters():
+            if p.is_floating_point() and not torch.isfinite(p).all():
+                return f"parameter {name}"
+        return "the parameter norm"
+
+    def _check(self, trainer, pl_module, value=None, value_name: str = "") -> None:
+        bad = None
+        if value is not None and not math.isfinite(float(value)):
+            bad = f"{value_name} ({float(value)})"
+        bad = bad or self._non_finite_param(pl_module)
+        if not trainer.strategy.reduce_boolean_decision(bad is None, all=True):
+            self._stop(trainer, bad or "a value on another rank")
+
+    def _monitored(self, trainer):
+        if self.monitor is None:
+            return None
+        return trainer.callback_metrics.get(self.monitor)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        self._check(trainer, pl_module, loss.detach() if torch.is_tensor(loss) else None,
+                    "the training loss")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._check(trainer, pl_module, self._monitored(trainer), self.monitor)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._check(trainer, pl_module, self._monitored(trainer), self.monitor)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        old, new = _hparam_lr(checkpoint.get("hyper_parameters")), _hparam_lr(pl_module.hparams)
+        if not old or new is None or math.isclose(old, new):
+            return
+        f = new / old
+        for opt in checkpoint.get("optimizer_states", []):
+            for g in opt.get("param_groups", []):
+                for k in ("lr", "initial_lr"):
+                    if k in g:
+                        g[k] = g[k] * f
+        for sched in checkpoint.get("lr_schedulers", []):
+            for k in ("base_lrs", "_last_lr"):
+                if k in sched:
+                    sched[k] = [v * f for v in sched[k]]
+        log.info("Resuming with learning rate %g instead of the checkpoint's %g", new, old)
+
+
+def _hparam_lr(hp) -> float | None:
+    """The configured learning rate in a module's hyper-parameters: ``optim.lr`` (Glow) or
+    ``lr`` (SimCLR)."""
+    if not hp:
+        return None
+    optim = hp.get("optim")
+    lr = optim.get("lr") if isinstance(optim, dict) else hp.get("lr")
+    return None if lr is None else float(lr)
+
+
 def build_trainer(cfg: DictConfig, out_dir: str | Path, *, monitor: str | None = None,
                   mode: str = "min", filename: str = "best", callbacks: list | None = None,
                   logger=None, **kwargs):
@@ -151,7 +251,8 @@ def build_trainer(cfg: DictConfig, out_dir: str | Path, *, monitor: str | None =
 
     Checkpoints keep stable names (a rerun into the same out_dir overwrites ``best.ckpt`` /
     ``last.ckpt`` instead of adding ``-v1`` files, so ``last.ckpt`` is always the newest), are
-    written atomically (:class:`AtomicCheckpointIO`)."""
+    written atomically (:class:`AtomicCheckpointIO`) and never hold a non-finite state
+    (:class:`DivergenceGuard`)."""
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 
@@ -161,7 +262,9 @@ def build_trainer(cfg: DictConfig, out_dir: str | Path, *, monitor: str | None =
         dirpath=out / "checkpoints", filename=filename, monitor=monitor, mode=mode,
         save_last=True, save_top_k=1, enable_version_counter=False,
     )
-    cbs = [ckpt, *(callbacks or [])]
+    lr = OmegaConf.select(cfg, "optim.lr", default=None)
+    guard = DivergenceGuard(monitor, out / "checkpoints", float(lr) if lr is not None else None)
+    cbs = [guard, ckpt, *(callbacks or [])]
     if t.progress_bar:
         cbs.append(RichProgressBar())
     if logger is not None:
