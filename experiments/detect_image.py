@@ -7,7 +7,10 @@
 Normalize fitted on validation (``ckpt=OUT/patch_detector.ckpt`` is accepted too). Images are PNG
 (8/16-bit) or DICOM, read and resized as the data modules do. For each image the score and the
 verdict (abnormal iff score > threshold) are printed, and ``<out>/<name>_overlay.png`` shows the
-final anomaly map on the image (default ``out``: ``<run_dir>/detections``).
+final anomaly map on the image (default ``out``: ``<run_dir>/detections``); ``<name>`` is the
+file name less its suffix, made unique within the batch (``img``, ``img-2``, ...). A file that
+cannot be read is reported on one line (file and reason) and skipped; the count of skipped files
+is printed at the end, and the exit status is non-zero only if no image could be scored.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from datamodules.errors import ImageReadError
+from datamodules.images import IMAGE_SUFFIXES
 from experiments.cli import entry
 from experiments.common import setup_logging
 from experiments.config import ConfigError
@@ -29,6 +34,7 @@ from lightning_modules.patch_detector.lightning_model import PatchDetectorModule
 log = logging.getLogger(__name__)
 CKPT_FILE = "patch_detector.ckpt"
 KEYS = ("run_dir", "ckpt", "out", "threshold", "device")
+READ_SUFFIXES = (*IMAGE_SUFFIXES, ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")  # what read_2d takes
 
 
 def load_detector(run_dir: str | Path, device: str | torch.device = "cpu"
@@ -71,6 +77,27 @@ def parse_argv(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     return paths, opts
 
 
+def skip_reason(path: str | Path, e: Exception) -> str:
+    """One line: the reader's own message (which names the file and the fix) without the
+    leading path, or the exception type and text for anything else."""
+    msg = " ".join(str(e).split()) or type(e).__name__
+    if not isinstance(e, (ImageReadError, FileNotFoundError)):
+        msg = f"{type(e).__name__}: {msg}"
+    return msg.removeprefix(f"{path}: ")
+
+
+def unique_name(path: Path, taken: set[str]) -> str:
+    """The file name without its last suffix (DICOM UIDs such as ``1.2.840.113619.2.55.3``
+    keep every dot), ``-2``, ``-3``, ... appended if an earlier image of the batch had it."""
+    base = path.name[: -len(path.suffix)] if path.suffix.lower() in READ_SUFFIXES else path.name
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}-{k}"
+    taken.add(name)
+    return name
+
+
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> list[dict]:
     setup_logging()
@@ -84,19 +111,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from experiments.plots import plot_overlays
 
-    results = []
+    results, skipped, names = [], 0, set()
     for p in paths:
-        img = read_image(p, det.image_size)  # (H, W)
+        try:
+            img = read_image(p, det.image_size)  # (H, W)
+        except Exception as e:  # a bad file is reported and skipped, the batch goes on
+            skipped += 1
+            print(f"skipped {p}: {skip_reason(p, e)}", file=sys.stderr)
+            continue
         res = det(torch.from_numpy(img)[None, None].to(device))
         score = float(res["score"][0])
         verdict = "abnormal" if score > threshold else "normal"
-        name = Path(p).name.split(".")[0]
+        name = unique_name(Path(p), names)
         overlay = plot_overlays(out / f"{name}_overlay.png", [img], [res["map"][0].cpu().numpy()],
                                 [f"{name}: {score:.3f} ({verdict})"], vmin=0.0, vmax=1.0,
                                 map_label="A_final", ncases=1)
         print(f"{p}\tscore={score:.4f}\t{verdict}\t{overlay}")
         results.append({"path": str(p), "name": name, "score": score, "verdict": verdict,
                         "overlay": str(overlay)})
+    print(f"{len(results)} scored, {skipped} skipped", file=sys.stderr)
+    if not results:
+        raise SystemExit(f"None of the {len(paths)} images could be scored (reasons above).")
     return results
 
 

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from experiments.common import build_trainer, make_logger, resolve_ckpt_path, setup_logging
 from experiments.config import ConfigError, load_config, parse_overrides, prepare_run_dir
+from lightning_modules.checkpoint import read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def build_loaders(cfg: DictConfig, dm) -> tuple[DataLoader, DataLoader | None]:
 
 def init_weights(module, ckpt_path: str | Path) -> None:
     """Copy the Glow weights of checkpoint ``ckpt_path`` into ``module`` (same architecture)."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # never unpickle code
+    ckpt = read_checkpoint(ckpt_path, map_location="cpu")  # weights_only: never unpickles code
     theirs = list(ckpt.get("hyper_parameters", {}).get("input_shape", []))
     ours = list(module.hparams.input_shape)
     if theirs != ours:

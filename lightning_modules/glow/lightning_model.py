@@ -14,6 +14,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from lightning_modules.checkpoint import read_checkpoint
+
 from .torch_model import (
     Glow,
     bits_per_dim,
@@ -186,7 +188,7 @@ def load_glow(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -
     path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"Glow checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    ckpt = read_checkpoint(path, map_location=map_location)  # weights_only; clear if truncated
     hp = ckpt.get("hyper_parameters")
     if not hp or "glow" not in hp:
         raise ValueError(f"{path} is not a GlowModule checkpoint (no glow hyper-parameters)")

@@ -28,6 +28,7 @@ from lightly.utils.lars import LARS
 from lightly.utils.scheduler import CosineWarmupScheduler
 from pytorch_lightning.utilities import rank_zero_info
 
+from lightning_modules.checkpoint import read_checkpoint
 from lightning_modules.simclr.chunked import chunked_forward
 from lightning_modules.simclr.torch_model import PatchEncoder, SimCLRModel, build_backbone
 
@@ -243,7 +244,7 @@ def load_encoder(ckpt_path: str | Path, map_location: str | torch.device = "cpu"
     if not path.is_file():
         raise FileNotFoundError(f"SimCLR checkpoint {path} does not exist; train it with "
                                 "`make train-simclr RES=<patch size>`")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    ckpt = read_checkpoint(path, map_location=map_location)  # weights_only; clear if truncated
     info = ckpt.get(CKPT_KEY)
     if info is None:
         raise ValueError(f"{path} is not a SimCLR encoder checkpoint (no {CKPT_KEY!r} entry)")
