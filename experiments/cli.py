@@ -52,12 +52,15 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from datamodules.common import EmptySplitError
     from datamodules.errors import ImageReadError
     from datamodules.splits import SplitLeakError
+    from experiments.common import CheckpointWriteError, TrainingDiverged
+    from lightning_modules.checkpoint import CheckpointError
     from lightning_modules.flow_posterior.posterior import PreprocessingMismatch
     from lightning_modules.glow.lightning_model import NonFiniteLossError
     from lightning_modules.patch_detector.reference_db import ReferenceDBMismatch
 
     return (ConfigError, ImageReadError, EmptySplitError, SplitLeakError, ReferenceDBMismatch,
-            PreprocessingMismatch, NonFiniteLossError, FileNotFoundError)
+            PreprocessingMismatch, NonFiniteLossError, FileNotFoundError, CheckpointError,
+            CheckpointWriteError, TrainingDiverged)
 
 
 def run(main: Callable, argv: list[str] | None = None) -> int:

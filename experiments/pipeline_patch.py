@@ -222,9 +222,12 @@ def scoring_trainer(cfg: DictConfig):
     warnings.filterwarnings("ignore", message=r".*configure_optimizers. returned .None.")
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
+    from experiments.common import AtomicCheckpointIO
+
     return pl.Trainer(accelerator="gpu" if device_of(cfg).type == "cuda" else "cpu",
                       devices=1, max_epochs=1, num_sanity_val_steps=0, logger=False,
-                      enable_checkpointing=False, enable_model_summary=False)
+                      enable_checkpointing=False, enable_model_summary=False,
+                      plugins=[AtomicCheckpointIO()])  # patch_detector.ckpt written atomically
 
 
 def loader(dm, items) -> DataLoader:

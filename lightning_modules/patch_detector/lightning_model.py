@@ -131,13 +131,14 @@ class PatchDetectorModule(pl.LightningModule):
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu"
              ) -> PatchDetectorModule:
         """A fitted detector from ``trainer.save_checkpoint`` output (``weights_only=True``)."""
+        from lightning_modules.checkpoint import read_checkpoint
         from lightning_modules.simclr.torch_model import PatchEncoder, build_backbone
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist: give the patch_detector.ckpt of a "
                                     "finished `python -m experiments.pipeline method=patch` run.")
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = read_checkpoint(path, map_location=map_location)  # weights_only=True
         hp = ckpt.get("hyper_parameters")
         if not hp or "detector" not in hp:
             raise ValueError(f"{path} is not a patch detector checkpoint (no detector settings)")
