@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 Row = dict[str, Any]
 
 
-def expand_grid(axes: dict[str, Iterable]) -> list[dict[str, Any]]:
+def cartesian(axes: dict[str, Iterable]) -> list[dict[str, Any]]:
     """Every combination of the axes' values as ``{axis: value}``, the first axis varying
     slowest; a combination that repeats another's values is kept once."""
     names = list(axes)

@@ -34,7 +34,7 @@ import numpy as np
 import yaml
 
 from experiments.config import ConfigError, parse_overrides
-from experiments.grid import expand_grid, failed, run_grid, write_table
+from experiments.grid import cartesian, failed, run_grid, write_table
 from experiments.sweep import (
     SWEEP_ROOT,
     SweepError,
@@ -97,7 +97,7 @@ def grid_values(spec: dict) -> list:
 
 def grid_points(params: dict[str, dict]) -> list[dict[str, Any]]:
     """Every combination, parameters in sorted name order (W&B dedups repeated points)."""
-    return expand_grid({n: grid_values(params[n]) for n in sorted(params)})
+    return cartesian({n: grid_values(params[n]) for n in sorted(params)})
 
 
 def random_points(params: dict[str, dict], count: int, seed: int) -> list[dict[str, Any]]:
