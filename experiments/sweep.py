@@ -3,17 +3,11 @@
     python -m experiments.sweep configs/sweeps/glow_cxr.yaml [--count N] [key=value ...]
     make sweep SWEEP=configs/sweeps/glow_cxr.yaml [COUNT=n] [ARGS="data=padchest data.root=..."]
 
-The sweep files are in W&B's own format (https://docs.wandb.ai/models/sweeps/sweep-config-keys).
-Their ``command:`` runs one of our entry points with the trial's parameters appended by the agent
-as ``key=value`` (``${args_no_hyphens}``) or ``--key=value`` (``${args}``); the entry point
-validates them like any other override, and :func:`validate_sweep` checks the file against our
-config schema first, so a typo fails before any run. Under DDP every rank re-parses the same
-command line, so every rank sees the swept values. Only W&B's public API is used
-(``wandb.sweep``, ``wandb.agent``, ``wandb.login``, ``wandb.setup``).
-
-This module also holds what the offline runner (:mod:`experiments.sweep_offline`, ``make
-sweep-offline``: grid and random search without a server) shares: loading and checking a sweep
-file, the exact command line the agent would run, and the command-line interface.
+Sweep files are in W&B's format (https://docs.wandb.ai/models/sweeps/sweep-config-keys). Their
+``command:`` runs one of our entry points, to which the agent appends the trial's values as
+``key=value`` (``${args_no_hyphens}``) or ``--key=value`` (``${args}``): every DDP rank parses
+them. :func:`validate_sweep` checks a file against our config schema before any run. Only W&B's
+public API is used. :mod:`experiments.sweep_offline` runs the same files without a server.
 """
 
 from __future__ import annotations
@@ -22,10 +16,10 @@ import argparse
 import copy
 import importlib
 import logging
+import math
 import os
 import re
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,31 +27,29 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from experiments.common import setup_logging
 from experiments.config import CONFIG_DIR, Config, ConfigError, load_config, parse_overrides
 from experiments.config import validate as validate_config
+from experiments.pipeline import method_from_argv
 
 log = logging.getLogger(__name__)
 
-METHODS = ("grid", "random", "bayes")
-GOALS = ("minimize", "maximize")
+METHODS, GOALS = ("grid", "random", "bayes"), ("minimize", "maximize")
 GRID_KINDS = ("constant", "categorical", "int_uniform", "q_uniform")  # what a grid enumerates
-# The argument macros our parser reads (``--key=value`` / ``key=value``), and the other macros
-# the agent fills in. W&B's JSON, ``--key value``, Hydra and bare-flag macros are refused.
+# The macros our entry points can read; W&B's JSON, `--key value`, Hydra and bare-flag ones not.
 ARG_MACROS = ("${args}", "${args_no_hyphens}")
 MACROS = (*ARG_MACROS, "${env}", "${interpreter}", "${program}")
 ENVVAR = re.compile(r"\$\{envvar:([A-Z0-9_]*)\}")
-# A run's folder: one per W&B run id (set by the agent in the run's environment), resolved by
-# OmegaConf when the entry point reads out_dir.
+# One folder per run: the agent sets WANDB_RUN_ID, OmegaConf resolves it when out_dir is read.
 SWEEP_ROOT = "outputs/sweeps"
 RUN_DIR_TEMPLATE = SWEEP_ROOT + "/{name}/${{oc.env:WANDB_RUN_ID,local}}"
+OFFLINE_HINT = "Without W&B access, run the same sweep locally: make sweep-offline SWEEP={}"
 # What each entry point writes to <out_dir>/metrics.json and logs; only validation metrics.
 ENTRY_POINT_METRICS: dict[str, tuple[str, ...]] = {
     "experiments.train_simclr": ("val/knn_acc", "val/alignment", "val/uniformity", "val/loss"),
     "experiments.train_glow": ("val/bpd",),
     "experiments.pipeline": ("val/auroc",),
 }
-# Job YAMLs of an entry point that has no ``load(argv)`` (missing ones: schema + base.yaml).
-_ENTRY_POINT_JOBS = {"experiments.train_simclr": ["simclr"]}
 
 
 class SweepError(ValueError):
@@ -86,18 +78,10 @@ def sweep_name(sweep: dict, path: str | Path) -> str:
 
 
 def flat_parameters(sweep: dict, path: str | Path = "<sweep>") -> dict[str, dict]:
-    """``parameters:`` as {dotted key: spec}. Nested ``parameters:`` blocks are refused: W&B's
-    agent would pass them as one ``--optim={'lr': 0.1}`` argument; write ``optim.lr`` instead."""
+    """``parameters:`` as {dotted config key: spec}."""
     params = sweep.get("parameters")
     if not isinstance(params, dict) or not params:
         raise SweepError(f"{path}: 'parameters' must be a non-empty mapping of config keys")
-    for key, spec in params.items():
-        if not isinstance(spec, dict):
-            raise SweepError(f"{path}: parameters.{key} must be a mapping such as "
-                             "{values: [...]}, {value: x} or {min: a, max: b}")
-        if "parameters" in spec:
-            raise SweepError(f"{path}: parameters.{key} is a nested block; write nested config "
-                             f"keys as dotted names instead (e.g. '{key}.lr: {{values: [...]}}')")
     return params
 
 
@@ -110,23 +94,20 @@ def spec_kind(spec: dict) -> str:
         return ("constant" if "value" in spec else
                 "categorical_w_probabilities" if "probabilities" in spec else "categorical")
     if "min" in spec and "max" in spec:
-        ints = all(type(spec[k]) is int for k in ("min", "max"))
-        return "int_uniform" if ints else "uniform"
+        return "int_uniform" if all(type(spec[k]) is int for k in ("min", "max")) else "uniform"
     return "unknown"
 
 
 def example_values(spec: dict) -> list:
     """Values a spec can produce, for type checks: every listed value, or the range's ends."""
-    kind = spec_kind(spec)
+    kind, ends = spec_kind(spec), [spec[k] for k in ("min", "max") if k in spec]
     if "value" in spec or "values" in spec:
         return [spec["value"]] if kind == "constant" else list(spec["values"])
     if kind in ("log_uniform", "inv_log_uniform", "q_log_uniform"):
         return []  # min/max are exponents (W&B's "v1" distributions), not config values
-    ends = [spec[k] for k in ("min", "max") if k in spec]
     if kind.startswith("q_"):  # round(x / q) * q: an int only when q is an int (W&B)
         q = spec.get("q", 1.0)
-        return [int(round(e / q) * q) if isinstance(q, int) else float(round(e / q) * q)
-                for e in ends]
+        return [(int if isinstance(q, int) else float)(round(e / q) * q) for e in ends]
     if kind in ("uniform", "log_uniform_values", "inv_log_uniform_values"):
         return [float(e) for e in ends]  # drawn as floats even when min/max are ints
     return ends
@@ -137,47 +118,44 @@ def _value_problem(schema: DictConfig, key: str, value: Any) -> str | None:
     if value is None:
         return ("null is passed by the W&B agent as the text 'None'; leave the key out of the "
                 "sweep (or set it in the command) instead")
-    if isinstance(value, dict):
-        return "mapping values are passed as one Python-repr argument; sweep dotted keys instead"
     try:
-        items = parse_overrides([f"--{key}={value}"])
-        validate_config(OmegaConf.merge(schema, OmegaConf.from_dotlist(items)))
+        validate_config(OmegaConf.merge(schema, OmegaConf.from_dotlist(
+            parse_overrides([f"--{key}={value}"]))))
     except (ConfigError, OmegaConfBaseException) as e:
         return str(e).splitlines()[0]
     return None
 
 
-def _parameter_problems(key: str, spec: dict, method: Any, schema: DictConfig, fixed: set):
-    kind = spec_kind(spec)
+def _parameter_problems(key: str, spec: Any, method: Any, schema: DictConfig, fixed: set):
+    if not isinstance(spec, dict) or "parameters" in spec:  # the agent would pass one repr
+        yield ("must be a mapping such as {values: [...]}, {value: x} or {min: a, max: b}; "
+               f"write nested config keys as dotted names (e.g. '{key}.lr: {{values: [...]}}')")
+        return
+    kind, bounds = spec_kind(spec), [spec[k] for k in ("min", "max", "q") if k in spec]
     if key in ("data", "profile"):  # file selectors: data=<configs/data/NAME.yaml>
         folder = "profiles" if key == "profile" else "data"
-        for v in example_values(spec):
-            if (key, v) != ("profile", "auto") and not (CONFIG_DIR / folder / f"{v}.yaml").is_file():
-                yield f"{v!r} names no configs/{folder}/ file"
-        return
-    if OmegaConf.select(schema, key, default="__missing__") == "__missing__":
+        yield from (f"{v!r} names no configs/{folder}/ file" for v in example_values(spec)
+                    if (key, v) != ("profile", "auto")
+                    and not (CONFIG_DIR / folder / f"{v}.yaml").is_file())
+    elif OmegaConf.select(schema, key, default="__missing__") == "__missing__":
         yield "not a config key (see experiments/config.py)"
-        return
-    if key in fixed:
-        yield "also set in command; the command's value would be overridden silently - remove one"
-    if kind == "unknown":
+    elif kind == "unknown":
         yield "needs values, value or min/max"
-        return
-    if method == "grid" and kind not in GRID_KINDS:
-        yield (f"distribution {kind!r} cannot be used with method: grid "
-               "(use values, value, int_uniform or q_uniform)")
-    bounds = [spec[k] for k in ("min", "max", "q") if k in spec]
-    if any(isinstance(b, bool) or not isinstance(b, int | float) for b in bounds):
-        yield (f"min/max/q must be numbers, got {bounds} "
-               "(YAML reads 1e-4 as text: write 0.0001 or 1.0e-4)")
-        return
-    if kind == "int_uniform" and not all(type(spec.get(k)) is int for k in ("min", "max")):
-        yield "int_uniform needs integer min and max"
-    if "min" in spec and "max" in spec and not spec["min"] <= spec["max"]:
-        yield f"min {spec['min']} > max {spec['max']}"
-    for value in example_values(spec):
-        if reason := _value_problem(schema, key, value):
-            yield f"value {value!r}: {reason}"
+    elif any(isinstance(b, bool) or not isinstance(b, int | float) for b in bounds):
+        yield f"min/max/q must be numbers, got {bounds} (YAML reads 1e-4 as text: write 0.0001)"
+    else:
+        p, lo, hi = spec.get("probabilities"), spec.get("min", -math.inf), spec.get("max", math.inf)
+        yield from (msg for wrong, msg in [
+            (key in fixed, "also set in command, whose value would silently win: remove one"),
+            (method == "grid" and kind not in GRID_KINDS,
+             f"distribution {kind!r} cannot be used with method: grid (use {GRID_KINDS})"),
+            (not lo <= hi, f"min {lo} > max {hi}"),
+            (p is not None and (len(p) != len(spec["values"]) or abs(sum(p) - 1) > 1e-6),
+             f"probabilities {p} must match values and sum to 1"),
+        ] if wrong)
+        for value in example_values(spec):
+            if reason := _value_problem(schema, key, value):
+                yield f"value {value!r}: {reason}"
 
 
 def command_entry_point(command: list) -> str | None:
@@ -189,34 +167,27 @@ def command_entry_point(command: list) -> str | None:
 def validate_sweep(sweep: dict, path: str | Path = "<sweep>") -> None:
     """Check a sweep file against W&B's format and our config schema; raise :class:`SweepError`
     listing every problem (method, metric, command macros, parameter names, value types)."""
-    problems = []
     method, metric, command = sweep.get("method"), sweep.get("metric"), sweep.get("command")
-    if method not in METHODS:
-        problems.append(f"method: {method!r} is not one of {list(METHODS)}")
-    if not isinstance(metric, dict) or not metric.get("name"):
-        problems.append("metric: needs {name: val/..., goal: minimize|maximize}")
-        metric = {}
-    name = metric.get("name")
-    if metric.get("goal", "minimize") not in GOALS:
-        problems.append(f"metric.goal: {metric.get('goal')!r} is not one of {list(GOALS)}")
-    if name and not str(name).startswith("val/"):
-        problems.append(f"metric.name: {name!r} - a sweep optimises a validation metric "
-                        "('val/...'), never the test set")
-    if not isinstance(command, list) or not command:
-        problems.append("command: needs a list, e.g. [${env}, python, -m, experiments.train_glow, "
-                        "${args_no_hyphens}]")
-        command = []
-    items = [str(c) for c in command]
-    module = command_entry_point(items)
-    if name and name not in ENTRY_POINT_METRICS.get(module, (name,)):
-        problems.append(f"metric.name: {name!r} is not written by {module} "
-                        f"(it writes {list(ENTRY_POINT_METRICS[module])})")
+    metric = metric if isinstance(metric, dict) else {}
+    items = [str(c) for c in command] if isinstance(command, list) else []
+    name, module = metric.get("name"), command_entry_point(items)
+    written = ENTRY_POINT_METRICS.get(module, (name,))
     bad = [c for c in items if re.fullmatch(r"\$\{.*\}", c) and c not in MACROS
            and not ENVVAR.fullmatch(c)]
-    if bad or not any(m in items for m in ARG_MACROS):
-        problems.append("command: must pass the trial's parameters with ${args_no_hyphens} "
-                        "(key=value) or ${args} (--key=value)"
-                        + (f"; {bad} cannot be read by our entry points" if bad else ""))
+    problems = [msg for wrong, msg in [
+        (method not in METHODS, f"method: {method!r} is not one of {list(METHODS)}"),
+        (not name, "metric: needs {name: val/..., goal: minimize|maximize}"),
+        (metric.get("goal", "minimize") not in GOALS,
+         f"metric.goal: {metric.get('goal')!r} is not one of {list(GOALS)}"),
+        (name and not str(name).startswith("val/"), f"metric.name: {name!r} - a sweep optimises "
+         "a validation metric ('val/...'), never the test set"),
+        (name and name not in written,
+         f"metric.name: {name!r} is not written by {module} (it writes {list(written)})"),
+        (not items, "command: needs a list: [${env}, python, -m, MODULE, ${args_no_hyphens}]"),
+        (bad or not set(items) & set(ARG_MACROS), "command: must pass the trial's parameters "
+         "with ${args_no_hyphens} (key=value) or ${args} (--key=value)"
+         + (f"; {bad} cannot be read by our entry points" if bad else "")),
+    ] if wrong]
     try:
         params = flat_parameters(sweep, path)
     except SweepError as e:
@@ -243,62 +214,45 @@ def with_overrides(command: list, overrides: list[str], out_dir: str | None = No
 
 
 def agent_command(command: list, params: dict[str, Any], program: str | None = None) -> list[str]:
-    """The argv W&B's agent runs for a trial with ``params`` ({key: value}).
-
-    Our copy of what wandb 0.31's agent does (``Agent._command_run``), whose helpers live in a
-    private module: ``${envvar:X}`` -> $X (X when unset), ``${args}`` -> ``--key=value`` and
-    ``${args_no_hyphens}`` -> ``key=value`` with values as Python's ``str`` writes them (``True``,
-    ``1e-05``, ``[0.1, 1.2]``), ``${env}`` -> ``/usr/bin/env``, ``${interpreter}`` -> ``python``,
-    ``${program}`` -> program. ``test_agent_formatting_is_wandbs`` pins it."""
+    """The argv W&B's agent runs for a trial with ``params``: our copy of wandb 0.31's
+    ``Agent._command_run``, whose helpers are private. Values are written with Python's ``str``
+    (``True``, ``1e-05``, ``[0.1, 1.2]``); ``${envvar:X}`` is $X, or X when unset."""
     flags = [f"{k}={v}" for k, v in params.items()]
     macros = {"${args}": ["--" + f for f in flags], "${args_no_hyphens}": flags,
               "${env}": ["/usr/bin/env"] if os.name != "nt" else [],
               "${interpreter}": ["python"], "${program}": [program] if program else []}
     argv = []
     for c in map(str, command):
-        c = ENVVAR.sub(lambda m: os.environ.get(m.group(1), m.group(1)), c)
-        argv += macros.get(c, [c])
+        argv += macros.get(c, [ENVVAR.sub(lambda m: os.environ.get(m[1], m[1]), c)])
     return argv
 
 
 def config_for_command(argv: list[str]) -> DictConfig:
     """Parse a trial's command line as its entry point will, without running it: with the entry
-    point's own ``load(argv)`` where it has one (``experiments.pipeline_<method>`` do), else
-    :func:`load_config` with the entry point's job YAMLs (those that exist)."""
+    point's ``load(argv)``, else :func:`load_config` with its job YAML (simclr) or base.yaml."""
     module = command_entry_point(argv)
     overrides = [a for a in argv[argv.index(module) + 1 if module else 0:] if "=" in a]
-    target = module
     if module == "experiments.pipeline":
-        from experiments.pipeline import method_from_argv
-
-        target = f"experiments.pipeline_{method_from_argv(overrides)}"
+        module = f"experiments.pipeline_{method_from_argv(overrides)}"
     try:
-        mod = importlib.import_module(target) if target else None
-    except ImportError:
-        mod = None
-    if hasattr(mod, "load"):
-        return mod.load(overrides)
-    jobs = [j for j in _ENTRY_POINT_JOBS.get(module, []) if (CONFIG_DIR / f"{j}.yaml").is_file()]
-    return load_config(jobs or ["base"], overrides)
+        load = getattr(importlib.import_module(module), "load", None) if module else None
+    except ImportError:  # not on this branch (yet): the schema and the YAMLs still parse
+        load = None
+    if load:
+        return load(overrides)
+    return load_config("simclr" if module == "experiments.train_simclr" else "base", overrides)
 
 
-def run_cli(prog: str, description: str, count_help: str, overrides_help: str,
-            run: Callable[[argparse.Namespace], Any], argv: list[str] | None,
-            options: Callable[[argparse.ArgumentParser], None] = lambda p: None) -> Any:
-    """The command line of ``make sweep`` and ``make sweep-offline``: a sweep file, ``--count``,
-    the CLI's ``options``, and overrides anywhere (``key=value`` or ``--key=value``); runs
-    ``run(args)``, a :class:`SweepError`/:class:`ConfigError` exits with status 2."""
-    from experiments.common import setup_logging
-
+def run_cli(prog: str, description: str, options: dict[str, dict], run, argv: list[str] | None):
+    """``prog SWEEP.yaml [options] [overrides]``, overrides anywhere and as ``key=value`` or
+    ``--key=value``; ``run(args)``, where a SweepError or ConfigError exits with status 2."""
     setup_logging()
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("sweep", help="configs/sweeps/<name>.yaml")
-    parser.add_argument("--count", type=int, default=None, help=count_help)
-    options(parser)
-    parser.add_argument("overrides", nargs="*", help=overrides_help)
+    for flag, kwargs in options.items():
+        parser.add_argument(flag, **kwargs)
     args, unknown = parser.parse_known_intermixed_args(argv)
-    bad = [u for u in unknown if not (u.startswith("--") and "=" in u)]
-    if bad:
+    if bad := [u for u in unknown if not (u.startswith("--") and "=" in u)]:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     args.overrides = [*args.overrides, *unknown]
     try:
@@ -309,33 +263,31 @@ def run_cli(prog: str, description: str, count_help: str, overrides_help: str,
 
 
 def check_wandb_access(path: str | Path = "<file>") -> None:
-    """Raise :class:`SweepError` unless W&B can be used online: not offline/disabled (by
-    ``WANDB_MODE`` or ``wandb offline``) and credentials present (``WANDB_API_KEY``, ``wandb
-    login`` / ~/.netrc)."""
-    hint = f"Without W&B access, run the same sweep locally: make sweep-offline SWEEP={path}"
-    mode = os.environ.get("WANDB_MODE", "").lower()
-    if not mode:
+    """Raise :class:`SweepError` unless W&B can be used online: not offline or disabled (by
+    ``WANDB_MODE``, ``wandb offline`` or a settings file) and credentials present."""
+    if not (mode := os.environ.get("WANDB_MODE", "").lower()):
         os.environ.pop("WANDB_MODE", None)  # wandb rejects an empty WANDB_MODE
-    if mode in ("offline", "dryrun", "disabled"):
-        raise SweepError(f"WANDB_MODE={mode}: a W&B sweep needs the W&B server. Unset WANDB_MODE "
-                         f"(or set WANDB_MODE=online). {hint}")
     import wandb
 
-    if wandb.setup().settings.mode in ("offline", "dryrun", "disabled"):
-        raise SweepError(f"W&B is set to offline/disabled mode (`wandb offline` or a settings "
-                         f"file); run `wandb online` first. {hint}")
-    if not wandb.login(prompt=False, verify=False):
-        raise SweepError("No W&B credentials found (WANDB_API_KEY, `wandb login` / ~/.netrc). "
-                         f"Run `wandb login` or export WANDB_API_KEY. {hint}")
+    if mode in ("offline", "dryrun", "disabled"):
+        problem = f"WANDB_MODE={mode}: a W&B sweep needs the W&B server. Unset it (or =online)."
+    elif wandb.setup().settings.mode in ("offline", "dryrun", "disabled"):
+        problem = "W&B is set to offline (`wandb offline` or a settings file): `wandb online`."
+    elif not wandb.login(prompt=False, verify=False):
+        problem = ("No W&B credentials found (WANDB_API_KEY, `wandb login` / ~/.netrc). Run "
+                   "`wandb login` or export WANDB_API_KEY.")
+    else:
+        return
+    raise SweepError(f"{problem} {OFFLINE_HINT.format(path)}")
 
 
 def server_config(sweep: dict, name: str, overrides: list[str]) -> dict:
     """The sweep config sent to W&B: our extra overrides placed in the command, and a per-run
     ``out_dir`` (``outputs/sweeps/<name>/<run id>``) unless the command sets one."""
     cfg = copy.deepcopy(sweep)
-    has_out_dir = any(str(c).lstrip("-").startswith("out_dir=") for c in cfg["command"])
-    out_dir = None if has_out_dir else RUN_DIR_TEMPLATE.format(name=name)
-    cfg["command"] = with_overrides(cfg["command"], overrides, out_dir)
+    own = any(str(c).lstrip("-").startswith("out_dir=") for c in cfg["command"])
+    cfg["command"] = with_overrides(cfg["command"], overrides,
+                                    None if own else RUN_DIR_TEMPLATE.format(name=name))
     cfg.setdefault("name", name)
     return cfg
 
@@ -356,52 +308,44 @@ def run_online(args: argparse.Namespace) -> str:
     if items.get("logger.project", project) != project:
         raise SweepError(f"logger.project={items['logger.project']} differs from the sweep's "
                          f"project {project}; give one of them")
-    overrides += [f"logger.project={project}"] if "logger.project" not in items else []
-    overrides += [f"logger.entity={entity}"] if entity and "logger.entity" not in items else []
+    overrides += [f"logger.{k}={v}" for k, v in (("project", project), ("entity", entity))
+                  if v and f"logger.{k}" not in items]
     check_wandb_access(path)
-    import requests
-    import wandb
-
     name = sweep_name(sweep, path)
     cfg = server_config(sweep, name, overrides)
     try:  # the first run would fail on a bad override: fail now, before anything is created
         config_for_command(agent_command(cfg["command"], {}, cfg.get("program")))
     except ConfigError as e:
         raise SweepError(f"{path}: the command does not parse: {e}") from None
+    import requests
+    import wandb
+
     # The agent's runs log online (make_logger is offline unless asked); its `python` is ours.
     os.environ["WANDB_MODE"] = "online"
-    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    network = (wandb.Error, requests.RequestException, OSError, TimeoutError)
-    hint = f"Without W&B access, run the same sweep locally: make sweep-offline SWEEP={path}"
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
     try:
+        step = "Could not create the sweep on W&B"
         sweep_id = args.sweep_id or wandb.sweep(cfg, entity=entity, project=project)
-    except network as e:
-        raise SweepError(f"Could not create the sweep on W&B ({type(e).__name__}: {e}). "
-                         f"{hint}") from None
-    log.info("Sweep %s (%s/%s): runs write to %s/%s/<run id>", sweep_id, entity or "<you>",
-             project, SWEEP_ROOT, name)
-    log.info("More agents elsewhere: python -m experiments.sweep %s --sweep-id %s", path, sweep_id)
-    try:
+        log.info("Sweep %s (%s/%s): runs write to %s/%s/<run id>; more agents elsewhere: "
+                 "python -m experiments.sweep %s --sweep-id %s", sweep_id, entity or "<you>",
+                 project, SWEEP_ROOT, name, path, sweep_id)
+        step = "The W&B agent stopped"
         wandb.agent(sweep_id, entity=entity, project=project, count=args.count)
-    except network as e:
-        raise SweepError(f"The W&B agent stopped ({type(e).__name__}: {e}). {hint}") from None
+    except (wandb.Error, requests.RequestException, OSError, TimeoutError) as e:
+        raise SweepError(f"{step} ({type(e).__name__}: {e}). {OFFLINE_HINT.format(path)}") from None
     return sweep_id
 
 
-def _online_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--project", default=None,
-                        help="W&B project (default: the file's project:, else logger.project)")
-    parser.add_argument("--entity", default=None, help="W&B entity (default: yours)")
-    parser.add_argument("--sweep-id", default=None,
-                        help="join an existing sweep (another machine's agent) instead")
-
-
 def main(argv: list[str] | None = None) -> str:
-    return run_cli("python -m experiments.sweep",
-                   "Create a W&B sweep from a sweep YAML and start an agent on this machine.",
-                   "number of runs this agent does (default: until the sweep ends)",
-                   "key=value added to every run's command (e.g. data=padchest)",
-                   run_online, argv, _online_options)
+    options = {
+        "--count": dict(type=int, help="runs this agent does (default: until the sweep ends)"),
+        "--project": dict(help="W&B project (default: the file's project:, else logger.project)"),
+        "--entity": dict(help="W&B entity (default: yours)"),
+        "--sweep-id": dict(help="join an existing sweep (another machine's agent) instead"),
+        "overrides": dict(nargs="*", help="key=value added to every run (e.g. data=padchest)"),
+    }
+    return run_cli("python -m experiments.sweep", "Create a W&B sweep from a sweep YAML and "
+                   "start an agent on this machine.", options, run_online, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ sweep``). The grid is W&B's: parameters in sorted name order, the first varying 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -239,21 +238,18 @@ def run_sweep(sweep_path: str | Path, count: int | None = None, seed: int = 0,
     return rows
 
 
-def _offline_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random search")
-    parser.add_argument("--root", default=SWEEP_ROOT, help="trials go to ROOT/<sweep name>/<id>")
-    parser.add_argument("--stream", action="store_true", help="show the trials' output live")
-    parser.add_argument("--force", action="store_true", help="re-run finished trials")
-
-
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    return run_cli(
-        "python -m experiments.sweep_offline",
-        "Run a W&B sweep file's grid/random search locally (no W&B server).",
-        "trials to run: required for random search; caps a grid",
-        "key=value added to every trial (e.g. profile=cpu data=padchest)",
-        lambda a: run_sweep(a.sweep, a.count, a.seed, a.overrides, a.root, a.stream, a.force),
-        argv, _offline_options)
+    options = {
+        "--count": dict(type=int, help="trials to run: required for random search; caps a grid"),
+        "--seed": dict(type=int, default=0, help="seed of the random search"),
+        "--root": dict(default=SWEEP_ROOT, help="trials go to ROOT/<sweep name>/<id>"),
+        "--stream": dict(action="store_true", help="show the trials' output live"),
+        "--force": dict(action="store_true", help="re-run finished trials"),
+        "overrides": dict(nargs="*", help="key=value added to every trial (e.g. profile=cpu)"),
+    }
+    return run_cli("python -m experiments.sweep_offline", "Run a W&B sweep file's grid/random "
+                   "search locally (no W&B server).", options, lambda a: run_sweep(
+                       a.sweep, a.count, a.seed, a.overrides, a.root, a.stream, a.force), argv)
 
 
 if __name__ == "__main__":
