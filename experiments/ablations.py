@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from experiments.common import setup_logging
 from experiments.config import ConfigError, parse_overrides
-from experiments.grid import cartesian, failed, run_grid, write_table
+from experiments.grid import cartesian, cli, failed, run_grid, write_table
 
 log = logging.getLogger(__name__)
 GRID_KEYS = ("sizes", "distance", "weights", "fusion")
@@ -98,20 +96,16 @@ def run_overrides(argv: list[str]) -> list[str]:
     return items
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def run_ablation(spec_path: str | Path, overrides: list[str]) -> list[dict]:
+    """Score every variant of the ablation file on the run in ``out_dir``; the table's rows."""
     from experiments import evaluation as ev
     from experiments import pipeline_patch as pp
     from experiments.config import prepare_run_dir
     from lightning_modules.patch_detector.lightning_model import apply_normalizer, fit_normalizer
 
-    setup_logging()
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or "=" in argv[0]:
-        raise ConfigError("usage: python -m experiments.ablations configs/ablations/<name>.yaml "
-                          "[overrides...]")
-    spec = load_spec(argv[0])
-    cfg = pp.load(["method=patch", *run_overrides(argv[1:]), *spec.get("overrides", []),
-                   *argv[1:]])
+    spec = load_spec(spec_path)
+    cfg = pp.load(["method=patch", *run_overrides(overrides), *spec.get("overrides", []),
+                   *overrides])
     out = prepare_run_dir(cfg)
     dm, module, trainer = pp.prepare(cfg)
     det = module.detector
@@ -161,6 +155,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if rows and all(map(failed, rows)):
         raise RuntimeError(f"every variant of ablation {spec['name']} failed (see the log)")
     return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    arguments = {
+        "spec": dict(help="configs/ablations/<name>.yaml"),
+        "overrides": dict(nargs="*", help="pipeline overrides, e.g. out_dir=RUN profile=cpu"),
+    }
+    return cli("python -m experiments.ablations", "Score an ablation grid of detector variants "
+               "on a patch pipeline run.", arguments,
+               lambda a: run_ablation(a.spec, a.overrides), argv)
 
 
 if __name__ == "__main__":

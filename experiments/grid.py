@@ -1,10 +1,11 @@
 """The one grid runner of the offline sweeps (:mod:`experiments.sweep_offline`) and the ablations
 (:mod:`experiments.ablations`): expand a grid into runs, run each through a callable under a
 progress bar, one row per run, failed runs counted and kept as rows, rows written as a CSV file
-and a markdown table."""
+and a markdown table; and the command line they and :mod:`experiments.sweep` share."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import itertools
 import json
@@ -14,7 +15,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from experiments.common import track
+from experiments.common import setup_logging, track
+from experiments.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -87,3 +89,23 @@ def write_table(rows: list[Row], stem: Path, title: str, note: str = "", fmt: st
     md_path.write_text("\n".join([f"# {title}", "", *([note, ""] if note else []), *table]) + "\n")
     print("\n".join([title, *table]))
     return csv_path, md_path
+
+
+def cli(prog: str, description: str, arguments: dict[str, dict], run: Callable[[Any], Any],
+        argv: list[str] | None = None) -> Any:
+    """``prog SPEC.yaml [options] [key=value ...]``: ``arguments`` are {name or flag: argparse
+    keywords} and end with ``overrides``, which may stand anywhere, also as ``--key=value``.
+    Returns ``run(args)``; a :class:`ConfigError` is logged and exits with status 2."""
+    setup_logging()
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for name, kwargs in arguments.items():
+        parser.add_argument(name, **kwargs)
+    args, unknown = parser.parse_known_intermixed_args(argv)
+    if bad := [u for u in unknown if not (u.startswith("--") and "=" in u)]:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides = [*args.overrides, *unknown]
+    try:
+        return run(args)
+    except ConfigError as e:
+        log.error("%s", e)
+        raise SystemExit(2) from None

@@ -3,17 +3,14 @@
     python -m experiments.sweep configs/sweeps/glow_cxr.yaml [--count N] [key=value ...]
     make sweep SWEEP=configs/sweeps/glow_cxr.yaml [COUNT=n] [ARGS="data=padchest data.root=..."]
 
-Sweep files are in W&B's format (https://docs.wandb.ai/models/sweeps/sweep-config-keys). Their
-``command:`` runs one of our entry points, to which the agent appends the trial's values as
-``key=value`` (``${args_no_hyphens}``) or ``--key=value`` (``${args}``): every DDP rank parses
-them. :func:`validate_sweep` checks a file against our config schema before any run. Only W&B's
-public API is used. :mod:`experiments.sweep_offline` runs the same files without a server.
+Sweep files are in W&B's format (https://docs.wandb.ai/models/sweeps/sweep-config-keys); the
+agent appends the trial's values to ``command:`` as ``key=value`` (``${args_no_hyphens}``) or
+``--key=value`` (``${args}``), parsed by our entry point on every DDP rank. Only W&B's public API
+is used. :mod:`experiments.sweep_offline` runs the same files without a server.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
 import importlib
 import logging
 import math
@@ -25,18 +22,18 @@ from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from experiments.common import setup_logging
 from experiments.config import CONFIG_DIR, Config, ConfigError, load_config, parse_overrides
 from experiments.config import validate as validate_config
+from experiments.grid import cli
 from experiments.pipeline import method_from_argv
 
 log = logging.getLogger(__name__)
 
 METHODS, GOALS = ("grid", "random", "bayes"), ("minimize", "maximize")
 GRID_KINDS = ("constant", "categorical", "int_uniform", "q_uniform")  # what a grid enumerates
-# The macros our entry points can read; W&B's JSON, `--key value`, Hydra and bare-flag ones not.
+# The macros our entry points can read (not W&B's JSON, `--key value`, Hydra or bare flags).
 ARG_MACROS = ("${args}", "${args_no_hyphens}")
 MACROS = (*ARG_MACROS, "${env}", "${interpreter}", "${program}")
 ENVVAR = re.compile(r"\$\{envvar:([A-Z0-9_]*)\}")
@@ -52,14 +49,13 @@ ENTRY_POINT_METRICS: dict[str, tuple[str, ...]] = {
 }
 
 
-class SweepError(ValueError):
+class SweepError(ConfigError):
     """A sweep file or set-up that cannot be used; the message names the file and the fix."""
 
 
 def load_sweep(path: str | Path) -> dict[str, Any]:
-    """Read a sweep YAML (W&B's format) and check it (:func:`validate_sweep`)."""
-    p = Path(path)
-    if not p.is_file():
+    """Read a sweep YAML and check it (:func:`validate_sweep`)."""
+    if not (p := Path(path)).is_file():
         avail = sorted(str(q) for q in (CONFIG_DIR / "sweeps").glob("*.yaml"))
         raise SweepError(f"Sweep file {p} does not exist. Available: {avail}")
     try:
@@ -79,8 +75,7 @@ def sweep_name(sweep: dict, path: str | Path) -> str:
 
 def flat_parameters(sweep: dict, path: str | Path = "<sweep>") -> dict[str, dict]:
     """``parameters:`` as {dotted config key: spec}."""
-    params = sweep.get("parameters")
-    if not isinstance(params, dict) or not params:
+    if not isinstance(params := sweep.get("parameters"), dict) or not params:
         raise SweepError(f"{path}: 'parameters' must be a non-empty mapping of config keys")
     return params
 
@@ -93,34 +88,36 @@ def spec_kind(spec: dict) -> str:
     if "value" in spec or "values" in spec:
         return ("constant" if "value" in spec else
                 "categorical_w_probabilities" if "probabilities" in spec else "categorical")
-    if "min" in spec and "max" in spec:
-        return "int_uniform" if all(type(spec[k]) is int for k in ("min", "max")) else "uniform"
-    return "unknown"
+    ints = all(type(spec.get(k)) is int for k in ("min", "max"))
+    return ("int_uniform" if ints else "uniform") if "min" in spec and "max" in spec else "unknown"
 
 
 def example_values(spec: dict) -> list:
     """Values a spec can produce, for type checks: every listed value, or the range's ends."""
-    kind, ends = spec_kind(spec), [spec[k] for k in ("min", "max") if k in spec]
+    kind, ends, q = spec_kind(spec), [spec[k] for k in ("min", "max") if k in spec], spec.get("q")
     if "value" in spec or "values" in spec:
         return [spec["value"]] if kind == "constant" else list(spec["values"])
     if kind in ("log_uniform", "inv_log_uniform", "q_log_uniform"):
         return []  # min/max are exponents (W&B's "v1" distributions), not config values
     if kind.startswith("q_"):  # round(x / q) * q: an int only when q is an int (W&B)
-        q = spec.get("q", 1.0)
-        return [(int if isinstance(q, int) else float)(round(e / q) * q) for e in ends]
-    if kind in ("uniform", "log_uniform_values", "inv_log_uniform_values"):
-        return [float(e) for e in ends]  # drawn as floats even when min/max are ints
-    return ends
+        return [(int if isinstance(q, int) else float)(round(e / (q or 1.0)) * (q or 1.0))
+                for e in ends]
+    return [float(e) for e in ends] if "uniform" in kind and kind != "int_uniform" else ends
 
 
 def _value_problem(schema: DictConfig, key: str, value: Any) -> str | None:
-    """Why ``key=<value as the agent writes it>`` does not pass our config schema, or None."""
+    """Why ``key=<value as the agent writes it>`` fails our config, or None."""
     if value is None:
-        return ("null is passed by the W&B agent as the text 'None'; leave the key out of the "
-                "sweep (or set it in the command) instead")
+        return "null is passed by the W&B agent as the text 'None'; leave the key out instead"
+    if folder := {"data": "data", "profile": "profiles"}.get(key):  # data=<configs/data/X.yaml>
+        auto = (key, value) == ("profile", "auto")
+        return None if auto or (CONFIG_DIR / folder / f"{value}.yaml").is_file() else (
+            f"names no configs/{folder}/ file")
     try:
-        validate_config(OmegaConf.merge(schema, OmegaConf.from_dotlist(
-            parse_overrides([f"--{key}={value}"]))))
+        overrides = parse_overrides([f"--{key}={value}"])
+        validate_config(OmegaConf.merge(schema, OmegaConf.from_dotlist(overrides)))
+    except ConfigKeyError:
+        return "not a config key (see experiments/config.py)"
     except (ConfigError, OmegaConfBaseException) as e:
         return str(e).splitlines()[0]
     return None
@@ -128,34 +125,23 @@ def _value_problem(schema: DictConfig, key: str, value: Any) -> str | None:
 
 def _parameter_problems(key: str, spec: Any, method: Any, schema: DictConfig, fixed: set):
     if not isinstance(spec, dict) or "parameters" in spec:  # the agent would pass one repr
-        yield ("must be a mapping such as {values: [...]}, {value: x} or {min: a, max: b}; "
-               f"write nested config keys as dotted names (e.g. '{key}.lr: {{values: [...]}}')")
-        return
+        return [f"must be a mapping such as {{values: [...]}}; write nested config keys as "
+                f"dotted names (e.g. '{key}.lr: {{values: [...]}}')"]
     kind, bounds = spec_kind(spec), [spec[k] for k in ("min", "max", "q") if k in spec]
-    if key in ("data", "profile"):  # file selectors: data=<configs/data/NAME.yaml>
-        folder = "profiles" if key == "profile" else "data"
-        yield from (f"{v!r} names no configs/{folder}/ file" for v in example_values(spec)
-                    if (key, v) != ("profile", "auto")
-                    and not (CONFIG_DIR / folder / f"{v}.yaml").is_file())
-    elif OmegaConf.select(schema, key, default="__missing__") == "__missing__":
-        yield "not a config key (see experiments/config.py)"
-    elif kind == "unknown":
-        yield "needs values, value or min/max"
-    elif any(isinstance(b, bool) or not isinstance(b, int | float) for b in bounds):
-        yield f"min/max/q must be numbers, got {bounds} (YAML reads 1e-4 as text: write 0.0001)"
-    else:
-        p, lo, hi = spec.get("probabilities"), spec.get("min", -math.inf), spec.get("max", math.inf)
-        yield from (msg for wrong, msg in [
-            (key in fixed, "also set in command, whose value would silently win: remove one"),
-            (method == "grid" and kind not in GRID_KINDS,
-             f"distribution {kind!r} cannot be used with method: grid (use {GRID_KINDS})"),
-            (not lo <= hi, f"min {lo} > max {hi}"),
-            (p is not None and (len(p) != len(spec["values"]) or abs(sum(p) - 1) > 1e-6),
-             f"probabilities {p} must match values and sum to 1"),
-        ] if wrong)
-        for value in example_values(spec):
-            if reason := _value_problem(schema, key, value):
-                yield f"value {value!r}: {reason}"
+    if any(isinstance(b, bool) or not isinstance(b, int | float) for b in bounds):
+        return [f"min/max/q must be numbers, got {bounds} (YAML reads 1e-4 as text: write 0.0001)"]
+    p, lo, hi = spec.get("probabilities"), spec.get("min", -math.inf), spec.get("max", math.inf)
+    values = [(v, r) for v in example_values(spec) if (r := _value_problem(schema, key, v))]
+    return [msg for wrong, msg in [
+        (key in fixed, "also set in command, whose value would silently win: remove one"),
+        (kind == "unknown", "needs values, value or min/max"),
+        (method == "grid" and kind not in GRID_KINDS,
+         f"distribution {kind!r} cannot be used with method: grid (use {GRID_KINDS})"),
+        (not lo <= hi, f"min {lo} > max {hi}"),
+        (p is not None and (len(p) != len(spec["values"]) or abs(sum(p) - 1) > 1e-6),
+         f"probabilities {p} must match values and sum to 1"),
+        (values, "value {!r}: {}".format(*values[0]) if values else ""),  # the first says enough
+    ] if wrong]
 
 
 def command_entry_point(command: list) -> str | None:
@@ -181,8 +167,8 @@ def validate_sweep(sweep: dict, path: str | Path = "<sweep>") -> None:
          f"metric.goal: {metric.get('goal')!r} is not one of {list(GOALS)}"),
         (name and not str(name).startswith("val/"), f"metric.name: {name!r} - a sweep optimises "
          "a validation metric ('val/...'), never the test set"),
-        (name and name not in written,
-         f"metric.name: {name!r} is not written by {module} (it writes {list(written)})"),
+        (name and name not in written, f"metric.name: {name!r} is not written by {module} (it writes "
+         f"{list(written)})"),
         (not items, "command: needs a list: [${env}, python, -m, MODULE, ${args_no_hyphens}]"),
         (bad or not set(items) & set(ARG_MACROS), "command: must pass the trial's parameters "
          "with ${args_no_hyphens} (key=value) or ${args} (--key=value)"
@@ -191,10 +177,9 @@ def validate_sweep(sweep: dict, path: str | Path = "<sweep>") -> None:
     try:
         params = flat_parameters(sweep, path)
     except SweepError as e:
-        problems.append(str(e).split(": ", 1)[-1])
-        params = {}
-    schema = OmegaConf.structured(Config)
+        problems, params = [*problems, str(e).split(": ", 1)[-1]], {}
     fixed = {i.split("=", 1)[0].lstrip("-") for i in items if "=" in i and not i.startswith("$")}
+    schema = OmegaConf.structured(Config)
     for key, spec in params.items():
         problems += [f"parameters.{key}: {p}"
                      for p in _parameter_problems(key, spec, method, schema, fixed)]
@@ -203,8 +188,8 @@ def validate_sweep(sweep: dict, path: str | Path = "<sweep>") -> None:
 
 
 def with_overrides(command: list, overrides: list[str], out_dir: str | None = None) -> list[str]:
-    """The sweep's command with extra ``key=value`` items (and ``out_dir=``, replacing the
-    command's) just before the argument macro, so that the trial's parameters still come last."""
+    """The command with extra ``key=value`` items (and ``out_dir=``, replacing the command's)
+    just before the argument macro, so that the trial's parameters still come last."""
     items = [str(c) for c in command]
     if out_dir is not None:
         items = [c for c in items if not c.lstrip("-").startswith("out_dir=")]
@@ -221,10 +206,8 @@ def agent_command(command: list, params: dict[str, Any], program: str | None = N
     macros = {"${args}": ["--" + f for f in flags], "${args_no_hyphens}": flags,
               "${env}": ["/usr/bin/env"] if os.name != "nt" else [],
               "${interpreter}": ["python"], "${program}": [program] if program else []}
-    argv = []
-    for c in map(str, command):
-        argv += macros.get(c, [ENVVAR.sub(lambda m: os.environ.get(m[1], m[1]), c)])
-    return argv
+    return [a for c in map(str, command)
+            for a in macros.get(c, [ENVVAR.sub(lambda m: os.environ.get(m[1], m[1]), c)])]
 
 
 def config_for_command(argv: list[str]) -> DictConfig:
@@ -243,23 +226,12 @@ def config_for_command(argv: list[str]) -> DictConfig:
     return load_config("simclr" if module == "experiments.train_simclr" else "base", overrides)
 
 
-def run_cli(prog: str, description: str, options: dict[str, dict], run, argv: list[str] | None):
-    """``prog SWEEP.yaml [options] [overrides]``, overrides anywhere and as ``key=value`` or
-    ``--key=value``; ``run(args)``, where a SweepError or ConfigError exits with status 2."""
-    setup_logging()
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("sweep", help="configs/sweeps/<name>.yaml")
-    for flag, kwargs in options.items():
-        parser.add_argument(flag, **kwargs)
-    args, unknown = parser.parse_known_intermixed_args(argv)
-    if bad := [u for u in unknown if not (u.startswith("--") and "=" in u)]:
-        parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    args.overrides = [*args.overrides, *unknown]
+def check_command(argv: list[str], path: str | Path) -> None:
+    """A bad override would fail every run: fail once, now."""
     try:
-        return run(args)
-    except (SweepError, ConfigError) as e:
-        log.error("%s", e)
-        raise SystemExit(2) from None
+        config_for_command(argv)
+    except ConfigError as e:
+        raise SweepError(f"{path}: the command does not parse: {e}") from None
 
 
 def check_wandb_access(path: str | Path = "<file>") -> None:
@@ -274,25 +246,21 @@ def check_wandb_access(path: str | Path = "<file>") -> None:
     elif wandb.setup().settings.mode in ("offline", "dryrun", "disabled"):
         problem = "W&B is set to offline (`wandb offline` or a settings file): `wandb online`."
     elif not wandb.login(prompt=False, verify=False):
-        problem = ("No W&B credentials found (WANDB_API_KEY, `wandb login` / ~/.netrc). Run "
-                   "`wandb login` or export WANDB_API_KEY.")
+        problem = "No W&B credentials found: run `wandb login` or export WANDB_API_KEY."
     else:
         return
     raise SweepError(f"{problem} {OFFLINE_HINT.format(path)}")
 
 
 def server_config(sweep: dict, name: str, overrides: list[str]) -> dict:
-    """The sweep config sent to W&B: our extra overrides placed in the command, and a per-run
+    """The sweep config sent to W&B: our overrides placed in the command, and a per-run
     ``out_dir`` (``outputs/sweeps/<name>/<run id>``) unless the command sets one."""
-    cfg = copy.deepcopy(sweep)
-    own = any(str(c).lstrip("-").startswith("out_dir=") for c in cfg["command"])
-    cfg["command"] = with_overrides(cfg["command"], overrides,
-                                    None if own else RUN_DIR_TEMPLATE.format(name=name))
-    cfg.setdefault("name", name)
-    return cfg
+    own = any(str(c).lstrip("-").startswith("out_dir=") for c in sweep["command"])
+    out_dir = None if own else RUN_DIR_TEMPLATE.format(name=name)
+    return {"name": name, **sweep, "command": with_overrides(sweep["command"], overrides, out_dir)}
 
 
-def run_online(args: argparse.Namespace) -> str:
+def run_online(args: Any) -> str:
     """Create the sweep on W&B (or join ``--sweep-id``) and run an agent here; the sweep id."""
     path, sweep = Path(args.sweep), load_sweep(args.sweep)
     overrides = parse_overrides(args.overrides)
@@ -301,10 +269,10 @@ def run_online(args: argparse.Namespace) -> str:
         raise SweepError(f"{clash} set keys that {path} sweeps over; drop them or edit the sweep")
     if items.get("logger.name") == "none":
         raise SweepError("logger=none: the W&B sweep would never see the runs' metrics")
+    # The runs' WandbLogger must log to the sweep's project/entity, or the sweep never sees them.
     project = (args.project or sweep.get("project") or items.get("logger.project")
                or Config().logger.project)
     entity = args.entity or sweep.get("entity") or items.get("logger.entity")
-    # The runs' WandbLogger must log to the sweep's project/entity, or the sweep never sees them.
     if items.get("logger.project", project) != project:
         raise SweepError(f"logger.project={items['logger.project']} differs from the sweep's "
                          f"project {project}; give one of them")
@@ -313,16 +281,13 @@ def run_online(args: argparse.Namespace) -> str:
     check_wandb_access(path)
     name = sweep_name(sweep, path)
     cfg = server_config(sweep, name, overrides)
-    try:  # the first run would fail on a bad override: fail now, before anything is created
-        config_for_command(agent_command(cfg["command"], {}, cfg.get("program")))
-    except ConfigError as e:
-        raise SweepError(f"{path}: the command does not parse: {e}") from None
+    check_command(agent_command(cfg["command"], {}, cfg.get("program")), path)
     import requests
     import wandb
 
     # The agent's runs log online (make_logger is offline unless asked); its `python` is ours.
     os.environ["WANDB_MODE"] = "online"
-    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     try:
         step = "Could not create the sweep on W&B"
         sweep_id = args.sweep_id or wandb.sweep(cfg, entity=entity, project=project)
@@ -337,15 +302,16 @@ def run_online(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    options = {
+    arguments = {
+        "sweep": dict(help="configs/sweeps/<name>.yaml"),
         "--count": dict(type=int, help="runs this agent does (default: until the sweep ends)"),
         "--project": dict(help="W&B project (default: the file's project:, else logger.project)"),
         "--entity": dict(help="W&B entity (default: yours)"),
         "--sweep-id": dict(help="join an existing sweep (another machine's agent) instead"),
         "overrides": dict(nargs="*", help="key=value added to every run (e.g. data=padchest)"),
     }
-    return run_cli("python -m experiments.sweep", "Create a W&B sweep from a sweep YAML and "
-                   "start an agent on this machine.", options, run_online, argv)
+    return cli("python -m experiments.sweep", "Create a W&B sweep from a sweep YAML and start an "
+               "agent on this machine.", arguments, run_online, argv)
 
 
 if __name__ == "__main__":

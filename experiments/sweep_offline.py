@@ -32,18 +32,17 @@ from typing import Any
 import numpy as np
 import yaml
 
-from experiments.config import ConfigError, parse_overrides
-from experiments.grid import cartesian, failed, run_grid, write_table
+from experiments.config import parse_overrides
+from experiments.grid import cartesian, cli, failed, run_grid, write_table
 from experiments.sweep import (
     SWEEP_ROOT,
     SweepError,
     agent_command,
+    check_command,
     command_entry_point,
-    config_for_command,
     example_values,
     flat_parameters,
     load_sweep,
-    run_cli,
     spec_kind,
     sweep_name,
     with_overrides,
@@ -208,10 +207,7 @@ def run_sweep(sweep_path: str | Path, count: int | None = None, seed: int = 0,
                              program=sweep.get("program"))
 
     if points and (command_entry_point(sweep["command"]) or "").startswith("experiments."):
-        try:  # a bad override would fail every trial: fail once, now
-            config_for_command(command(0, points[0]))
-        except ConfigError as e:
-            raise SweepError(f"{path}: the trial command does not parse: {e}") from None
+        check_command(command(0, points[0]), path)
     log.info("Sweep %s: %d trial(s), %s search, metric %s (%s); folders under %s", name,
              len(points), sweep["method"], metric, goal, folder)
     target, sign = sweep["metric"].get("target"), (1 if goal == "minimize" else -1)
@@ -239,7 +235,8 @@ def run_sweep(sweep_path: str | Path, count: int | None = None, seed: int = 0,
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    options = {
+    arguments = {
+        "sweep": dict(help="configs/sweeps/<name>.yaml"),
         "--count": dict(type=int, help="trials to run: required for random search; caps a grid"),
         "--seed": dict(type=int, default=0, help="seed of the random search"),
         "--root": dict(default=SWEEP_ROOT, help="trials go to ROOT/<sweep name>/<id>"),
@@ -247,9 +244,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "--force": dict(action="store_true", help="re-run finished trials"),
         "overrides": dict(nargs="*", help="key=value added to every trial (e.g. profile=cpu)"),
     }
-    return run_cli("python -m experiments.sweep_offline", "Run a W&B sweep file's grid/random "
-                   "search locally (no W&B server).", options, lambda a: run_sweep(
-                       a.sweep, a.count, a.seed, a.overrides, a.root, a.stream, a.force), argv)
+    return cli("python -m experiments.sweep_offline", "Run a W&B sweep file's grid/random search "
+               "locally (no W&B server).", arguments, lambda a: run_sweep(
+                   a.sweep, a.count, a.seed, a.overrides, a.root, a.stream, a.force), argv)
 
 
 if __name__ == "__main__":
