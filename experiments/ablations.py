@@ -29,7 +29,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from experiments.config import ConfigError, parse_overrides
-from experiments.grid import cartesian, cli, failed, run_grid, write_table
+from experiments.grid import cartesian, cli, failed, override_problem, run_grid, write_table
 
 log = logging.getLogger(__name__)
 GRID_KEYS = ("sizes", "distance", "weights", "fusion")
@@ -46,6 +46,10 @@ def load_spec(path: str | Path) -> dict:
     bad = set(spec.get("grid", {})) - set(GRID_KEYS)
     if bad:
         raise ConfigError(f"{path}: unknown grid keys {sorted(bad)}; use {list(GRID_KEYS)}")
+    for key in ("distance", "fusion"):  # a typo fails here, not in every variant
+        for value in spec.get("grid", {}).get(key, []):
+            if reason := override_problem(f"patch.{key}", value):
+                raise ConfigError(f"{path}: grid.{key}: {value!r}: {reason}")
     spec.setdefault("name", path.stem)
     return spec
 

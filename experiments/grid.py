@@ -1,7 +1,12 @@
-"""The one grid runner of the offline sweeps (:mod:`experiments.sweep_offline`) and the ablations
-(:mod:`experiments.ablations`): expand a grid into runs, run each through a callable under a
-progress bar, one row per run, failed runs counted and kept as rows, rows written as a CSV file
-and a markdown table; and the command line they and :mod:`experiments.sweep` share."""
+"""Grids over config keys and the one grid runner of the offline sweeps
+(:mod:`experiments.sweep_offline`) and the ablations (:mod:`experiments.ablations`).
+
+A grid is a set of axes: plain lists of values (ablations), or W&B's parameter specs (sweep files:
+``value``, ``values``, ``min``/``max``, ``distribution``; checked against our config schema before
+any run). :func:`run_grid` runs every point through a callable under a progress bar, one row each,
+failed runs counted and kept as rows; :func:`write_table` writes the rows as CSV and markdown;
+:func:`cli` is the command line of the sweeps and the ablations.
+"""
 
 from __future__ import annotations
 
@@ -15,12 +20,16 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
 from experiments.common import setup_logging, track
-from experiments.config import ConfigError
+from experiments.config import CONFIG_DIR, Config, ConfigError, parse_overrides, validate
 
 log = logging.getLogger(__name__)
 
 Row = dict[str, Any]
+GRID_KINDS = ("constant", "categorical", "int_uniform", "q_uniform")  # what a grid enumerates
 
 
 def cartesian(axes: dict[str, Iterable]) -> list[dict[str, Any]]:
@@ -34,6 +43,71 @@ def cartesian(axes: dict[str, Iterable]) -> list[dict[str, Any]]:
             seen.add(key)
             points.append(dict(zip(names, combo)))
     return points
+
+
+def override_problem(key: str, value: Any) -> str | None:
+    """Why the override ``key=<value as str() writes it>`` fails our config schema, or None."""
+    if value is None:
+        return "null is passed by the W&B agent as the text 'None'; leave the key out instead"
+    if folder := {"data": "data", "profile": "profiles"}.get(key):  # data=<configs/data/X.yaml>
+        auto = (key, value) == ("profile", "auto")
+        return None if auto or (CONFIG_DIR / folder / f"{value}.yaml").is_file() else (
+            f"names no configs/{folder}/ file")
+    try:
+        items = OmegaConf.from_dotlist(parse_overrides([f"--{key}={value}"]))
+        validate(OmegaConf.merge(OmegaConf.structured(Config), items))
+    except ConfigKeyError:
+        return "not a config key (see experiments/config.py)"
+    except (ConfigError, OmegaConfBaseException) as e:
+        return str(e).splitlines()[0]
+    return None
+
+
+def spec_kind(spec: dict) -> str:
+    """A parameter's W&B distribution, with W&B's defaults: ``value`` -> constant, ``values`` ->
+    categorical(_w_probabilities), ``min``/``max`` -> int_uniform if both are ints, else uniform."""
+    if "distribution" in spec:
+        return str(spec["distribution"])
+    if "value" in spec or "values" in spec:
+        return ("constant" if "value" in spec else
+                "categorical_w_probabilities" if "probabilities" in spec else "categorical")
+    ints = all(type(spec.get(k)) is int for k in ("min", "max"))
+    return ("int_uniform" if ints else "uniform") if "min" in spec and "max" in spec else "unknown"
+
+
+def example_values(spec: dict) -> list:
+    """Values a spec can produce, for type checks: every listed value, or the range's ends."""
+    kind, ends, q = spec_kind(spec), [spec[k] for k in ("min", "max") if k in spec], spec.get("q")
+    if "value" in spec or "values" in spec:
+        return [spec["value"]] if kind == "constant" else list(spec["values"])
+    if kind in ("log_uniform", "inv_log_uniform", "q_log_uniform"):
+        return []  # min/max are exponents (W&B's "v1" distributions), not config values
+    if kind.startswith("q_"):  # round(x / q) * q: an int only when q is an int (W&B)
+        return [(int if isinstance(q, int) else float)(round(e / (q or 1.0)) * (q or 1.0))
+                for e in ends]
+    return [float(e) for e in ends] if "uniform" in kind and kind != "int_uniform" else ends
+
+
+def spec_problems(key: str, spec: Any, method: Any) -> list[str]:
+    """What is wrong with the spec of config key ``key`` for a ``method`` (grid/random) search:
+    its form, its distribution, and the first of its values that our config refuses."""
+    if not isinstance(spec, dict) or "parameters" in spec:  # the agent would pass one repr
+        return [f"must be a mapping such as {{values: [...]}}; write nested config keys as "
+                f"dotted names (e.g. '{key}.lr: {{values: [...]}}')"]
+    kind, bounds = spec_kind(spec), [spec[k] for k in ("min", "max", "q") if k in spec]
+    if any(isinstance(b, bool) or not isinstance(b, int | float) for b in bounds):
+        return [f"min/max/q must be numbers, got {bounds} (YAML reads 1e-4 as text: write 0.0001)"]
+    p, lo, hi = spec.get("probabilities"), spec.get("min", -math.inf), spec.get("max", math.inf)
+    bad = [(v, r) for v in example_values(spec) if (r := override_problem(key, v))]
+    return [msg for wrong, msg in [
+        (kind == "unknown", "needs values, value or min/max"),
+        (method == "grid" and kind not in GRID_KINDS,
+         f"distribution {kind!r} cannot be used with method: grid (use {GRID_KINDS})"),
+        (not lo <= hi, f"min {lo} > max {hi}"),
+        (p is not None and (len(p) != len(spec["values"]) or abs(sum(p) - 1) > 1e-6),
+         f"probabilities {p} must match values and sum to 1"),
+        (bad, "value {!r}: {}".format(*bad[0]) if bad else ""),  # the first says enough
+    ] if wrong]
 
 
 def failed(row: Row) -> bool:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import math
 import os
 import re
 import sys
@@ -21,18 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf import DictConfig
 
 from experiments.config import CONFIG_DIR, Config, ConfigError, load_config, parse_overrides
-from experiments.config import validate as validate_config
-from experiments.grid import cli
+from experiments.grid import cli, spec_problems
 from experiments.pipeline import method_from_argv
 
 log = logging.getLogger(__name__)
 
 METHODS, GOALS = ("grid", "random", "bayes"), ("minimize", "maximize")
-GRID_KINDS = ("constant", "categorical", "int_uniform", "q_uniform")  # what a grid enumerates
 # The macros our entry points can read (not W&B's JSON, `--key value`, Hydra or bare flags).
 ARG_MACROS = ("${args}", "${args_no_hyphens}")
 MACROS = (*ARG_MACROS, "${env}", "${interpreter}", "${program}")
@@ -80,70 +76,6 @@ def flat_parameters(sweep: dict, path: str | Path = "<sweep>") -> dict[str, dict
     return params
 
 
-def spec_kind(spec: dict) -> str:
-    """A parameter's W&B distribution, with W&B's defaults: ``value`` -> constant, ``values`` ->
-    categorical(_w_probabilities), ``min``/``max`` -> int_uniform if both are ints, else uniform."""
-    if "distribution" in spec:
-        return str(spec["distribution"])
-    if "value" in spec or "values" in spec:
-        return ("constant" if "value" in spec else
-                "categorical_w_probabilities" if "probabilities" in spec else "categorical")
-    ints = all(type(spec.get(k)) is int for k in ("min", "max"))
-    return ("int_uniform" if ints else "uniform") if "min" in spec and "max" in spec else "unknown"
-
-
-def example_values(spec: dict) -> list:
-    """Values a spec can produce, for type checks: every listed value, or the range's ends."""
-    kind, ends, q = spec_kind(spec), [spec[k] for k in ("min", "max") if k in spec], spec.get("q")
-    if "value" in spec or "values" in spec:
-        return [spec["value"]] if kind == "constant" else list(spec["values"])
-    if kind in ("log_uniform", "inv_log_uniform", "q_log_uniform"):
-        return []  # min/max are exponents (W&B's "v1" distributions), not config values
-    if kind.startswith("q_"):  # round(x / q) * q: an int only when q is an int (W&B)
-        return [(int if isinstance(q, int) else float)(round(e / (q or 1.0)) * (q or 1.0))
-                for e in ends]
-    return [float(e) for e in ends] if "uniform" in kind and kind != "int_uniform" else ends
-
-
-def _value_problem(schema: DictConfig, key: str, value: Any) -> str | None:
-    """Why ``key=<value as the agent writes it>`` fails our config, or None."""
-    if value is None:
-        return "null is passed by the W&B agent as the text 'None'; leave the key out instead"
-    if folder := {"data": "data", "profile": "profiles"}.get(key):  # data=<configs/data/X.yaml>
-        auto = (key, value) == ("profile", "auto")
-        return None if auto or (CONFIG_DIR / folder / f"{value}.yaml").is_file() else (
-            f"names no configs/{folder}/ file")
-    try:
-        overrides = parse_overrides([f"--{key}={value}"])
-        validate_config(OmegaConf.merge(schema, OmegaConf.from_dotlist(overrides)))
-    except ConfigKeyError:
-        return "not a config key (see experiments/config.py)"
-    except (ConfigError, OmegaConfBaseException) as e:
-        return str(e).splitlines()[0]
-    return None
-
-
-def _parameter_problems(key: str, spec: Any, method: Any, schema: DictConfig, fixed: set):
-    if not isinstance(spec, dict) or "parameters" in spec:  # the agent would pass one repr
-        return [f"must be a mapping such as {{values: [...]}}; write nested config keys as "
-                f"dotted names (e.g. '{key}.lr: {{values: [...]}}')"]
-    kind, bounds = spec_kind(spec), [spec[k] for k in ("min", "max", "q") if k in spec]
-    if any(isinstance(b, bool) or not isinstance(b, int | float) for b in bounds):
-        return [f"min/max/q must be numbers, got {bounds} (YAML reads 1e-4 as text: write 0.0001)"]
-    p, lo, hi = spec.get("probabilities"), spec.get("min", -math.inf), spec.get("max", math.inf)
-    values = [(v, r) for v in example_values(spec) if (r := _value_problem(schema, key, v))]
-    return [msg for wrong, msg in [
-        (key in fixed, "also set in command, whose value would silently win: remove one"),
-        (kind == "unknown", "needs values, value or min/max"),
-        (method == "grid" and kind not in GRID_KINDS,
-         f"distribution {kind!r} cannot be used with method: grid (use {GRID_KINDS})"),
-        (not lo <= hi, f"min {lo} > max {hi}"),
-        (p is not None and (len(p) != len(spec["values"]) or abs(sum(p) - 1) > 1e-6),
-         f"probabilities {p} must match values and sum to 1"),
-        (values, "value {!r}: {}".format(*values[0]) if values else ""),  # the first says enough
-    ] if wrong]
-
-
 def command_entry_point(command: list) -> str | None:
     """The module run by ``python -m <module>`` in a sweep command, or None."""
     items = [str(c) for c in command]
@@ -167,8 +99,8 @@ def validate_sweep(sweep: dict, path: str | Path = "<sweep>") -> None:
          f"metric.goal: {metric.get('goal')!r} is not one of {list(GOALS)}"),
         (name and not str(name).startswith("val/"), f"metric.name: {name!r} - a sweep optimises "
          "a validation metric ('val/...'), never the test set"),
-        (name and name not in written, f"metric.name: {name!r} is not written by {module} (it writes "
-         f"{list(written)})"),
+        (name and name not in written,
+         f"metric.name: {name!r} is not written by {module} (it writes {list(written)})"),
         (not items, "command: needs a list: [${env}, python, -m, MODULE, ${args_no_hyphens}]"),
         (bad or not set(items) & set(ARG_MACROS), "command: must pass the trial's parameters "
          "with ${args_no_hyphens} (key=value) or ${args} (--key=value)"
@@ -179,10 +111,9 @@ def validate_sweep(sweep: dict, path: str | Path = "<sweep>") -> None:
     except SweepError as e:
         problems, params = [*problems, str(e).split(": ", 1)[-1]], {}
     fixed = {i.split("=", 1)[0].lstrip("-") for i in items if "=" in i and not i.startswith("$")}
-    schema = OmegaConf.structured(Config)
     for key, spec in params.items():
-        problems += [f"parameters.{key}: {p}"
-                     for p in _parameter_problems(key, spec, method, schema, fixed)]
+        also = ["also set in command, whose value would silently win: remove one"] * (key in fixed)
+        problems += [f"parameters.{key}: {p}" for p in also + spec_problems(key, spec, method)]
     if problems:
         raise SweepError(f"{path}: invalid sweep file:\n  - " + "\n  - ".join(problems))
 
@@ -287,7 +218,7 @@ def run_online(args: Any) -> str:
 
     # The agent's runs log online (make_logger is offline unless asked); its `python` is ours.
     os.environ["WANDB_MODE"] = "online"
-    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     try:
         step = "Could not create the sweep on W&B"
         sweep_id = args.sweep_id or wandb.sweep(cfg, entity=entity, project=project)

@@ -4,17 +4,11 @@
         [key=value ...]
     make sweep-offline SWEEP=configs/sweeps/glow_cxr.yaml [COUNT=n] [ARGS="profile=cpu ..."]
 
-Each trial is a normal run: a subprocess running the sweep's ``command:`` exactly as W&B's agent
-would (:func:`experiments.sweep.agent_command`), logged to W&B offline, in its own folder
-``outputs/sweeps/<sweep name>/<trial id>`` (passed as ``out_dir=``). The metric is read from
-``<trial>/metrics.json``; the summary (best first) is printed and written as ``summary.csv`` and
-``summary.md`` (:mod:`experiments.grid`). Finished trials with the same command are reused, so an
-interrupted sweep resumes.
-
-Why our own sampler: W&B's reference engine (PyPI ``sweeps``) requires numpy<2 and pulls in
-scikit-learn; grid and random search are a few lines. Bayesian search needs the server (``make
-sweep``). The grid is W&B's: parameters in sorted name order, the first varying slowest;
-``int_uniform`` includes max, ``q_uniform`` is ``arange(min, max, q)`` (max excluded).
+Each trial is a normal run, in ``outputs/sweeps/<sweep name>/<trial id>``: the sweep's command as
+W&B's agent would run it, logged to W&B offline. The metric is read from its ``metrics.json``;
+the summary, best first, goes to ``summary.csv`` and ``summary.md``. Finished trials with the
+same command are reused, so an interrupted sweep resumes. Our own sampler, because W&B's engine
+(PyPI ``sweeps``) requires numpy<2; its grid order is W&B's (sorted names, the first slowest).
 """
 
 from __future__ import annotations
@@ -32,18 +26,16 @@ from typing import Any
 import numpy as np
 import yaml
 
+from experiments import grid
 from experiments.config import parse_overrides
-from experiments.grid import cartesian, cli, failed, run_grid, write_table
 from experiments.sweep import (
     SWEEP_ROOT,
     SweepError,
     agent_command,
     check_command,
     command_entry_point,
-    example_values,
     flat_parameters,
     load_sweep,
-    spec_kind,
     sweep_name,
     with_overrides,
 )
@@ -73,7 +65,7 @@ def sample_value(spec: dict, rng: np.random.Generator) -> Any:
         "q_log_uniform_values": lambda: _quantize(np.exp(rng.uniform(np.log(lo), np.log(hi))), q),
         "log_uniform": lambda: float(np.exp(rng.uniform(lo, hi))),
     }
-    kind = spec_kind(spec)
+    kind = grid.spec_kind(spec)
     if kind not in draw:
         raise SweepError(f"distribution {kind!r} is not supported offline (supported: "
                          f"{list(draw)}); use `make sweep` (W&B) for it")
@@ -83,9 +75,9 @@ def sample_value(spec: dict, rng: np.random.Generator) -> Any:
 
 def grid_values(spec: dict) -> list:
     """The values a grid enumerates for one parameter (W&B's grid search)."""
-    kind = spec_kind(spec)
+    kind = grid.spec_kind(spec)
     if kind in ("constant", "categorical"):
-        return example_values(spec)
+        return grid.example_values(spec)
     if kind == "int_uniform":
         return list(range(spec["min"], spec["max"] + 1))
     if kind == "q_uniform":  # as W&B: np.arange, so max itself is excluded
@@ -95,7 +87,7 @@ def grid_values(spec: dict) -> list:
 
 def grid_points(params: dict[str, dict]) -> list[dict[str, Any]]:
     """Every combination, parameters in sorted name order (W&B dedups repeated points)."""
-    return cartesian({n: grid_values(params[n]) for n in sorted(params)})
+    return grid.cartesian({n: grid_values(params[n]) for n in sorted(params)})
 
 
 def random_points(params: dict[str, dict], count: int, seed: int) -> list[dict[str, Any]]:
@@ -139,15 +131,16 @@ def trial_env() -> dict[str, str]:
 
 def run_trial(tid: str, params: dict, command: list[str], out: Path, metric: str, env: dict,
               stream: bool = False, force: bool = False) -> dict[str, Any]:
-    """Run one trial (output to ``<out>/trial.log``, and the console with ``stream``), or reuse
-    a finished one with the same command; record it in ``<out>/sweep_trial.json``; its row."""
+    """One trial's summary row: its command run (output in ``<out>/trial.log``, and on the
+    console with ``stream``) and recorded in ``<out>/sweep_trial.json``, or the finished trial
+    with the same command reused."""
     record_path, logfile = out / "sweep_trial.json", out / "trial.log"
-    row = {"trial": tid, **{k: str(v) for k, v in params.items()}, metric: math.nan}
+    row = {"trial": tid, **{k: str(v) for k, v in params.items()}, metric: math.nan,
+           "status": "ok", "seconds": 0.0, "out_dir": str(out)}
     try:
         old = {} if force else json.loads(record_path.read_text())
         if old.get("command") == command and old.get("status") == "ok":
-            row.update({metric: read_metric(out / "metrics.json", metric), "status": "ok",
-                        "seconds": old.get("seconds", 0.0), "out_dir": str(out)})
+            row[metric], row["seconds"] = read_metric(out / "metrics.json", metric), old["seconds"]
             log.info("Trial %s: done before (%s = %s), reused", tid, metric, row[metric])
             return row
     except (OSError, ValueError, KeyError):
@@ -164,7 +157,7 @@ def run_trial(tid: str, params: dict, command: list[str], out: Path, metric: str
             sys.stdout.write(line)
             fh.write(line)
         rc = proc.wait()
-    row.update(status="ok", seconds=round(time.monotonic() - start, 1), out_dir=str(out))
+    row["seconds"] = round(time.monotonic() - start, 1)
     if rc != 0:
         row["status"] = "failed"
         tail = "\n".join(logfile.read_text(errors="replace").splitlines()[-15:])
@@ -188,46 +181,40 @@ def run_sweep(sweep_path: str | Path, count: int | None = None, seed: int = 0,
               stream: bool = False, force: bool = False) -> list[dict[str, Any]]:
     """Run a sweep file's grid or random search locally; returns the summary rows, best first."""
     path, sweep = Path(sweep_path), load_sweep(sweep_path)
-    name, (metric, goal) = sweep_name(sweep, path), (sweep["metric"]["name"],
-                                                     sweep["metric"].get("goal", "minimize"))
+    name, metric, goal = (sweep_name(sweep, path), sweep["metric"]["name"],
+                          sweep["metric"].get("goal", "minimize"))
     extra = parse_overrides(overrides or [])
     if clash := [o for o in extra if o.split("=", 1)[0] in {*flat_parameters(sweep), "out_dir"}]:
         raise SweepError(f"{clash}: out_dir is set per trial and the other keys are swept by "
                          f"{path}; drop them")
     if "early_terminate" in sweep:
         log.warning("%s: early_terminate is ignored offline (every trial runs to the end)", path)
-    points, folder = plan_trials(sweep, count, seed), Path(root) / name
+    points, folder, env = plan_trials(sweep, count, seed), Path(root) / name, trial_env()
     folder.mkdir(parents=True, exist_ok=True)
     used = dict(sweep, command=with_overrides(sweep["command"], extra))
     (folder / "sweep.yaml").write_text(yaml.safe_dump(used, sort_keys=False))
-
-    def command(i: int, params: dict) -> list[str]:
-        out_dir = str(folder / f"t{i:03d}")
-        return agent_command(with_overrides(sweep["command"], extra, out_dir), params,
-                             program=sweep.get("program"))
-
+    commands = [agent_command(with_overrides(sweep["command"], extra, str(folder / f"t{i:03d}")),
+                              p, program=sweep.get("program")) for i, p in enumerate(points)]
     if points and (command_entry_point(sweep["command"]) or "").startswith("experiments."):
-        check_command(command(0, points[0]), path)
+        check_command(commands[0], path)
     log.info("Sweep %s: %d trial(s), %s search, metric %s (%s); folders under %s", name,
              len(points), sweep["method"], metric, goal, folder)
     target, sign = sweep["metric"].get("target"), (1 if goal == "minimize" else -1)
-    env = trial_env()
 
     def reached(row: dict) -> bool:  # W&B stops a sweep once its metric target is reached
-        hit = target is not None and not failed(row) and sign * (row[metric] - target) <= 0
+        hit = target is not None and not grid.failed(row) and sign * (row[metric] - target) <= 0
         if hit:
             log.info("Metric target %s reached: no further trials (as W&B does)", target)
         return hit
 
-    def trial(i: int, params: dict) -> dict[str, Any]:
-        tid = f"t{i:03d}"
-        return run_trial(tid, params, command(i, params), folder / tid, metric, env, stream, force)
-
-    rows = run_grid(points, trial, f"sweep {name}", stop=reached, progress=not stream)
-    ok = sorted((r for r in rows if not failed(r) and math.isfinite(r[metric])),
+    rows = grid.run_grid(points, lambda i, p: run_trial(
+        f"t{i:03d}", p, commands[i], folder / f"t{i:03d}", metric, env, stream, force),
+        f"sweep {name}", stop=reached, progress=not stream)
+    ok = sorted((r for r in rows if not grid.failed(r) and math.isfinite(r[metric])),
                 key=lambda r: sign * r[metric])
     rows = [{"rank": k, **r} for k, r in enumerate(ok + [r for r in rows if r not in ok], 1)]
-    csv_path, md_path = write_table(rows, folder / "summary", f"Sweep {name}: {metric} ({goal})")
+    title = f"Sweep {name}: {metric} ({goal})"
+    csv_path, md_path = grid.write_table(rows, folder / "summary", title)
     log.info("%d/%d trial(s) ok; summary: %s, %s", len(ok), len(rows), csv_path, md_path)
     if rows and not ok:
         raise SweepError(f"every trial of {path} failed; see <trial>/trial.log under {folder}")
@@ -244,9 +231,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "--force": dict(action="store_true", help="re-run finished trials"),
         "overrides": dict(nargs="*", help="key=value added to every trial (e.g. profile=cpu)"),
     }
-    return cli("python -m experiments.sweep_offline", "Run a W&B sweep file's grid/random search "
-               "locally (no W&B server).", arguments, lambda a: run_sweep(
-                   a.sweep, a.count, a.seed, a.overrides, a.root, a.stream, a.force), argv)
+    return grid.cli("python -m experiments.sweep_offline", "Run a W&B sweep file's grid/random "
+                    "search locally (no W&B server).", arguments, lambda a: run_sweep(
+                        a.sweep, a.count, a.seed, a.overrides, a.root, a.stream, a.force), argv)
 
 
 if __name__ == "__main__":
