@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import itertools
 import json
 import logging
@@ -45,6 +46,11 @@ def cartesian(axes: dict[str, Iterable]) -> list[dict[str, Any]]:
     return points
 
 
+@functools.cache
+def _schema() -> Any:
+    return OmegaConf.structured(Config)  # merging into it leaves it as it is
+
+
 def override_problem(key: str, value: Any) -> str | None:
     """Why the override ``key=<value as str() writes it>`` fails our config schema, or None."""
     if value is None:
@@ -55,7 +61,7 @@ def override_problem(key: str, value: Any) -> str | None:
             f"names no configs/{folder}/ file")
     try:
         items = OmegaConf.from_dotlist(parse_overrides([f"--{key}={value}"]))
-        validate(OmegaConf.merge(OmegaConf.structured(Config), items))
+        validate(OmegaConf.merge(_schema(), items))
     except ConfigKeyError:
         return "not a config key (see experiments/config.py)"
     except (ConfigError, OmegaConfBaseException) as e:
