@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -126,6 +127,10 @@ def trial_env() -> dict[str, str]:
            if k not in ("WANDB_SWEEP_ID", "WANDB_RUN_ID", "WANDB_SWEEP_PARAM_PATH")}
     env.update(WANDB_MODE="offline", WANDB_SILENT=env.get("WANDB_SILENT", "true"),
                PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
+    found = shutil.which("python", path=env["PATH"])
+    if not found or not os.path.samefile(found, sys.executable):
+        log.warning("`python` on PATH is %s, not this interpreter %s: the trials run with it",
+                    found, sys.executable)
     return env
 
 
