@@ -28,6 +28,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from experiments.cli import entry
 from experiments.config import ConfigError, parse_overrides
 from experiments.grid import cartesian, cli, failed, override_problem, run_grid, write_table
 
@@ -172,4 +173,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig
 
+from experiments.cli import entry
 from experiments.config import CONFIG_DIR, Config, ConfigError, load_config, parse_overrides
 from experiments.grid import cli, spec_problems
 from experiments.pipeline import method_from_argv
@@ -166,8 +167,8 @@ def check_command(argv: list[str], path: str | Path) -> None:
 
 
 def check_wandb_access(path: str | Path = "<file>") -> None:
-    """Raise :class:`SweepError` unless W&B can be used online: not offline or disabled (by
-    ``WANDB_MODE``, ``wandb offline`` or a settings file) and credentials present."""
+    """Raise :class:`SweepError` unless W&B is online (``WANDB_MODE``, ``wandb offline``) and
+    has credentials."""
     if not (mode := os.environ.get("WANDB_MODE", "").lower()):
         os.environ.pop("WANDB_MODE", None)  # wandb rejects an empty WANDB_MODE
     import wandb
@@ -184,8 +185,7 @@ def check_wandb_access(path: str | Path = "<file>") -> None:
 
 
 def server_config(sweep: dict, name: str, overrides: list[str]) -> dict:
-    """The sweep config sent to W&B: our overrides placed in the command, and a per-run
-    ``out_dir`` (``outputs/sweeps/<name>/<run id>``) unless the command sets one."""
+    """The config sent to W&B: our overrides in the command, a per-run out_dir unless set."""
     own = any(str(c).lstrip("-").startswith("out_dir=") for c in sweep["command"])
     out_dir = None if own else RUN_DIR_TEMPLATE.format(name=name)
     return {"name": name, **sweep, "command": with_overrides(sweep["command"], overrides, out_dir)}
@@ -246,4 +246,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

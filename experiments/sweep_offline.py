@@ -28,6 +28,7 @@ import numpy as np
 import yaml
 
 from experiments import grid
+from experiments.cli import entry
 from experiments.config import parse_overrides
 from experiments.sweep import (
     SWEEP_ROOT,
@@ -242,4 +243,4 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)
