@@ -150,7 +150,8 @@ def run_ablation(spec_path: str | Path, overrides: list[str]) -> list[dict]:
         log.info("%s", row)
         return row
 
-    rows = run_grid(variants, score, f"Ablation {spec['name']}", label=label)
+    # No grid progress bar: the trainer draws its own, and rich cannot nest live displays.
+    rows = run_grid(variants, score, f"Ablation {spec['name']}", label=label, progress=False)
     n_val = ", ".join(sorted({str(len(val.labels)) for val, _ in scores_by_distance.values()}))
     note = (f"Run: `{out}`; test set n = {n_test}; Normalize fitted on validation "
             f"(n = {n_val or '-'}) for each variant.")
