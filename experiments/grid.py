@@ -86,8 +86,10 @@ def example_values(spec: dict) -> list:
     kind, ends, q = spec_kind(spec), [spec[k] for k in ("min", "max") if k in spec], spec.get("q")
     if "value" in spec or "values" in spec:
         return [spec["value"]] if kind == "constant" else list(spec["values"])
-    if kind in ("log_uniform", "inv_log_uniform", "q_log_uniform"):
-        return []  # min/max are exponents (W&B's "v1" distributions), not config values
+    if kind == "log_uniform":  # W&B's "v1": min/max are natural-log exponents
+        return [math.exp(e) for e in ends]
+    if kind in ("inv_log_uniform", "q_log_uniform"):
+        return []
     if kind.startswith("q_"):  # round(x / q) * q: an int only when q is an int (W&B)
         return [(int if isinstance(q, int) else float)(round(e / (q or 1.0)) * (q or 1.0))
                 for e in ends]

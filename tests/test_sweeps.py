@@ -144,6 +144,8 @@ def test_agent_formatting_is_wandbs():
 
 @pytest.mark.parametrize("change, message", [
     ({"parameters": {"optim.lrr": {"values": [0.1]}}}, "not a config key"),
+    ({"method": "random", "parameters": {"optim.lrr": {"distribution": "log_uniform", "min": -4.0,
+                                                       "max": 0.0}}}, "not a config key"),
     ({"parameters": {"glow.steps": {"values": [2.5]}}}, "glow.steps: value 2.5"),
     ({"method": "random", "parameters": {"glow.steps": {"distribution": "q_uniform", "min": 2,
                                                         "max": 8}}}, "glow.steps: value 2.0"),
