@@ -17,21 +17,20 @@ features; whatever is missing is trained/built once, exactly as the pipeline doe
 the locality search and the validation-fitted normalisation are recomputed: scoring is cheap,
 re-training is not. Writes ``<out_dir>/ablations/<name>.csv`` and ``.md`` (one row per
 variant: test AUROC, accuracy, precision, sensitivity, specificity, validation AUROC) and
-prints the table.
+prints the table; a variant that fails is a row with its error (:mod:`experiments.grid`).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
-import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from experiments.common import setup_logging
-from experiments.config import ConfigError
+from experiments.cli import entry
+from experiments.config import ConfigError, parse_overrides
+from experiments.grid import cartesian, cli, failed, override_problem, run_grid, write_table
 
 log = logging.getLogger(__name__)
 GRID_KEYS = ("sizes", "distance", "weights", "fusion")
@@ -48,6 +47,10 @@ def load_spec(path: str | Path) -> dict:
     bad = set(spec.get("grid", {})) - set(GRID_KEYS)
     if bad:
         raise ConfigError(f"{path}: unknown grid keys {sorted(bad)}; use {list(GRID_KEYS)}")
+    for key in ("distance", "fusion"):  # a typo fails here, not in every variant
+        for value in spec.get("grid", {}).get(key, []):
+            if reason := override_problem(f"patch.{key}", value):
+                raise ConfigError(f"{path}: grid.{key}: {value!r}: {reason}")
     spec.setdefault("name", path.stem)
     return spec
 
@@ -66,31 +69,27 @@ def expand_grid(grid: dict, sizes: list[int], weights: list[float], distance: st
         for ss in size_sets:
             if not set(ss) <= set(sizes):
                 raise ConfigError(f"ablation sizes {ss} are not all in patch.patch_sizes {sizes}")
-    weight_sets = grid.get("weights", [None])
+    axes = {"sizes": size_sets, "weights": grid.get("weights", [None]),
+            "distance": grid.get("distance", [distance]), "fusion": grid.get("fusion", [fusion])}
     variants = []
-    for ss, w, d, f in itertools.product(size_sets, weight_sets,
-                                         grid.get("distance", [distance]),
-                                         grid.get("fusion", [fusion])):
-        if w is None:  # the run's weights for these sizes (1 for a single size)
-            w = [1.0] if len(ss) == 1 else [weights[sizes.index(x)] for x in ss]
-        if len(w) != len(ss):
-            raise ConfigError(f"weights {w} need one value per size {ss}")
-        if f == "product" and min(w) <= 0:
-            log.info("skipping weights %s with fusion=product (needs positive weights)", w)
+    for v in cartesian(axes):
+        if v["weights"] is None:  # the run's weights for these sizes (1 for a single size)
+            v["weights"] = [1.0] if len(v["sizes"]) == 1 else [
+                weights[sizes.index(x)] for x in v["sizes"]]
+        if len(v["weights"]) != len(v["sizes"]):
+            raise ConfigError(f"weights {v['weights']} need one value per size {v['sizes']}")
+        if v["fusion"] == "product" and min(v["weights"]) <= 0:
+            log.warning("skipping weights %s with fusion=product (needs positive weights)",
+                        v["weights"])
             continue
-        variants.append({"sizes": ss, "weights": [float(x) for x in w], "distance": d,
-                         "fusion": f})
+        variants.append({**v, "weights": [float(x) for x in v["weights"]]})
     return variants
 
 
 def run_overrides(argv: list[str]) -> list[str]:
     """The data/simclr/patch settings of the run in ``out_dir=`` (its ``config.yaml``) as
     overrides, so that ``out_dir=RUN`` alone reproduces the run's detector."""
-    out_dir = None
-    for a in argv:
-        item = a[2:] if a.startswith("--") else a
-        if item.startswith("out_dir="):
-            out_dir = item.split("=", 1)[1]
+    out_dir = dict(i.split("=", 1) for i in parse_overrides(argv)).get("out_dir")
     if out_dir is None or not (Path(out_dir) / "config.yaml").is_file():
         return []
     saved = OmegaConf.load(Path(out_dir) / "config.yaml")
@@ -102,31 +101,16 @@ def run_overrides(argv: list[str]) -> list[str]:
     return items
 
 
-def markdown_table(rows: list[dict]) -> str:
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> list[dict]:
-    import pandas as pd
-
+def run_ablation(spec_path: str | Path, overrides: list[str]) -> list[dict]:
+    """Score every variant of the ablation file on the run in ``out_dir``; the table's rows."""
     from experiments import evaluation as ev
     from experiments import pipeline_patch as pp
     from experiments.config import prepare_run_dir
     from lightning_modules.patch_detector.lightning_model import apply_normalizer, fit_normalizer
 
-    setup_logging()
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or "=" in argv[0]:
-        raise ConfigError("usage: python -m experiments.ablations configs/ablations/<name>.yaml "
-                          "[overrides...]")
-    spec = load_spec(argv[0])
-    cfg = pp.load(["method=patch", *run_overrides(argv[1:]), *spec.get("overrides", []),
-                   *argv[1:]])
+    spec = load_spec(spec_path)
+    cfg = pp.load(["method=patch", *run_overrides(overrides), *spec.get("overrides", []),
+                   *overrides])
     out = prepare_run_dir(cfg)
     dm, module, trainer = pp.prepare(cfg)
     det = module.detector
@@ -145,8 +129,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                            p.distance, p.fusion)
     log.info("Ablation %s: %d variants", spec["name"], len(variants))
     scores_by_distance: dict[str, tuple] = {}
-    rows = []
-    for v in variants:
+
+    def label(v: dict) -> dict:
+        return {"sizes": "/".join(map(str, v["sizes"])),
+                "weights": "/".join(f"{w:g}" for w in v["weights"]),
+                "distance": v["distance"], "fusion": v["fusion"]}
+
+    def score(_: int, v: dict) -> dict:
         if v["distance"] not in scores_by_distance:
             scores_by_distance[v["distance"]] = split_scores(v["distance"])
         val, test = scores_by_distance[v["distance"]]
@@ -155,26 +144,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
         apply_normalizer(det, val, norm)
         apply_normalizer(det, test, norm)
         m = ev.binary_metrics(test.labels, test.scores, float(p.threshold))
-        rows.append({
-            "sizes": "/".join(map(str, v["sizes"])),
-            "weights": "/".join(f"{w:g}" for w in v["weights"]),
-            "distance": v["distance"], "fusion": v["fusion"],
-            **{k: m[k] for k in ("auroc", "accuracy", "precision", "sensitivity",
-                                 "specificity")},
-            "val_auroc": ev.auroc(val.labels, val.scores),
-        })
-        log.info("%s", rows[-1])
-    folder = out / "ablations"
-    folder.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(folder / f"{spec['name']}.csv", index=False)
-    md = (f"# Ablation {spec['name']}\n\nRun: `{out}`; test set n = {n_test}; "
-          f"Normalize fitted on validation (n = {len(val.labels)}) for each variant.\n\n"
-          + markdown_table(rows))
-    (folder / f"{spec['name']}.md").write_text(md)
-    print(markdown_table(rows))
-    print(f"Summary: {folder / (spec['name'] + '.csv')} and .md")
+        row = {**label(v), **{k: m[k] for k in ("auroc", "accuracy", "precision",
+                                                "sensitivity", "specificity")},
+               "val_auroc": ev.auroc(val.labels, val.scores)}
+        log.info("%s", row)
+        return row
+
+    # No grid progress bar: the trainer draws its own, and rich cannot nest live displays.
+    rows = run_grid(variants, score, f"Ablation {spec['name']}", label=label, progress=False)
+    n_val = ", ".join(sorted({str(len(val.labels)) for val, _ in scores_by_distance.values()}))
+    note = (f"Run: `{out}`; test set n = {n_test}; Normalize fitted on validation "
+            f"(n = {n_val or '-'}) for each variant.")
+    csv_path, _ = write_table(rows, out / "ablations" / spec["name"], f"Ablation {spec['name']}",
+                              note, fmt=".3f")
+    print(f"Summary: {csv_path} and .md")
+    if rows and all(map(failed, rows)):
+        raise RuntimeError(f"every variant of ablation {spec['name']} failed (see the log)")
     return rows
 
 
+def main(argv: list[str] | None = None) -> list[dict]:
+    arguments = {
+        "spec": dict(help="configs/ablations/<name>.yaml"),
+        "overrides": dict(nargs="*", help="pipeline overrides, e.g. out_dir=RUN profile=cpu"),
+    }
+    return cli("python -m experiments.ablations", "Score an ablation grid of detector variants "
+               "on a patch pipeline run.", arguments,
+               lambda a: run_ablation(a.spec, a.overrides), argv)
+
+
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -4,25 +4,15 @@
         [key=value ...]
     make sweep-offline SWEEP=configs/sweeps/glow_cxr.yaml [COUNT=n] [ARGS="profile=cpu ..."]
 
-Each trial is a normal run: a subprocess running the sweep's ``command:`` with the trial's
-parameters formatted exactly as W&B's agent formats them (:func:`experiments.sweep.agent_command`),
-logged to W&B offline, in its own folder ``outputs/sweeps/<sweep name>/<trial id>`` (passed as
-``out_dir=``). The sweep's metric is read from ``<trial out_dir>/metrics.json``; a summary table
-(parameters -> metric, best first) is printed and written as ``summary.csv`` and ``summary.md``.
-Trials already finished with the same command are reused, so an interrupted sweep resumes.
-
-Why our own sampler: W&B's reference engine (PyPI ``sweeps``) requires numpy<2 from 0.3.0 on
-(we pin numpy 2) and pulls in scikit-learn; grid and random search are a few lines. Bayesian
-search needs the W&B server (``make sweep``). The grid follows W&B's grid search (parameters in
-sorted name order, the first varying slowest; ``int_uniform`` includes max, ``q_uniform`` is
-``arange(min, max, q)``, max excluded, as in W&B).
+Each trial is a normal run, in ``outputs/sweeps/<sweep name>/<trial id>``: the sweep's command as
+W&B's agent would run it, logged to W&B offline. The metric is read from its ``metrics.json``;
+the summary, best first, goes to ``summary.csv`` and ``summary.md``. Finished trials with the
+same command are reused, so an interrupted sweep resumes. Our own sampler, because W&B's engine
+(PyPI ``sweeps``) requires numpy<2; its grid order is W&B's (sorted names, the first slowest).
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
-import itertools
 import json
 import logging
 import math
@@ -31,159 +21,101 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
-from experiments.config import ConfigError, parse_overrides
+from experiments import grid
+from experiments.cli import entry
+from experiments.config import parse_overrides
 from experiments.sweep import (
-    ARG_MACROS,
-    GRID_KINDS,
     SWEEP_ROOT,
     SweepError,
     agent_command,
+    check_command,
     command_entry_point,
-    config_for_command,
     flat_parameters,
     load_sweep,
-    render_value,
-    spec_kind,
     sweep_name,
     with_overrides,
 )
 
 log = logging.getLogger(__name__)
 
-RANDOM_KINDS = (
-    "constant", "categorical", "categorical_w_probabilities", "int_uniform", "uniform",
-    "q_uniform", "log_uniform_values", "q_log_uniform_values", "log_uniform",
-)
-
-
-# --------------------------------------------------------------------------- sampling
-
-
-def _py(value: Any) -> Any:
-    """numpy scalars -> Python numbers (rendered and written to JSON like the agent's values)."""
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
 
 def _quantize(x: float, q: float) -> int | float:
-    """W&B's ``round(x / q) * q``; an int when q is an int (``sweeps.params``)."""
+    """W&B's ``round(x / q) * q``; an int when q is an int."""
     v = float(np.round(x / q) * q)
     return int(v) if isinstance(q, int) else v
 
 
 def sample_value(spec: dict, rng: np.random.Generator) -> Any:
-    """One random draw from a W&B parameter spec."""
-    kind = spec_kind(spec)
-    lo, hi, q = spec.get("min"), spec.get("max"), spec.get("q", 1.0)
-    if kind == "constant":
-        return spec["value"]
-    if kind == "categorical":
-        return spec["values"][int(rng.integers(len(spec["values"])))]
-    if kind == "categorical_w_probabilities":
-        p = np.asarray(spec["probabilities"], dtype=float)
-        if len(p) != len(spec["values"]) or not math.isclose(p.sum(), 1.0, abs_tol=1e-6):
-            raise SweepError(f"probabilities {list(p)} must match values and sum to 1")
-        return spec["values"][int(rng.choice(len(p), p=p))]
-    if kind == "int_uniform":
-        return int(rng.integers(lo, hi + 1))  # both ends included
-    if kind == "uniform":
-        return float(rng.uniform(lo, hi))
-    if kind == "q_uniform":
-        return _quantize(rng.uniform(lo, hi), q)
-    if kind == "log_uniform_values":  # log(value) uniform on [log min, log max]
-        return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
-    if kind == "q_log_uniform_values":
-        return _quantize(np.exp(rng.uniform(np.log(lo), np.log(hi))), q)
-    if kind == "log_uniform":  # W&B's v1: min/max are natural-log exponents
-        return float(np.exp(rng.uniform(lo, hi)))
-    raise SweepError(f"distribution {kind!r} is not supported offline (supported: "
-                     f"{list(RANDOM_KINDS)}); use `make sweep` (W&B) for it")
+    """One random draw from a W&B parameter spec (``log_uniform``: W&B's v1, min/max are
+    natural-log exponents; ``log_uniform_values``: log(value) uniform on [log min, log max])."""
+    lo, hi, q, values = spec.get("min"), spec.get("max"), spec.get("q", 1.0), spec.get("values")
+    draw = {
+        "constant": lambda: spec["value"],
+        "categorical": lambda: values[int(rng.integers(len(values)))],
+        "categorical_w_probabilities": lambda: values[int(rng.choice(
+            len(values), p=np.asarray(spec["probabilities"], dtype=float)))],
+        "int_uniform": lambda: int(rng.integers(lo, hi + 1)),  # both ends included
+        "uniform": lambda: float(rng.uniform(lo, hi)),
+        "q_uniform": lambda: _quantize(rng.uniform(lo, hi), q),
+        "log_uniform_values": lambda: float(np.exp(rng.uniform(np.log(lo), np.log(hi)))),
+        "q_log_uniform_values": lambda: _quantize(np.exp(rng.uniform(np.log(lo), np.log(hi))), q),
+        "log_uniform": lambda: float(np.exp(rng.uniform(lo, hi))),
+    }
+    kind = grid.spec_kind(spec)
+    if kind not in draw:
+        raise SweepError(f"distribution {kind!r} is not supported offline (supported: "
+                         f"{list(draw)}); use `make sweep` (W&B) for it")
+    value = draw[kind]()
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def grid_values(spec: dict) -> list:
     """The values a grid enumerates for one parameter (W&B's grid search)."""
-    kind = spec_kind(spec)
-    if kind == "constant":
-        return [spec["value"]]
-    if kind == "categorical":
-        return list(spec["values"])
+    kind = grid.spec_kind(spec)
+    if kind in ("constant", "categorical"):
+        return grid.example_values(spec)
     if kind == "int_uniform":
         return list(range(spec["min"], spec["max"] + 1))
     if kind == "q_uniform":  # as W&B: np.arange, so max itself is excluded
-        return [_py(v) for v in np.arange(spec["min"], spec["max"], spec.get("q", 1.0))]
-    raise SweepError(f"distribution {kind!r} cannot be enumerated by a grid "
-                     f"(grid takes {list(GRID_KINDS)}); use method: random")
+        return np.arange(spec["min"], spec["max"], spec.get("q", 1.0)).tolist()
+    raise SweepError(f"distribution {kind!r} cannot be enumerated by a grid; use method: random")
 
 
 def grid_points(params: dict[str, dict]) -> list[dict[str, Any]]:
-    """Every combination, parameters in sorted name order, the first varying slowest;
-    repeated combinations once (W&B dedups grid points by value)."""
-    names = sorted(params)
-    points, seen = [], set()
-    for combo in itertools.product(*(grid_values(params[n]) for n in names)):
-        key = json.dumps(combo, sort_keys=True, default=str)
-        if key not in seen:
-            seen.add(key)
-            points.append(dict(zip(names, combo)))
-    return points
+    """Every combination, parameters in sorted name order (W&B dedups repeated points)."""
+    return grid.cartesian({n: grid_values(params[n]) for n in sorted(params)})
 
 
 def random_points(params: dict[str, dict], count: int, seed: int) -> list[dict[str, Any]]:
     """``count`` independent draws; the same seed gives the same trials."""
     rng = np.random.default_rng(seed)
-    names = sorted(params)
-    return [{n: _py(sample_value(params[n], rng)) for n in names} for _ in range(count)]
+    return [{n: sample_value(params[n], rng) for n in sorted(params)} for _ in range(count)]
 
 
 def plan_trials(sweep: dict, count: int | None, seed: int = 0) -> list[dict[str, Any]]:
     """The trials' parameters: the whole grid (capped by ``count``), or ``count`` random draws."""
-    params = flat_parameters(sweep)
-    method = sweep["method"]
     count = count if count is not None else sweep.get("run_cap")
-    if method == "bayes":
+    if sweep["method"] == "bayes":
         raise SweepError("method: bayes needs the W&B server (it learns from finished runs "
                          "there): use `make sweep`, or change the file to method: grid or random")
-    if method == "grid":
-        points = grid_points(params)
-        return points[:count] if count is not None else points
-    if method == "random":
-        if not count:
-            raise SweepError("method: random needs a number of trials: COUNT=n "
-                             "(`--count n`), or run_cap: n in the sweep file")
-        return random_points(params, count, seed)
-    raise SweepError(f"method: {method!r} is not one of grid, random, bayes")
-
-
-# --------------------------------------------------------------------------- trials
-
-
-@dataclass
-class Trial:
-    trial_id: str
-    params: dict[str, Any]
-    out_dir: Path
-    command: list[str]
-    status: str = "pending"  # ok | failed | no-metric | pending
-    metric: float = math.nan
-    returncode: int | None = None
-    seconds: float = 0.0
+    if sweep["method"] == "grid":
+        return grid_points(flat_parameters(sweep))[:count]
+    if not count:
+        raise SweepError("method: random needs a number of trials: COUNT=n "
+                         "(`--count n`), or run_cap: n in the sweep file")
+    return random_points(flat_parameters(sweep), count, seed)
 
 
 def read_metric(metrics_path: Path, name: str) -> float:
     """``name`` from a metrics.json: a flat key (``"val/bpd"``) or nested (``{"val": {"bpd"}}``)."""
-    data = json.loads(metrics_path.read_text())
-    if name in data:
-        return float(data[name])
-    node: Any = data
-    for part in name.split("/"):
+    node = data = json.loads(metrics_path.read_text())
+    for part in [name] if name in data else name.split("/"):
         if not isinstance(node, dict) or part not in node:
             raise KeyError(f"{metrics_path} has no {name!r} (keys: {sorted(data)})")
         node = node[part]
@@ -191,15 +123,11 @@ def read_metric(metrics_path: Path, name: str) -> float:
 
 
 def trial_env() -> dict[str, str]:
-    """The trials' environment: W&B offline, and ``python`` = this interpreter (the agent runs
-    ``python`` from PATH)."""
-    env = dict(os.environ)
-    for k in ("WANDB_SWEEP_ID", "WANDB_RUN_ID", "WANDB_SWEEP_PARAM_PATH"):
-        env.pop(k, None)
-    env["WANDB_MODE"] = "offline"
-    env.setdefault("WANDB_SILENT", "true")
-    bindir = str(Path(sys.executable).parent)
-    env["PATH"] = os.pathsep.join([bindir, env.get("PATH", "")])
+    """W&B offline, no agent variables, and ``python`` (which the command runs) = this one."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WANDB_SWEEP_ID", "WANDB_RUN_ID", "WANDB_SWEEP_PARAM_PATH")}
+    env.update(WANDB_MODE="offline", WANDB_SILENT=env.get("WANDB_SILENT", "true"),
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
     found = shutil.which("python", path=env["PATH"])
     if not found or not os.path.samefile(found, sys.executable):
         log.warning("`python` on PATH is %s, not this interpreter %s: the trials run with it",
@@ -207,230 +135,112 @@ def trial_env() -> dict[str, str]:
     return env
 
 
-def _done_before(trial: Trial, metric: str) -> bool:
-    """A finished trial with the same command (parameters, overrides, out_dir): reuse it."""
-    record, metrics = trial.out_dir / "sweep_trial.json", trial.out_dir / "metrics.json"
-    if not (record.is_file() and metrics.is_file()):
-        return False
+def run_trial(tid: str, params: dict, command: list[str], out: Path, metric: str, env: dict,
+              stream: bool = False, force: bool = False) -> dict[str, Any]:
+    """One trial's summary row: its command run (output in ``<out>/trial.log``, and on the
+    console with ``stream``) and recorded in ``<out>/sweep_trial.json``, or the finished trial
+    with the same command reused."""
+    record_path, logfile = out / "sweep_trial.json", out / "trial.log"
+    row = {"trial": tid, **{k: str(v) for k, v in params.items()}, metric: math.nan,
+           "status": "ok", "seconds": 0.0, "out_dir": str(out)}
     try:
-        old = json.loads(record.read_text())
-        if old.get("command") != trial.command or old.get("status") != "ok":
-            return False
-        trial.metric = read_metric(metrics, metric)
+        old = {} if force else json.loads(record_path.read_text())
+        if old.get("command") == command and old.get("status") == "ok":
+            row[metric], row["seconds"] = read_metric(out / "metrics.json", metric), old["seconds"]
+            log.info("Trial %s: done before (%s = %s), reused", tid, metric, row[metric])
+            return row
     except (OSError, ValueError, KeyError):
-        return False
-    trial.status, trial.returncode, trial.seconds = "ok", 0, float(old.get("seconds", 0.0))
-    return True
-
-
-def run_trial(trial: Trial, metric: str, env: dict[str, str], stream: bool = False) -> Trial:
-    """Run one trial's command; its output goes to ``<out_dir>/trial.log`` (and the console
-    with ``stream``). Fills status, metric, return code and time."""
-    trial.out_dir.mkdir(parents=True, exist_ok=True)
-    logfile = trial.out_dir / "trial.log"
+        pass  # not run yet, or its files are unreadable: run it
+    out.mkdir(parents=True, exist_ok=True)
+    log.info("Trial %s: %s", tid, " ".join(command))
     start = time.monotonic()
     with open(logfile, "w") as fh:
-        fh.write("$ " + " ".join(trial.command) + "\n")
+        fh.write("$ " + " ".join(command) + "\n")
         fh.flush()
-        if stream:
-            proc = subprocess.Popen(trial.command, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True)
-            for line in proc.stdout:
-                sys.stdout.write(line)
-                fh.write(line)
-            rc = proc.wait()
-        else:
-            rc = subprocess.run(trial.command, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                check=False).returncode
-    trial.seconds = time.monotonic() - start
-    trial.returncode = rc
-    metrics = trial.out_dir / "metrics.json"
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE if stream else fh,
+                                stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout if stream else ():
+            sys.stdout.write(line)
+            fh.write(line)
+        rc = proc.wait()
+    row["seconds"] = round(time.monotonic() - start, 1)
     if rc != 0:
-        trial.status = "failed"
-        tail = logfile.read_text(errors="replace").splitlines()[-15:]
-        log.error("Trial %s failed (exit %d); last lines of %s:\n%s", trial.trial_id, rc,
-                  logfile, "\n".join(tail))
+        row["status"] = "failed"
+        tail = "\n".join(logfile.read_text(errors="replace").splitlines()[-15:])
+        log.error("Trial %s failed (exit %d); last lines of %s:\n%s", tid, rc, logfile, tail)
     else:
         try:
-            trial.metric = read_metric(metrics, metric)
-            trial.status = "ok"
+            row[metric] = read_metric(out / "metrics.json", metric)
         except (OSError, ValueError, KeyError) as e:
-            trial.status = "no-metric"
-            log.error("Trial %s finished but its metric is missing: %s", trial.trial_id, e)
-    record = {"trial": trial.trial_id, "params": trial.params, "command": trial.command,
-              "status": trial.status, "returncode": rc, "metric": trial.metric,
-              "seconds": round(trial.seconds, 2)}
-    (trial.out_dir / "sweep_trial.json").write_text(json.dumps(record, indent=2, default=str))
-    return trial
-
-
-# --------------------------------------------------------------------------- summary
-
-
-def sort_trials(trials: list[Trial], goal: str) -> list[Trial]:
-    """Best first by the sweep's goal; trials without a metric last, in trial order."""
-    ok = [t for t in trials if t.status == "ok" and math.isfinite(t.metric)]
-    rest = [t for t in trials if t not in ok]
-    ok.sort(key=lambda t: t.metric, reverse=(goal == "maximize"))
-    return ok + rest
-
-
-def summary_rows(trials: list[Trial], metric: str, goal: str) -> list[dict[str, Any]]:
-    names = sorted({k for t in trials for k in t.params})
-    rows = []
-    for rank, t in enumerate(sort_trials(trials, goal), start=1):
-        row = {"rank": rank, "trial": t.trial_id}
-        row.update({n: render_value(t.params.get(n, "")) for n in names})
-        row[metric] = t.metric
-        row.update({"status": t.status, "seconds": round(t.seconds, 1), "out_dir": str(t.out_dir)})
-        rows.append(row)
-    return rows
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.6g}"
-    return str(value)
-
-
-def write_summary(rows: list[dict[str, Any]], root: Path, title: str) -> tuple[Path, Path]:
-    """``summary.csv`` and ``summary.md`` (parameters -> metric, best first) in ``root``."""
-    root.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = root / "summary.csv", root / "summary.md"
-    cols = list(rows[0]) if rows else ["rank", "trial"]
-    with open(csv_path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=cols)
-        writer.writeheader()
-        writer.writerows(rows)
-    md_cols = [c for c in cols if c != "out_dir"]
-    lines = [f"# {title}", "", "| " + " | ".join(md_cols) + " |",
-             "|" + "|".join("---" for _ in md_cols) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(_fmt(row[c]).replace("|", "\\|") for c in md_cols) + " |")
-    md_path.write_text("\n".join(lines) + "\n")
-    return csv_path, md_path
-
-
-def print_summary(rows: list[dict[str, Any]], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    cols = [c for c in (rows[0] if rows else {}) if c != "out_dir"]
-    for c in cols:
-        table.add_column(c, justify="right" if c in ("rank", "seconds") else "left")
-    for row in rows:
-        style = None if row["status"] == "ok" else "red"
-        table.add_row(*(_fmt(row[c]) for c in cols), style=style)
-    console = Console()
-    if not console.is_terminal:  # a log file: do not squeeze the columns to 80 characters
-        widths = [max([len(c)] + [len(_fmt(r[c])) for r in rows]) + 3 for c in cols]
-        console = Console(width=max(80, sum(widths) + 1))
-    console.print(table)
-
-
-# --------------------------------------------------------------------------- driver
+            row["status"] = "no-metric"
+            log.error("Trial %s finished but its metric is missing: %s", tid, e)
+    record = {"trial": tid, "params": params, "command": command, "status": row["status"],
+              "returncode": rc, "metric": row[metric], "seconds": row["seconds"]}
+    record_path.write_text(json.dumps(record, indent=2, default=str))
+    log.info("Trial %s: %s, %s = %s (%.1f s)", tid, row["status"], metric, row[metric],
+             row["seconds"])
+    return row
 
 
 def run_sweep(sweep_path: str | Path, count: int | None = None, seed: int = 0,
               overrides: list[str] | None = None, root: str | Path = SWEEP_ROOT,
               stream: bool = False, force: bool = False) -> list[dict[str, Any]]:
     """Run a sweep file's grid or random search locally; returns the summary rows, best first."""
-    from experiments.common import track
-
-    path = Path(sweep_path)
-    sweep = load_sweep(path)
-    name = sweep_name(sweep, path)
-    metric, goal = sweep["metric"]["name"], sweep["metric"].get("goal", "minimize")
+    path, sweep = Path(sweep_path), load_sweep(sweep_path)
+    name, metric, goal = (sweep_name(sweep, path), sweep["metric"]["name"],
+                          sweep["metric"].get("goal", "minimize"))
     extra = parse_overrides(overrides or [])
-    swept = set(flat_parameters(sweep, path))
-    clash = [o for o in extra if o.split("=", 1)[0] in swept | {"out_dir"}]
-    if clash:
+    if clash := [o for o in extra if o.split("=", 1)[0] in {*flat_parameters(sweep), "out_dir"}]:
         raise SweepError(f"{clash}: out_dir is set per trial and the other keys are swept by "
                          f"{path}; drop them")
     if "early_terminate" in sweep:
         log.warning("%s: early_terminate is ignored offline (every trial runs to the end)", path)
-    points = plan_trials(sweep, count, seed)
-    sweep_root = Path(root) / name
-    sweep_root.mkdir(parents=True, exist_ok=True)
+    points, folder, env = plan_trials(sweep, count, seed), Path(root) / name, trial_env()
+    folder.mkdir(parents=True, exist_ok=True)
     used = dict(sweep, command=with_overrides(sweep["command"], extra))
-    (sweep_root / "sweep.yaml").write_text(yaml.safe_dump(used, sort_keys=False))
-    env = trial_env()
-    trials = []
-    for i, params in enumerate(points):
-        tid = f"t{i:03d}"
-        out = sweep_root / tid
-        cmd = agent_command(with_overrides(sweep["command"], extra, out_dir=str(out)), params,
-                            program=sweep.get("program"))
-        trials.append(Trial(tid, params, out, cmd))
-    module = command_entry_point(sweep["command"]) or ""
-    if trials and module.startswith("experiments."):
-        # A bad override would fail every trial: fail once, now.
-        try:
-            config_for_command(trials[0].command)
-        except ConfigError as e:
-            raise SweepError(f"{path}: the trial command does not parse: {e}") from None
+    (folder / "sweep.yaml").write_text(yaml.safe_dump(used, sort_keys=False))
+    commands = [agent_command(with_overrides(sweep["command"], extra, str(folder / f"t{i:03d}")),
+                              p, program=sweep.get("program")) for i, p in enumerate(points)]
+    if points and (command_entry_point(sweep["command"]) or "").startswith("experiments."):
+        check_command(commands[0], path)
     log.info("Sweep %s: %d trial(s), %s search, metric %s (%s); folders under %s", name,
-             len(trials), sweep["method"], metric, goal, sweep_root)
-    target = sweep["metric"].get("target")
-    for t in track(trials, f"sweep {name}", total=len(trials), enabled=not stream):
-        if not force and _done_before(t, metric):
-            log.info("Trial %s: done before (%s = %s), reused", t.trial_id, metric, t.metric)
-        else:
-            log.info("Trial %s: %s", t.trial_id, " ".join(t.command))
-            run_trial(t, metric, env, stream=stream)
-            log.info("Trial %s: %s, %s = %s (%.1f s)", t.trial_id, t.status, metric,
-                     _fmt(t.metric), t.seconds)
-        if target is not None and t.status == "ok" and (
-            t.metric <= target if goal == "minimize" else t.metric >= target
-        ):
+             len(points), sweep["method"], metric, goal, folder)
+    target, sign = sweep["metric"].get("target"), (1 if goal == "minimize" else -1)
+
+    def reached(row: dict) -> bool:  # W&B stops a sweep once its metric target is reached
+        hit = target is not None and not grid.failed(row) and sign * (row[metric] - target) <= 0
+        if hit:
             log.info("Metric target %s reached: no further trials (as W&B does)", target)
-            trials = [x for x in trials if x.status != "pending"]
-            break
-    rows = summary_rows(trials, metric, goal)
+        return hit
+
+    rows = grid.run_grid(points, lambda i, p: run_trial(
+        f"t{i:03d}", p, commands[i], folder / f"t{i:03d}", metric, env, stream, force),
+        f"sweep {name}", stop=reached, progress=not stream)
+    ok = sorted((r for r in rows if not grid.failed(r) and math.isfinite(r[metric])),
+                key=lambda r: sign * r[metric])
+    rows = [{"rank": k, **r} for k, r in enumerate(ok + [r for r in rows if r not in ok], 1)]
     title = f"Sweep {name}: {metric} ({goal})"
-    csv_path, md_path = write_summary(rows, sweep_root, title)
-    print_summary(rows, title)
-    n_ok = sum(r["status"] == "ok" for r in rows)
-    log.info("%d/%d trial(s) ok; summary: %s, %s", n_ok, len(rows), csv_path, md_path)
-    if rows and n_ok == 0:
-        raise SweepError(f"every trial of {path} failed; see <trial>/trial.log under {sweep_root}")
+    csv_path, md_path = grid.write_table(rows, folder / "summary", title)
+    log.info("%d/%d trial(s) ok; summary: %s, %s", len(ok), len(rows), csv_path, md_path)
+    if rows and not ok:
+        raise SweepError(f"every trial of {path} failed; see <trial>/trial.log under {folder}")
     return rows
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    from experiments.common import setup_logging
-
-    setup_logging()
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.sweep_offline",
-        description="Run a W&B sweep file's grid/random search locally (no W&B server).",
-    )
-    parser.add_argument("sweep", help="configs/sweeps/<name>.yaml")
-    parser.add_argument("--count", type=int, default=None,
-                        help="trials to run: required for random search; caps a grid")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random search")
-    parser.add_argument("--root", default=SWEEP_ROOT, help="trials go to ROOT/<sweep name>/<id>")
-    parser.add_argument("--stream", action="store_true", help="show the trials' output live")
-    parser.add_argument("--force", action="store_true", help="re-run finished trials")
-    parser.add_argument("overrides", nargs="*",
-                        help="key=value added to every trial (e.g. profile=cpu data=padchest)")
-    # Overrides may sit anywhere and may be written --key=value as well.
-    args, unknown = parser.parse_known_intermixed_args(argv)
-    bad = [u for u in unknown if not (u.startswith("--") and "=" in u)]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    args.overrides = [*args.overrides, *unknown]
-    for a in args.overrides:
-        if a in ARG_MACROS:
-            parser.error(f"{a} is a command macro, not an override")
-    try:
-        return run_sweep(args.sweep, args.count, args.seed, args.overrides, args.root,
-                         stream=args.stream, force=args.force)
-    except (SweepError, ConfigError) as e:
-        log.error("%s", e)
-        raise SystemExit(2) from None
+    arguments = {
+        "sweep": dict(help="configs/sweeps/<name>.yaml"),
+        "--count": dict(type=int, help="trials to run: required for random search; caps a grid"),
+        "--seed": dict(type=int, default=0, help="seed of the random search"),
+        "--root": dict(default=SWEEP_ROOT, help="trials go to ROOT/<sweep name>/<id>"),
+        "--stream": dict(action="store_true", help="show the trials' output live"),
+        "--force": dict(action="store_true", help="re-run finished trials"),
+        "overrides": dict(nargs="*", help="key=value added to every trial (e.g. profile=cpu)"),
+    }
+    return grid.cli("python -m experiments.sweep_offline", "Run a W&B sweep file's grid/random "
+                    "search locally (no W&B server).", arguments, lambda a: run_sweep(
+                        a.sweep, a.count, a.seed, a.overrides, a.root, a.stream, a.force), argv)
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -1,5 +1,6 @@
 """Sweeps (fast tier): sweep files against our schema, the agent's command lines, the offline
-grid/random runner with a stand-in entry point (tests/sweep_stub.py)."""
+grid/random runner with a stand-in entry point (tests/sweep_stub.py), and the grid runner the
+offline sweeps share with the ablations (experiments/grid.py)."""
 
 from __future__ import annotations
 
@@ -143,6 +144,8 @@ def test_agent_formatting_is_wandbs():
 
 @pytest.mark.parametrize("change, message", [
     ({"parameters": {"optim.lrr": {"values": [0.1]}}}, "not a config key"),
+    ({"method": "random", "parameters": {"optim.lrr": {"distribution": "log_uniform", "min": -4.0,
+                                                       "max": 0.0}}}, "not a config key"),
     ({"parameters": {"glow.steps": {"values": [2.5]}}}, "glow.steps: value 2.5"),
     ({"method": "random", "parameters": {"glow.steps": {"distribution": "q_uniform", "min": 2,
                                                         "max": 8}}}, "glow.steps: value 2.0"),
@@ -429,3 +432,59 @@ def test_online_sweep_creates_sweep_and_agent(monkeypatch, tmp_path):
         sweep_mod.main(["configs/sweeps/glow_cxr.yaml", "logger=none"])
     with pytest.raises(SystemExit):
         sweep_mod.main(["configs/sweeps/glow_cxr.yaml", "optim.lr=0.1"])  # swept key
+
+
+# --------------------------------------------------------------------------- the grid runner
+
+
+def test_cartesian_is_first_axis_slowest_and_drops_repeats():
+    from experiments.grid import cartesian
+
+    assert cartesian({"a": [1, 2], "b": ["x", "y"]}) == [
+        {"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 2, "b": "x"}, {"a": 2, "b": "y"}]
+    assert cartesian({"w": [[1, 2], [1, 2], [3]]}) == [{"w": [1, 2]}, {"w": [3]}]
+
+
+def test_run_grid_keeps_failed_runs_as_rows_and_counts_them(caplog):
+    from experiments.grid import run_grid
+
+    def run(i, point):
+        if point["x"] == 2:
+            raise RuntimeError("broken on purpose")
+        return {"x": point["x"], "y": 10 * point["x"]}
+
+    points = [{"x": x} for x in (1, 2, 3, 4)]
+    rows = run_grid(points, run, "test grid", label=lambda p: {"x": f"<{p['x']}>"},
+                    stop=lambda row: row.get("y") == 30, progress=False)
+    assert rows[0] == {"x": 1, "y": 10} and rows[2] == {"x": 3, "y": 30}
+    assert rows[1] == {"x": "<2>", "status": "failed", "error": "RuntimeError: broken on purpose"}
+    assert len(rows) == 3  # stopped after x = 3
+    assert "1 of 3 run(s) failed" in caplog.text
+
+
+def test_write_table_has_every_column_and_a_markdown_table(tmp_path, capsys):
+    from experiments.grid import write_table
+
+    rows = [{"v": "a", "auroc": 0.81234, "out_dir": "/x"},
+            {"v": "b|c", "status": "failed", "error": "boom"}]
+    csv_path, md_path = write_table(rows, tmp_path / "t", "Title", "A note.", fmt=".3f")
+    with open(csv_path) as fh:
+        table = list(csv.DictReader(fh))
+    assert list(table[0]) == ["v", "auroc", "out_dir", "status", "error"]
+    assert table[1]["auroc"] == "" and table[1]["error"] == "boom"
+    md = md_path.read_text().splitlines()
+    assert md[:5] == ["# Title", "", "A note.", "", "| v | auroc | status | error |"]
+    assert md[6] == "| a | 0.812 |  |  |" and md[7] == "| b\\|c |  | failed | boom |"
+    assert "| a | 0.812 |" in capsys.readouterr().out
+
+
+def test_ablation_file_refuses_a_mistyped_distance(tmp_path):
+    from experiments.ablations import load_spec
+    from experiments.config import ConfigError
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"grid": {"sizes": "each", "distance": ["manhatan"]}}))
+    with pytest.raises(ConfigError, match="grid.distance: 'manhatan'.*not one of"):
+        load_spec(path)
+    for name in ("table2", "table3", "distances"):
+        assert load_spec(REPO_ROOT / "configs" / "ablations" / f"{name}.yaml")["name"] == name
