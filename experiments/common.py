@@ -313,3 +313,19 @@ def resolve_ckpt_path(cfg: DictConfig, out_dir: str | Path) -> str | None:
     except CheckpointError as e:
         raise CheckpointError(f"ckpt_path={cfg.ckpt_path}: {e}") from None
     return str(p)
+
+
+def log_test_metrics(cfg: DictConfig, out_dir: str | Path, metrics: dict, name: str) -> None:
+    """A pipeline's scalar test / val metrics as their own W&B run ``name`` (offline by
+    default; nothing for logger=none); intervals as ``<key>_low`` / ``<key>_high``."""
+    from experiments.evaluation import flatten_metrics
+
+    logger = make_logger(cfg, out_dir, name=name)
+    if logger is None:
+        return
+    scalars = {(k if "/" in k else f"test/{k}"): float(v)
+               for k, v in flatten_metrics(metrics).items()
+               if isinstance(v, int | float) and not isinstance(v, bool)}
+    logger.log_metrics(scalars)
+    logger.finalize("success")
+    logger.experiment.finish()
