@@ -149,3 +149,52 @@ def test_glow_with_openai_coupling_is_invertible_and_all_actnorms_initialise(sha
     x_rec, ld_f = model.forward_and_log_det(z)
     torch.testing.assert_close(x_rec, x, atol=1e-6, rtol=0)
     torch.testing.assert_close(ld + ld_f, torch.zeros_like(ld), atol=1e-8, rtol=0)
+
+
+def _tiny_cfg(out_dir, *extra):
+    from experiments.train_glow import load
+
+    return load(["profile=cpu", f"out_dir={out_dir}", "logger=none", "data.image_size=16",
+                 "glow.levels=2", "glow.steps=2", "glow.hidden_channels=8", "data.batch_size=4",
+                 *extra])
+
+
+@pytest.mark.parametrize("model,group", [("m0", "normal"), ("m1", "mixture")])
+def test_best_checkpoint_is_chosen_on_held_out_data_of_the_models_own_training_set(
+        tmp_path, model, group):
+    from test_glow_training import FakeDM
+
+    from experiments.train_glow import build_loaders
+
+    cfg = _tiny_cfg(tmp_path, f"glow.model={model}", "glow.val_fraction=0.25")
+    dm = FakeDM(cfg.data, n=16)
+    train, val = build_loaders(cfg, dm, select="best")
+    own = {it.path for it in dm.items("train", group)}
+    held = {it.path for it in val.dataset.items}
+    trained = {it.path for it in train.dataset.items}
+    assert len(held) == 4 and held <= own and not held & trained and held | trained == own
+    assert not held & {it.path for it in dm.items("val")}  # never the labelled val set
+    # select=last (the papers' fixed length): every training item is trained on, no val
+    train, val = build_loaders(cfg, dm, select="last")
+    assert val is None and {it.path for it in train.dataset.items} == own
+
+
+def test_rotation_copies_give_seven_rotations_within_2_degrees(tmp_path):
+    from test_glow_training import FakeDM
+
+    from experiments.train_glow import RotatedCopies, build_loaders, rotate_in_plane
+
+    cfg = _tiny_cfg(tmp_path, "glow.rotation_copies=7", "glow.rotation_deg=2.0")
+    dm = FakeDM(cfg.data, n=4)
+    train, _ = build_loaders(cfg, dm, select="last")
+    ds = train.dataset
+    assert isinstance(ds, RotatedCopies) and len(ds) == 4 * 7
+    assert list(ds.angles) == pytest.approx([-2, -4 / 3, -2 / 3, 0, 2 / 3, 4 / 3, 2])
+    torch.testing.assert_close(ds[3]["image"], ds.base[0]["image"])  # the 0-degree copy
+    assert not torch.allclose(ds[0]["image"], ds.base[0]["image"])
+    # a rotation by 90 degrees of a 3D volume rotates every axial slice
+    v = torch.zeros(1, 2, 8, 8)
+    v[0, :, 1, 2:6] = 1.0
+    r = rotate_in_plane(v, 90.0)
+    assert any(torch.allclose(r[0, 0], torch.rot90(v[0, 0], k), atol=1e-5) for k in (1, -1))
+    torch.testing.assert_close(r[0, 0], r[0, 1])
