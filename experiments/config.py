@@ -191,6 +191,9 @@ RANGES: dict[str, tuple[Any, str]] = {
     "patch.feature_batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "simclr.temperature": (lambda v: _finite(v) and v > 0, "a number > 0"),
     "simclr.chunk_size": (lambda v: v >= 1, "an integer >= 1 or null"),
+    "simclr.chunk_size_per_patch": (
+        lambda v: all(isinstance(k, int) and k >= 1 and isinstance(c, int) and c >= 1
+                      for k, c in v.items()), "a mapping {patch_size: chunk >= 1}"),
     "simclr.crop_scale": (lambda v: _finite(v) and 0 < v <= 1, "a number in (0, 1]"),
     "optim.lr": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
     "optim.weight_decay": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
