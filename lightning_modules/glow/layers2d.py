@@ -132,8 +132,9 @@ class CouplingNet(nn.Module):
     "the original Glow code" Shibata et al. ran: conv3 (no bias) -> ActNorm -> ReLU -> conv1 (no
     bias) -> ActNorm -> ReLU -> :class:`ZeroConv` (zero-init conv3 with a learned log-scale,
     factor 3). Hidden weights ~ N(0, 0.05^2) as openai's ``default_initializer``; openai's
-    edge-padding channel is not reproduced. Either way the last layer is zero, so every step
-    starts as the identity map. ReLUs are in-place (one saved activation fewer per step).
+    edge-padding channel is not reproduced. Either way the last layer is zero, so at the start
+    NN() = 0 for every input: shift 0 and the constant scale s(0) (identity up to that scale).
+    ReLUs are in-place (one saved activation fewer per step).
     """
 
     def __init__(self, in_channels: int, hidden_channels: int, out_channels: int, dims: int = 2,
