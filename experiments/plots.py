@@ -479,9 +479,9 @@ def plot_histograms_per_finding(
     keep = _finite(s, "plot_histograms_per_finding")
     s, y, f = s[keep], y[keep], f[keep]
     groups = [("normal", s[y == 0])]
-    names = sorted({x or "unspecified" for x in f[y == 1]})
-    for name in names:
-        groups.append((name, s[(y == 1) & (np.where(f == "", "unspecified", f) == name)]))
+    f = np.where(f == "", "abnormal", f)  # abnormal items without a finding
+    for name in sorted(set(f[y == 1])):
+        groups.append((name, s[(y == 1) & (f == name)]))
     edges = np.histogram_bin_edges(s, bins="auto") if s.size else np.linspace(0, 1, 11)
     if len(edges) > 61:
         edges = np.linspace(edges[0], edges[-1], 61)
