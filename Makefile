@@ -21,7 +21,7 @@ DATA_ARG := $(if $(DATA),data.root=$(DATA),)
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-slow test-gpu lint format demo train-simclr train-simclr-all \
-        train-glow sweep sweep-offline phantoms check-data ablations benchmarks clean
+        train-glow sample-glow sweep sweep-offline phantoms check-data ablations benchmarks clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -74,6 +74,9 @@ train-glow: install ## Train Glow M0/M1: MODALITY=cxr|bct MODEL=m0|m1 [DATA=DIR]
 	$(PY) -m experiments.train_glow modality=$(MODALITY) glow.model=$(MODEL) \
 	  $(if $(and $(filter bct,$(MODALITY)),$(filter m1,$(MODEL))),trainer.max_epochs=20,) \
 	  $(DATA_ARG) $(ARGS)
+
+sample-glow: install ## Fictional images from a Glow (Shibata et al. 4.1): MODALITY=bct|cxr [DATA=dir] [ARGS="checkpoint=PATH ..."]
+	$(PY) -m experiments.sample_glow modality=$(MODALITY) $(DATA_ARG) $(ARGS)
 
 sweep: install ## W&B sweep: create SWEEP=configs/sweeps/<name>.yaml on W&B and run an agent here [COUNT=n] [ARGS="key=value ..."]
 	@test -n "$(SWEEP)" || { echo "Usage: make sweep SWEEP=configs/sweeps/<name>.yaml [COUNT=n] [ARGS=\"key=value ...\"]"; exit 2; }

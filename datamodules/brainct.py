@@ -13,9 +13,9 @@ is kept for per-finding ROC curves; ``mask`` is an optional (D, H, W) ``.npy`` l
 case folder that holds several series (otherwise such a case is skipped with its series
 listed).
 Preprocessing: modality LUT -> HU -> I = clip(HU + 14, 0, 127) (the paper's 7-bit brain
-window) -> trilinear resample to ``data.volume_size`` -> /127. The resampling to a fixed number
-of slices (default 32x128x128, the paper's input size) is our choice: the paper does not say
-how its volumes were brought to 32 slices. Sets: S_normal 250 /
+window, eq. 4) -> trilinear resample to ``data.volume_size`` -> /127. The paper's input size is
+32x128x128 (Appendix B); the trilinear resampling of every series to 32 slices is ours, not
+the paper's: it does not say how its volumes were brought to 32 slices. Sets: S_normal 250 /
 S_mixture 250 + 250 / S_unknown 33 + 33 in the paper (``configs/data/bct.yaml``).
 """
 

@@ -3,7 +3,7 @@
 - :func:`read_image`: one 2D image -> float32 (H, W) in [0, 1], MONOCHROME2 polarity.
 - :func:`read_series`: a folder of slices -> HU volume (D, H, W) sorted along the slice
   normal, and its spacing (dz, dy, dx) in mm.
-- :func:`brain_window`: I = clip(HU + 14, 0, 127) (Shibata et al. 2021, appendix B: 7-bit
+- :func:`brain_window`: I = clip(HU + 14, 0, 127) (Shibata et al. 2021, eq. 4: 7-bit
   brain window), applied before any resampling so that padding (-2000 ...) maps to 0 instead
   of bleeding into the brain.
 
@@ -35,7 +35,7 @@ from datamodules.resize import resize_3d
 
 log = logging.getLogger(__name__)
 
-# Brain window of Shibata et al. (eq. in appendix B): I = clip(HU + 14, 0, 127).
+# Brain window of Shibata et al. (eq. 4): I = clip(HU + 14, 0, 127).
 BRAIN_WINDOW_OFFSET = 14
 BRAIN_WINDOW_MAX = 127
 
@@ -459,7 +459,7 @@ def _read_slices(slices, key, normal) -> tuple[np.ndarray, tuple[float, float, f
 
 
 def brain_window(hu: np.ndarray) -> np.ndarray:
-    """I = clip(HU + 14, 0, 127) as uint8 (Shibata et al. 2021, appendix B)."""
+    """I = clip(HU + 14, 0, 127) as uint8 (Shibata et al. 2021, eq. 4)."""
     hu = np.asarray(hu)
     return np.clip(np.rint(hu + BRAIN_WINDOW_OFFSET), 0, BRAIN_WINDOW_MAX).astype(np.uint8)
 
@@ -506,9 +506,10 @@ def read_volume_hu(path: str | Path, series_uid: str | None = None) -> np.ndarra
 
 def load_brain_volume(path: str | Path, shape: tuple[int, int, int],
                       series_uid: str | None = None) -> np.ndarray:
-    """HU -> brain window -> trilinear resample to ``shape`` -> /127: float32 in [0, 1].
+    """HU -> brain window (eq. 4) -> trilinear resample to ``shape`` -> /127: float32 in [0, 1].
 
-    The window comes first: resampling raw HU would blend padding (-2000 ...) and bone into the
+    The resampling to a fixed number of slices is ours (the paper does not say how its volumes
+    were brought to 32 slices). The window comes first: resampling raw HU would blend padding (-2000 ...) and bone into the
     brain voxels at the edges."""
     hu = read_volume_hu(path, series_uid)
     if hu.shape[0] < MIN_SLICES:

@@ -41,7 +41,7 @@ CONFIG_DIR = REPO_ROOT / "configs"
 
 @dataclass
 class OptimConfig:
-    name: str = "lars"  # lars | adam | adamw | sgd
+    name: str = "lars"  # lars | adam | adamw | adamax | sgd (lightning_modules/optim.py)
     lr: float = 4.8
     weight_decay: float = 1e-6
     momentum: float = 0.9
@@ -49,7 +49,8 @@ class OptimConfig:
     lr_scaling: str = "none"
     reference_batch_size: int = 256
     warmup_epochs: float = 10.0
-    scheduler: str = "cosine"  # cosine | none
+    # cosine (warm-up + cosine decay) | warmup (openai/glow: linear warm-up, then constant) | none
+    scheduler: str = "cosine"
     grad_clip: float | None = None
 
 
@@ -87,6 +88,9 @@ class LoggerConfig:
 class EvalConfig:
     threshold: float = 0.5
     n_extremes: int = 36  # top-k most / least anomalous shown in the report
+    # flow report: mosaic of the n most likely abnormal test images (Shibata et al. Figs. 9-10:
+    # 1,000), capped at the number of test items; 0 = none
+    n_mosaic: int = 1000
     n_overlays: int = 8
 
 
@@ -124,15 +128,17 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "glow.intensity_norm": glow_config.INTENSITY_NORMS,
     "glow.schedule": glow_config.SCHEDULES,
     "glow.score": glow_config.IMAGE_SCORES,
+    "glow.coupling_net": glow_config.COUPLING_NETS,
+    "glow.select": glow_config.SELECTS,
     "patch.features": patch_config.FEATURE_MODES,
     "patch.intensity_norm": patch_config.INTENSITY_NORMS,
     "patch.image_score": patch_config.IMAGE_SCORES,
     "patch.reuse_encoders": patch_config.REUSE_MODES,
     "patch.distance": ("euclidean", "manhattan", "cosine", "mahalanobis"),
     "patch.fusion": ("geometric", "product"),
-    "optim.name": ("lars", "adam", "adamw", "sgd"),
+    "optim.name": ("lars", "adam", "adamw", "adamax", "sgd"),  # lightning_modules/optim.py
     "optim.lr_scaling": ("none", "linear", "sqrt"),
-    "optim.scheduler": ("cosine", "none"),
+    "optim.scheduler": ("cosine", "warmup", "none"),
     "logger.name": ("wandb", "none"),
     "logger.mode": ("offline", "online", "disabled"),
 }
@@ -186,6 +192,9 @@ RANGES: dict[str, tuple[Any, str]] = {
     "patch.feature_batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "simclr.temperature": (lambda v: _finite(v) and v > 0, "a number > 0"),
     "simclr.chunk_size": (lambda v: v >= 1, "an integer >= 1 or null"),
+    "simclr.chunk_size_per_patch": (
+        lambda v: all(isinstance(k, int) and k >= 1 and isinstance(c, int) and c >= 1
+                      for k, c in v.items()), "a mapping {patch_size: chunk >= 1}"),
     "simclr.crop_scale": (lambda v: _finite(v) and 0 < v <= 1, "a number in (0, 1]"),
     "optim.lr": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
     "optim.weight_decay": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
@@ -193,11 +202,17 @@ RANGES: dict[str, tuple[Any, str]] = {
     "optim.warmup_epochs": (lambda v: _finite(v) and v >= 0, "a number >= 0"),
     "optim.grad_clip": (lambda v: _finite(v) and v > 0, "a number > 0 or null"),
     "glow.matched_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "glow.m0_epochs": (lambda v: v >= 1, "an integer >= 1 or null"),
+    "glow.m1_epochs": (lambda v: v >= 1, "an integer >= 1 or null"),
+    "glow.val_fraction": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "glow.rotation_copies": (lambda v: v >= 1, "an integer >= 1"),
+    "glow.rotation_deg": (lambda v: _finite(v) and 0 <= v <= 180, "a number in [0, 180]"),
     "glow.map_sigma": (lambda v: _finite(v) and v >= 0, "a number >= 0"),
     "glow.map_top_fraction": (lambda v: _finite(v) and 0 < v <= 1, "a number in (0, 1]"),
     "patch.topk_fraction": (lambda v: _finite(v) and 0 < v <= 1, "a number in (0, 1]"),
     "eval.n_extremes": (lambda v: v >= 0, "an integer >= 0"),
     "eval.n_overlays": (lambda v: v >= 0, "an integer >= 0"),
+    "eval.n_mosaic": (lambda v: v >= 0, "an integer >= 0"),
     "eval.threshold": (_finite, "a finite number"),
 }
 

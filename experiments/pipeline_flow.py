@@ -115,6 +115,10 @@ def model_cfg(cfg: DictConfig, name: str, out_dir: Path) -> DictConfig:
     sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     OmegaConf.set_struct(sub, True)
     sub.glow.model = "m0" if name == "start" else name
+    if name != "start":  # the matched schedule's shared start keeps trainer.max_epochs
+        from experiments.train_glow import model_epochs
+
+        sub.trainer.max_epochs = model_epochs(sub)  # glow.m0_epochs / glow.m1_epochs
     sub.out_dir = str(out_dir)
     sub.job = "train_glow"
     sub.ckpt_path = "last" if (out_dir / "checkpoints" / "last.ckpt").is_file() else None
@@ -147,12 +151,12 @@ def ensure_model(cfg: DictConfig, name: str, out: Path, n_items: int, dm=None,
     from experiments.train_glow import train
 
     sub = model_cfg(cfg, name, folder)
-    select = "best"
+    select = str(sub.glow.select)  # best: on a held-out part of the model's own training set
     if max_steps is not None:
         sub.trainer.max_epochs = -1  # the step count decides
         select = "last"
     elif name == "start":
-        select = "last"  # the shared start: a fixed length, no choice on labelled val data
+        select = "last"  # the shared start: a fixed length
     log.info("Training %s on %s (%s/%s, %d items) into %s%s%s%s", name.upper(), set_name, split,
              group, n_items, folder, " (resuming from last.ckpt)" if sub.ckpt_path else "",
              f", starting from {init_ckpt}" if init_ckpt is not None else "",
@@ -160,6 +164,9 @@ def ensure_model(cfg: DictConfig, name: str, out: Path, n_items: int, dm=None,
     kw = {"max_steps": max_steps} if max_steps else {}
     if select != "best":
         kw["select"] = select
+    log.info("%s: %d epochs, optim %s lr %g (%s, %g warm-up epochs), checkpoint %s",
+             name.upper(), int(sub.trainer.max_epochs), sub.optim.name, float(sub.optim.lr),
+             sub.optim.scheduler, float(sub.optim.warmup_epochs), select)
     ckpt = Path(train(sub, datamodule=dm, init_ckpt=init_ckpt, **kw))
     folder.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"ckpt": str(ckpt.resolve())}, indent=2))
@@ -320,6 +327,27 @@ def write_outputs(cfg: DictConfig, out: Path, dm, val_items, val, test_items, te
             [_caption(test_items[i], test.score[i]) for i in idx], ncols=6,
             title=f"{name.replace('_', ' ')} ({view}; caption: finding, -log posterior)")
 
+    # Appendix A (Figs. A.21-A.22): the likelihood-only score -log p(x|M0) per label and its
+    # top-k most / least likely abnormal images.
+    plots.plot_histograms_per_finding(
+        fig / "hist_likelihood_per_finding.png", test.score_likelihood, y, findings,
+        xlabel="-log p(x|M0) (nats)", title="Likelihood-only score per label (Appendix A)")
+    order_lik = np.argsort(-test.score_likelihood, kind="stable")
+    for name, idx in (("most_abnormal_likelihood", order_lik[:k]),
+                      ("least_abnormal_likelihood", order_lik[::-1][:k])):
+        plots.plot_image_grid(
+            fig / f"{name}.png", [_display(dm.load(test_items[i])) for i in idx],
+            [_caption(test_items[i], test.score_likelihood[i]) for i in idx], ncols=6,
+            title=f"{name.replace('_', ' ')} ({view}; caption: finding, -log p(x|M0))")
+    # Figs. 9-10: the n most likely abnormal test images (posterior) as one mosaic.
+    n_mosaic = min(int(cfg.eval.n_mosaic), len(test_items))
+    if n_mosaic:
+        idx = order[:n_mosaic]
+        plots.plot_mosaic(fig / "mosaic_most_abnormal.png",
+                          [_display(dm.load(test_items[i])) for i in idx], labels=y[idx],
+                          title=f"{n_mosaic} most likely abnormal ({view}; frame: "
+                                "blue normal, orange abnormal)")
+
     overlays = False
     if test.anomaly_map is not None:
         n = min(int(cfg.eval.n_overlays), len(test_items))
@@ -390,6 +418,18 @@ def write_outputs(cfg: DictConfig, out: Path, dm, val_items, val, test_items, te
     rep.add_heading(f"Top {k} most and least likely abnormal")
     rep.add_figure(fig / "most_abnormal.png", f"Highest -log p(normal|x) ({view}).")
     rep.add_figure(fig / "least_abnormal.png", f"Lowest -log p(normal|x) ({view}).")
+    if n_mosaic:
+        rep.add_heading(f"Mosaic of the {n_mosaic} most likely abnormal (Figs. 9-10)")
+        rep.add_figure(fig / "mosaic_most_abnormal.png",
+                       f"Highest -log p(normal|x), row by row ({view}; the paper shows 1,000; "
+                       "capped at the number of test items); frame colour = true class.")
+    rep.add_heading("Likelihood-only score (Appendix A, Figs. A.21-A.22)")
+    rep.add_figure(fig / "hist_likelihood_per_finding.png",
+                   "-log p(x|M0) for normal images and per finding.")
+    rep.add_figure(fig / "most_abnormal_likelihood.png",
+                   f"Top {k} highest -log p(x|M0) ({view}).")
+    rep.add_figure(fig / "least_abnormal_likelihood.png",
+                   f"Top {k} lowest -log p(x|M0) ({view}).")
     if overlays:
         rep.add_heading("Flow anomaly maps (our addition)")
         rep.add_text(
@@ -483,8 +523,23 @@ def _log_to_wandb(cfg: DictConfig, out: Path, metrics: dict) -> None:
     logger.experiment.finish()
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def resolved_model_configs(cfg: DictConfig) -> dict[str, DictConfig]:
+    """The configurations M0 and M1 are trained with (glow.m0_epochs / glow.m1_epochs
+    resolved into trainer.max_epochs), as :func:`ensure_model` builds them."""
+    out = Path(cfg.out_dir)
+    return {name: model_cfg(cfg, name, out / name) for name in ("m0", "m1")}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """``--print-config``: print the resolved configurations of M0 and M1 and stop."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     setup_logging()
+    if "--print-config" in argv:
+        cfg = load([a for a in argv if a != "--print-config"])
+        for name, sub in resolved_model_configs(cfg).items():
+            print(f"# --- {name.upper()} ---")
+            print(OmegaConf.to_yaml(sub, resolve=True))
+        return None
     return run(load(argv))
 
 

@@ -440,3 +440,82 @@ def plot_metric_table(path: str | Path, rows: Sequence[Mapping[str, Any]], title
         if title:
             ax.set_title(title)
         return _save(fig, path)
+
+
+def plot_mosaic(
+    path: str | Path,
+    images: Sequence[Any],
+    labels: Sequence[int] | None = None,
+    ncols: int = 40,
+    tile: int = 32,
+    title: str = "",
+) -> Path:
+    """Many images as one mosaic of ``tile``-pixel thumbnails in the given order, row by row
+    (e.g. the 1,000 most likely abnormal test images, Shibata et al. Figs. 9-10), no captions;
+    with ``labels`` each thumbnail gets a 1-pixel frame in its class colour. One intensity
+    scale for all ([0, 1] when every image lies in it)."""
+    imgs = [_as_2d(im, "plot_mosaic", i) for i, im in enumerate(images)]
+    thumbs = [_resize(_downsample(im, 2 * tile).astype(np.float64), (tile, tile)) for im in imgs]
+    vmin, vmax = _intensity_range(thumbs, None, None)
+    n = max(1, len(thumbs))
+    nrows, ncols = _grid_shape(n, ncols)
+    canvas = np.ones((nrows * tile, ncols * tile, 3))  # white where there is no image
+    for k, t in enumerate(thumbs):
+        g = np.clip((t - vmin) / max(vmax - vmin, 1e-12), 0, 1)
+        rgb = np.repeat(g[..., None], 3, axis=2)
+        if labels is not None:
+            c = CLASS_COLORS.get(int(labels[k]), CLASS_COLORS[-1])
+            color = [int(c[j:j + 2], 16) / 255 for j in (1, 3, 5)]
+            rgb[0, :], rgb[-1, :], rgb[:, 0], rgb[:, -1] = color, color, color, color
+        r, c0 = divmod(k, ncols)
+        canvas[r * tile:(r + 1) * tile, c0 * tile:(c0 + 1) * tile] = rgb
+    with matplotlib.rc_context(STYLE):
+        fig = Figure(figsize=(max(4.0, ncols * tile / 64), max(2.0, nrows * tile / 64 + 0.6)))
+        ax = fig.add_subplot(1, 1, 1)
+        ax.imshow(canvas, interpolation="nearest")
+        ax.set_axis_off()
+        if title:
+            ax.set_title(title)
+        fig.tight_layout()
+        return _save(fig, path)
+
+
+def plot_histograms_per_finding(
+    path: str | Path,
+    scores: Any,
+    labels: Any,
+    findings: Sequence[str],
+    xlabel: str,
+    title: str = "",
+) -> Path:
+    """Density histograms of a score for the normal items and for each finding's abnormal
+    items, on shared bins (e.g. the likelihood-only score per label, Shibata et al.
+    Appendix A, Fig. A.21)."""
+    s = _as_numpy(scores).astype(np.float64).reshape(-1)
+    y = _as_numpy(labels).reshape(-1)
+    f = np.asarray([str(x or "") for x in findings], dtype=object)
+    keep = _finite(s, "plot_histograms_per_finding")
+    s, y, f = s[keep], y[keep], f[keep]
+    groups = [("normal", s[y == 0])]
+    f = np.where(f == "", "abnormal", f)  # abnormal items without a finding
+    for name in sorted(set(f[y == 1])):
+        groups.append((name, s[(y == 1) & (f == name)]))
+    edges = np.histogram_bin_edges(s, bins="auto") if s.size else np.linspace(0, 1, 11)
+    if len(edges) > 61:
+        edges = np.linspace(edges[0], edges[-1], 61)
+    with matplotlib.rc_context(STYLE):
+        fig = Figure(figsize=(7.5, 4.5))
+        ax = fig.add_subplot(1, 1, 1)
+        for k, (name, sc) in enumerate(groups):
+            if sc.size == 0:
+                continue
+            color = CLASS_COLORS[0] if k == 0 else CURVE_COLORS[1 + (k - 1) % 7]
+            ax.hist(sc, bins=edges, density=True, histtype="step", lw=1.8, color=color,
+                    label=f"{name[:28]} (n={sc.size})")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("density")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        if title:
+            ax.set_title(title)
+        return _save(fig, path)

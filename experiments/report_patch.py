@@ -67,7 +67,11 @@ def write_outputs(cfg: DictConfig, out: Path, det, dm, val: SplitScores, test: S
         f"Patch sizes {list(n.sizes)} on {det.image_size}² images, locality d = "
         f"{[int(d) for d in p.locality]}, {p.distance} distance, weights {list(n.weights)} "
         f"({n.fusion} fusion), grid stride = {p.stride_fraction} × patch size. Normalize (eq. 6) "
-        f"fitted on {len(val_items)} validation images; abnormal iff score > {p.threshold}."
+        f"fitted on {len(val_items)} validation images; abnormal iff score > {p.threshold}. "
+        "From the paper: per-size nearest-reference distances within locality d, the weighted "
+        "product of eq. 6 and the image score = max of the final map; ours (documented "
+        "choices): how Normalize is defined and fitted, the fusion variant, and the "
+        "threshold (paper: 0.5) applied to that Normalize."
     )
     rep.add_metrics(ev.flatten_metrics({k: v for k, v in metrics.items()
                                         if k != "per_finding"}), title="Test metrics")

@@ -5,13 +5,15 @@
 ``modality`` picks ``configs/glow_<modality>.yaml`` (paper settings; ``profile=cpu`` gives a
 model that trains in minutes on a CPU). Writes checkpoints (best/last) under
 ``<out_dir>/checkpoints``, ``<out_dir>/samples.png`` (fictional images at
-``glow.sample_temperature``) and ``<out_dir>/metrics.json`` with ``val/bpd``.
+``glow.sample_temperature``) and ``<out_dir>/metrics.json`` with ``val/bpd`` (on a held-out part of
+the model's own training set, with glow.select=best).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -81,9 +83,58 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
         return iter(torch.randperm(self.n, generator=g).tolist())
 
 
-def build_loaders(cfg: DictConfig, dm) -> tuple[DataLoader, DataLoader | None]:
-    """M0 trains on train/normal, M1 on train/mixture; validation: val/normal for M0 (what it
-    models), all of val (normal + abnormal, like the mixture) for M1."""
+def holdout_split(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held-out) of one model's own training set: a fixed random ``fraction`` (by
+    ``seed``) held out for val/bpd, at least one item each way when the fraction is > 0.
+    A subset of train/<group>, so the val/test sets stay untouched (their disjointness from
+    every training set is checked in datamodules/splits.py)."""
+    n = len(items)
+    n_val = 0 if fraction <= 0 or n < 2 else min(n - 1, max(1, round(fraction * n)))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed) + 7)).tolist()
+    held = set(order[:n_val])
+    return ([it for i, it in enumerate(items) if i not in held],
+            [it for i, it in enumerate(items) if i in held])
+
+
+def rotate_in_plane(x: torch.Tensor, degrees: float) -> torch.Tensor:
+    """x (1, H, W) or (1, D, H, W) rotated by ``degrees`` about the image centre in the H-W
+    (axial) plane; bilinear, zeros (air after the brain window) outside."""
+    if degrees == 0:
+        return x
+    import torch.nn.functional as F
+
+    a = math.radians(degrees)
+    theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]],
+                         dtype=x.dtype)
+    planes = x.reshape(-1, 1, *x.shape[-2:])  # (D or 1, 1, H, W)
+    grid = F.affine_grid(theta.expand(len(planes), 2, 3), list(planes.shape), align_corners=False)
+    return F.grid_sample(planes, grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False).reshape(x.shape)
+
+
+class RotatedCopies(torch.utils.data.Dataset):
+    """Each item of ``base`` ``copies`` times, rotated by angles evenly spaced in
+    [-degrees, +degrees] (glow.rotation_copies / glow.rotation_deg)."""
+
+    def __init__(self, base, copies: int, degrees: float):
+        self.base, self.copies = base, int(copies)
+        self.angles = np.linspace(-degrees, degrees, self.copies) if self.copies > 1 else [0.0]
+
+    def __len__(self) -> int:
+        return len(self.base) * self.copies
+
+    def __getitem__(self, i: int) -> dict:
+        out = dict(self.base[i // self.copies])
+        out["image"] = rotate_in_plane(out["image"], float(self.angles[i % self.copies]))
+        return out
+
+
+def build_loaders(cfg: DictConfig, dm, select: str = "best") -> tuple[DataLoader,
+                                                                      DataLoader | None]:
+    """M0 trains on train/normal, M1 on train/mixture. Validation (only for select=best, to
+    pick the best val/bpd): a held-out glow.val_fraction of the model's own training set, so
+    M0 is validated on held-out normals and M1 on held-out mixture, never on the labelled
+    val/test images."""
     group = TRAIN_GROUP[cfg.glow.model]
     train_items = dm.items("train", group)
     if not train_items:
@@ -91,20 +142,35 @@ def build_loaders(cfg: DictConfig, dm) -> tuple[DataLoader, DataLoader | None]:
             f"No training items in train/{group} (glow.model={cfg.glow.model}); check data.root "
             f"(expected DIR/train/{group}/ for data=folder)"
         )
-    val_items = dm.items("val", "normal" if cfg.glow.model == "m0" else None)
+    val_items = []
+    if select == "best":
+        train_items, val_items = holdout_split(train_items, float(cfg.glow.val_fraction),
+                                               int(cfg.seed))
     from datamodules.base import ItemDataset
 
     bs, nw = per_device_batch_size(cfg), cfg.data.num_workers
-    train = DataLoader(ItemDataset(dm, train_items), batch_size=bs,
-                       sampler=EpochShuffleSampler(len(train_items), int(cfg.seed)),
+    train_ds = ItemDataset(dm, train_items)
+    if int(cfg.glow.rotation_copies) > 1:
+        train_ds = RotatedCopies(train_ds, int(cfg.glow.rotation_copies),
+                                 float(cfg.glow.rotation_deg))
+    train = DataLoader(train_ds, batch_size=bs,
+                       sampler=EpochShuffleSampler(len(train_ds), int(cfg.seed)),
                        num_workers=nw, drop_last=False, persistent_workers=nw > 0)
     val = None
     if val_items:
         val = DataLoader(ItemDataset(dm, val_items), batch_size=bs, shuffle=False,
                          num_workers=nw, persistent_workers=nw > 0)
-    log.info("Glow %s: %d training items (train/%s), %d validation items", cfg.glow.model,
-             len(train_items), group, len(val_items))
+    log.info("Glow %s: %d training items (train/%s, x%d rotated copies), %d held out for "
+             "val/bpd (select=%s)", cfg.glow.model, len(train_items), group,
+             int(cfg.glow.rotation_copies), len(val_items), select)
     return train, val
+
+
+def model_epochs(cfg: DictConfig) -> int:
+    """Epochs of glow.model: glow.m0_epochs / glow.m1_epochs where set, else
+    trainer.max_epochs."""
+    own = cfg.glow.m0_epochs if cfg.glow.model == "m0" else cfg.glow.m1_epochs
+    return int(own) if own is not None else int(cfg.trainer.max_epochs)
 
 
 def init_weights(module, ckpt_path: str | Path) -> None:
@@ -152,16 +218,17 @@ def save_samples_png(path: Path, samples: torch.Tensor, n_slices: int = 8) -> Pa
 
 
 def train(cfg: DictConfig, datamodule=None, init_ckpt: str | Path | None = None,
-          max_steps: int | None = None, select: str = "best") -> Path:
-    """Train Glow per ``cfg``; returns the best checkpoint (or last if no validation).
+          max_steps: int | None = None, select: str | None = None) -> Path:
+    """Train Glow per ``cfg`` for trainer.max_epochs; returns the checkpoint ``select`` picks
+    (default glow.select): "best" = the lowest val/bpd on the held-out part of the model's own
+    training set (last if there is none), "last" = the last epoch (the papers' fixed training
+    length; also for the flow posterior's matched schedule).
 
     ``init_ckpt``: start from the weights (incl. the initialised ActNorms) of this Glow
     checkpoint instead of a fresh initialisation; it must have the same architecture and input
     shape. Optimiser state and epoch count start afresh. A resumed run (``ckpt_path``) restores
     its own weights over these. ``max_steps``: stop after this many optimiser steps instead of
-    ``trainer.max_epochs`` epochs. ``select="last"``: return the last checkpoint (a fixed
-    training length, e.g. the flow posterior's matched schedule) instead of the best
-    ``val/bpd``."""
+    ``trainer.max_epochs`` epochs."""
     import pytorch_lightning as pl
 
     from lightning_modules.glow import GlowModule
@@ -172,7 +239,8 @@ def train(cfg: DictConfig, datamodule=None, init_ckpt: str | Path | None = None,
         from datamodules.factory import build_datamodule  # lazy: the data helper's module
 
         datamodule = build_datamodule(cfg.data)
-    train_loader, val_loader = build_loaders(cfg, datamodule)
+    select = str(cfg.glow.select) if select is None else select
+    train_loader, val_loader = build_loaders(cfg, datamodule, select)
     module = GlowModule(
         glow=OmegaConf.to_container(cfg.glow, resolve=True),
         input_shape=input_shape(cfg.data),
@@ -232,7 +300,9 @@ def split_modality(argv: list[str]) -> tuple[str, list[str]]:
 def load(argv: list[str] | None = None) -> DictConfig:
     argv = sys.argv[1:] if argv is None else list(argv)
     modality, rest = split_modality(argv)
-    return load_config(f"glow_{modality}", rest)
+    cfg = load_config(f"glow_{modality}", rest)
+    cfg.trainer.max_epochs = model_epochs(cfg)  # glow.m0_epochs / glow.m1_epochs
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -47,6 +47,7 @@ def per_device_batch_size(global_batch_size: int, world_size: int) -> int:
 
 def build_module(cfg: DictConfig):
     from lightning_modules.simclr import SimCLRModule
+    from lightning_modules.simclr.config import resolved_chunk_size
 
     s, o = cfg.simclr, cfg.optim
     return SimCLRModule(
@@ -59,7 +60,7 @@ def build_module(cfg: DictConfig):
         reference_batch_size=int(o.reference_batch_size),
         global_batch_size=int(cfg.data.batch_size), warmup_epochs=float(o.warmup_epochs),
         scheduler=str(o.scheduler), knn_k=int(s.knn_k), channels_last=bool(s.channels_last),
-        chunk_size=None if s.chunk_size is None else int(s.chunk_size),
+        chunk_size=resolved_chunk_size(s),  # simclr.chunk_size[_per_patch]
     )
 
 

@@ -183,8 +183,14 @@ def test_modality_selector_is_stripped_and_picks_the_yaml():
     assert cfg.glow.n_bits == 7 and cfg.optim.lr == 1e-4 and cfg.trainer.max_epochs == 30
     cfg = load(["profile=paper"])
     assert cfg.glow.levels == 7 and cfg.data.image_size == 512 and cfg.data.batch_size == 128
-    assert cfg.glow.n_bits == 8 and cfg.optim.lr == 1e-3 and cfg.optim.name == "adam"
+    assert cfg.glow.n_bits == 8 and cfg.optim.lr == 1e-3 and cfg.optim.name == "adamax"
     assert cfg.out_dir == "outputs/glow/cxr_m0"
+    # train-glow resolves the per-model epochs (head CT, Table 4: M1 20 epochs)
+    assert load(["modality=bct", "profile=paper", "glow.model=m1"]).trainer.max_epochs == 20
+    # the cpu profile keeps the fast recipe (make demo)
+    cpu = load(["modality=bct", "profile=cpu"])
+    assert (cpu.optim.name, cpu.optim.scheduler, cpu.glow.coupling_net) == \
+        ("adam", "none", "normflows")
 
 
 def test_glow_module_hparams_are_plain():

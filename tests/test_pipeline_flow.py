@@ -160,7 +160,10 @@ def test_pipeline_end_to_end(out_dir, modality, monkeypatch, one_thread):
               "m1/flow_model.json", "figures/roc.png", "figures/hist_log_posterior.png",
               "figures/hist_log_likelihood.png", "figures/most_abnormal.png",
               "figures/least_abnormal.png", "figures/zero_fraction_likelihood.png",
-              "figures/roc_per_finding.png", "figures/samples_m0.png"):
+              "figures/roc_per_finding.png", "figures/samples_m0.png",
+              # Figs. 9-10 (mosaic) and Appendix A, Figs. A.21-A.22 (likelihood-only score)
+              "figures/mosaic_most_abnormal.png", "figures/hist_likelihood_per_finding.png",
+              "figures/most_abnormal_likelihood.png", "figures/least_abnormal_likelihood.png"):
         assert (out / f).is_file(), f
     with open(out / "scores.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -183,6 +186,8 @@ def test_pipeline_end_to_end(out_dir, modality, monkeypatch, one_thread):
     assert 0.0 <= metrics["auroc"] <= 1.0 and metrics["threshold_source"] == "Youden's J on val"
     html = (out / "report.html").read_text()
     assert "figures/roc.png" in html and "Youden" in html
+    assert "figures/mosaic_most_abnormal.png" in html and "Appendix A" in html
+    assert "Mosaic of the 16 most likely abnormal" in html  # capped at the 16 test items
 
     # A second run reuses both models (no retraining) ...
     def no_training(cfg, datamodule=None):

@@ -9,6 +9,8 @@ M1_INITS = ("scratch", "m0")
 INTENSITY_NORMS = ("none", "rank")
 SCHEDULES = ("independent", "matched")
 IMAGE_SCORES = ("global", "local")
+COUPLING_NETS = ("normflows", "openai")
+SELECTS = ("best", "last")
 
 
 @dataclass
@@ -19,6 +21,10 @@ class GlowConfig:
     hidden_channels: int = 512
     # paper: sigma(h - 0.1) + 0.6 ; glow: sigma(h + 2) (normflows' original)
     coupling_scale: str = "paper"
+    # NN() of the coupling. normflows (default, ours): conv3 -> ReLU -> conv1 -> ReLU -> zero conv3.
+    # openai (paper: Shibata et al. ran "the original Glow code"): conv3 -> ActNorm -> ReLU ->
+    # conv1 -> ActNorm -> ReLU -> zero conv3 with a learned log-scale (factor 3), openai/glow's f().
+    coupling_net: str = "normflows"
     checkpointing: bool = False  # gradient checkpointing of the coupling networks
     # ActNorm + 1x1 conv applied as one convolution (same function, less memory and time)
     fuse_actnorm: bool = True
@@ -33,6 +39,22 @@ class GlowConfig:
     # initialisation: log p(x|M0) - log p(x|M1) then measures what S_mixture added instead of
     # the run-to-run noise of two independent small flows; for short CPU trainings).
     m1_init: str = "scratch"
+    # Epochs per model (glow.schedule=independent); null = trainer.max_epochs. Paper, Table 4
+    # (head CT): "Train 1" 30 epochs, "Train 2" 20; our reading: Train 1 = M0 on S_normal,
+    # Train 2 = M1 on S_mixture.
+    m0_epochs: int | None = None
+    m1_epochs: int | None = None
+    # Which checkpoint a training returns. last (paper: a fixed number of epochs) | best (ours:
+    # the lowest val/bpd on a held-out val_fraction of the model's OWN training set: held-out
+    # normals for M0, held-out mixture for M1; never the labelled val/test images).
+    select: str = "best"
+    val_fraction: float = 0.1  # only with select=best; 0 = no held-out set (train/bpd decides)
+    # Training augmentation (the fictional-image training of Shibata et al. section 4.1: each
+    # volume "augmented seven times by rotations of +-2 degrees"). Our reading: rotation_copies
+    # in-plane (axial) rotations per item at angles evenly spaced in [-rotation_deg,
+    # +rotation_deg]. 1 = off.
+    rotation_copies: int = 1
+    rotation_deg: float = 0.0
     # --- Our options beyond Shibata et al. (profile=paper keeps the published method: all
     # off). Measured effects: configs/flow.yaml and the README's flow section.
     # Per-image intensity normalisation before dequantisation: none (paper) | rank (each pixel

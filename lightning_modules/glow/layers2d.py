@@ -20,7 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lightning_modules.glow.config import COUPLING_NETS
+
 SCALE_MAPS = ("paper", "glow")
+LOGSCALE_FACTOR = 3.0  # openai/glow conv2d_zeros(logscale_factor=3)
 
 # Set by torch_model.SavedTensorMeter: the inputs a checkpointed coupling keeps alive for its
 # recomputation are not packed by saved-tensor hooks, so they are reported here.
@@ -90,27 +93,77 @@ class ActNorm(nf.flows.ActNorm):
         return nf.flows.AffineConstFlow.inverse(self, z)
 
 
-class CouplingNet(nn.Module):
-    """NN() of the affine coupling: conv3 -> ReLU -> conv1 -> ReLU -> zero-init conv3.
+class ActNormLayer(nn.Module):
+    """ActNorm as a layer of a coupling network (openai/glow's ``conv2d`` with ``do_actnorm``):
+    (x - t) exp(-s) per channel, s and t initialised from the first batch so the output has
+    zero mean and unit variance (its log-det is not part of the flow's)."""
 
-    The layout of normflows' ``ConvNet2d`` (kernels 3, 1, 3, last layer zero so every step
-    starts as the identity), for 2D (Conv2d) and 3D (Conv3d, which normflows lacks), with
-    in-place ReLUs (one activation tensor fewer saved per step).
+    def __init__(self, channels: int, dims: int):
+        super().__init__()
+        self.actnorm = ActNorm((channels,) + (1,) * dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.actnorm.inverse(x)[0]
+
+
+class ZeroConv(nn.Module):
+    """openai/glow's ``conv2d_zeros``: a 3x3 (3x3x3) convolution initialised to zero whose
+    output is multiplied by exp(logscale_factor * logs), logs a learned per-channel log-scale
+    (initialised to 0). The factor 3 (openai's) lets the scale move 3x faster than logs."""
+
+    def __init__(self, in_channels: int, out_channels: int, dims: int = 2,
+                 logscale_factor: float = LOGSCALE_FACTOR):
+        super().__init__()
+        self.conv = {2: nn.Conv2d, 3: nn.Conv3d}[dims](in_channels, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+        self.logs = nn.Parameter(torch.zeros(out_channels, *(1,) * dims))
+        self.logscale_factor = float(logscale_factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * torch.exp(self.logs * self.logscale_factor)
+
+
+class CouplingNet(nn.Module):
+    """NN() of the affine coupling, for 2D (Conv2d) and 3D (Conv3d, which normflows lacks).
+
+    ``style="normflows"`` (default): conv3 -> ReLU -> conv1 -> ReLU -> zero-init conv3, the
+    layout of normflows' ``ConvNet2d``. ``style="openai"``: openai/glow's ``f()``, the network of
+    "the original Glow code" Shibata et al. ran: conv3 (no bias) -> ActNorm -> ReLU -> conv1 (no
+    bias) -> ActNorm -> ReLU -> :class:`ZeroConv` (zero-init conv3 with a learned log-scale,
+    factor 3). Hidden weights ~ N(0, 0.05^2) as openai's ``default_initializer``; openai's
+    edge-padding channel is not reproduced. Either way the last layer is zero, so at the start
+    NN() = 0 for every input: shift 0 and the constant scale s(0) (identity up to that scale).
+    ReLUs are in-place (one saved activation fewer per step).
     """
 
-    def __init__(self, in_channels: int, hidden_channels: int, out_channels: int, dims: int = 2):
+    def __init__(self, in_channels: int, hidden_channels: int, out_channels: int, dims: int = 2,
+                 style: str = "normflows"):
         super().__init__()
         conv = {2: nn.Conv2d, 3: nn.Conv3d}[dims]
-        last = conv(hidden_channels, out_channels, 3, padding=1)
-        nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
-        self.net = nn.Sequential(
-            conv(in_channels, hidden_channels, 3, padding=1),
-            nn.ReLU(inplace=True),
-            conv(hidden_channels, hidden_channels, 1),
-            nn.ReLU(inplace=True),
-            last,
-        )
+        if style == "normflows":
+            last = conv(hidden_channels, out_channels, 3, padding=1)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+            self.net = nn.Sequential(
+                conv(in_channels, hidden_channels, 3, padding=1),
+                nn.ReLU(inplace=True),
+                conv(hidden_channels, hidden_channels, 1),
+                nn.ReLU(inplace=True),
+                last,
+            )
+        elif style == "openai":
+            c1 = conv(in_channels, hidden_channels, 3, padding=1, bias=False)
+            c2 = conv(hidden_channels, hidden_channels, 1, bias=False)
+            for c in (c1, c2):
+                nn.init.normal_(c.weight, std=0.05)
+            self.net = nn.Sequential(
+                c1, ActNormLayer(hidden_channels, dims), nn.ReLU(inplace=True),
+                c2, ActNormLayer(hidden_channels, dims), nn.ReLU(inplace=True),
+                ZeroConv(hidden_channels, out_channels, dims),
+            )
+        else:
+            raise ValueError(f"glow.coupling_net={style!r} is not one of {COUPLING_NETS}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -165,12 +218,13 @@ class AffineCouplingBlock(nf.flows.Flow):
     """Split channels in half (normflows' ``Split('channel')``), couple, merge back."""
 
     def __init__(self, channels: int, hidden_channels: int, dims: int = 2,
-                 scale_map: str = "paper", checkpointing: bool = False):
+                 scale_map: str = "paper", checkpointing: bool = False,
+                 net_style: str = "normflows"):
         super().__init__()
         if channels < 2:
             raise ValueError("affine coupling needs >= 2 channels: squeeze the input first")
         c1, c2 = (channels + 1) // 2, channels // 2  # torch.chunk's split
-        net = CouplingNet(c1, hidden_channels, 2 * c2, dims)
+        net = CouplingNet(c1, hidden_channels, 2 * c2, dims, net_style)
         self.split = nf.flows.Split("channel")
         self.coupling = AffineCoupling(net, scale_map, checkpointing)
 
@@ -202,7 +256,8 @@ class GlowStep(nf.flows.Flow):
     """
 
     def __init__(self, channels: int, hidden_channels: int, dims: int = 2,
-                 scale_map: str = "paper", checkpointing: bool = False, fused: bool = True):
+                 scale_map: str = "paper", checkpointing: bool = False, fused: bool = True,
+                 net_style: str = "normflows"):
         super().__init__()
         self.channels, self.dims, self.fused = channels, dims, fused
         self.actnorm = ActNorm((channels,) + (1,) * dims)
@@ -215,7 +270,7 @@ class GlowStep(nf.flows.Flow):
 
                 self.invconv = InvertibleConv1x1x1(channels)
         self.coupling = AffineCouplingBlock(channels, hidden_channels, dims, scale_map,
-                                            checkpointing)
+                                            checkpointing, net_style)
 
     def forward(self, z):  # latent -> data
         z, ld_c = self.coupling(z)

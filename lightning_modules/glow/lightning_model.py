@@ -15,6 +15,12 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_modules.checkpoint import read_checkpoint
+from lightning_modules.optim import (
+    build_optimizer,
+    build_scheduler,
+    lightning_config,
+    schedule_steps,
+)
 
 from .torch_model import (
     Glow,
@@ -151,24 +157,20 @@ class GlowModule(pl.LightningModule):
         log.info("ActNorm initialised from a batch of %d", x.shape[0])
 
     def configure_optimizers(self):
+        """optim.name adam (default) | adamw | sgd | adamax (openai/glow's); optim.scheduler
+        none | cosine | warmup (openai/glow's linear warm-up over optim.warmup_epochs, then
+        constant). See lightning_modules/optim.py."""
         o = self.optim_cfg
-        name, lr, wd = o.get("name", "adam"), float(o.get("lr", 1e-3)), float(
-            o.get("weight_decay", 0.0))
-        params = self.model.parameters()
-        if name == "adam":
-            opt = torch.optim.Adam(params, lr=lr, weight_decay=wd)
-        elif name == "adamw":
-            opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
-        elif name == "sgd":
-            opt = torch.optim.SGD(params, lr=lr, momentum=float(o.get("momentum", 0.9)),
-                                  weight_decay=wd)
-        else:
-            raise ValueError(f"optim.name={name!r}: Glow supports adam | adamw | sgd")
-        if o.get("scheduler", "none") == "none":
+        opt = build_optimizer(o.get("name", "adam"), self.model.parameters(),
+                              float(o.get("lr", 1e-3)), float(o.get("weight_decay", 0.0)),
+                              float(o.get("momentum", 0.9)))
+        name = o.get("scheduler", "none")
+        if name == "none":
             return opt
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-            opt, T_max=max(1, int(self.trainer.estimated_stepping_batches)))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        warmup, total = schedule_steps(self.trainer.estimated_stepping_batches,
+                                       self.trainer.max_epochs,
+                                       float(o.get("warmup_epochs", 0.0)))
+        return lightning_config(opt, build_scheduler(opt, name, warmup, total))
 
 
 def broadcast_actnorm(model: Glow, src: int = 0) -> None:

@@ -224,7 +224,8 @@ def build_glow(glow_cfg: Any, input_shape: tuple[int, ...] | list[int]) -> Glow:
     """Multi-scale Glow for ``input_shape`` = (C, H, W) (2D) or (C, D, H, W) (3D).
 
     ``glow_cfg``: the ``glow`` config section (or a dict) with levels (L), steps (K),
-    hidden_channels, coupling_scale (paper|glow), checkpointing, fuse_actnorm.
+    hidden_channels, coupling_scale (paper|glow), checkpointing, fuse_actnorm, coupling_net
+    (normflows|openai).
     """
     input_shape = tuple(int(s) for s in input_shape)
     dims = len(input_shape) - 1
@@ -235,6 +236,7 @@ def build_glow(glow_cfg: Any, input_shape: tuple[int, ...] | list[int]) -> Glow:
     scale_map = _get(glow_cfg, "coupling_scale", "paper")
     ckpt = bool(_get(glow_cfg, "checkpointing", False))
     fused = bool(_get(glow_cfg, "fuse_actnorm", True))
+    net_style = _get(glow_cfg, "coupling_net", "normflows")
     shapes = level_shapes(input_shape, L)  # data side first
     squeeze = nf.flows.Squeeze if dims == 2 else Squeeze3d
 
@@ -242,7 +244,8 @@ def build_glow(glow_cfg: Any, input_shape: tuple[int, ...] | list[int]) -> Glow:
     for i in range(L):  # normflows' order: i = 0 is the deepest level (generative order)
         j = L - 1 - i
         shape = shapes[j]
-        steps = [GlowStep(shape[0], hidden, dims, scale_map, ckpt, fused) for _ in range(K)]
+        steps = [GlowStep(shape[0], hidden, dims, scale_map, ckpt, fused, net_style)
+                 for _ in range(K)]
         flows.append(steps + [squeeze()])
         latent = shape if i == 0 else (shape[0] // 2, *shape[1:])
         q0.append(nf.distributions.DiagGaussian(latent, trainable=False))  # fixed N(0, I)
@@ -306,7 +309,7 @@ def estimate_memory(glow_cfg: Any, input_shape: tuple[int, ...], batch_size: int
     """
     cfg = {k: _get(glow_cfg, k) for k in
            ("levels", "steps", "hidden_channels", "coupling_scale", "checkpointing",
-            "fuse_actnorm") if _get(glow_cfg, k) is not None}
+            "fuse_actnorm", "coupling_net") if _get(glow_cfg, k) is not None}
     if checkpointing is not None:
         cfg["checkpointing"] = checkpointing
     model = build_glow(cfg, input_shape)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -40,3 +41,16 @@ class SimCLRConfig:
     # the chunk (lightning_modules/simclr/chunked.py). Our addition: the paper does not say how
     # its batch of 256 patches at 512^2 / 1024^2 fitted; null = one pass (the paper's loss).
     chunk_size: int | None = None
+    # chunk_size per patch size ({patch_size: chunk}) where simclr.chunk_size is null; the
+    # paper profile sets it so every size fits 4 x 80 GB (configs/profiles/paper.yaml; ours).
+    chunk_size_per_patch: dict[int, int] = field(default_factory=dict)
+
+
+def resolved_chunk_size(simclr: Any) -> int | None:
+    """simclr.chunk_size if set, else simclr.chunk_size_per_patch[patch_size], else None (one
+    pass over all views)."""
+    if simclr.chunk_size is not None:
+        return int(simclr.chunk_size)
+    per = simclr.chunk_size_per_patch or {}
+    chunk = per.get(int(simclr.patch_size))
+    return None if chunk is None else int(chunk)

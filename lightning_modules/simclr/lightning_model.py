@@ -24,11 +24,16 @@ import torch
 import torch.nn.functional as F
 from lightly.loss import NTXentLoss
 from lightly.models.utils import get_weight_decay_parameters
-from lightly.utils.lars import LARS
 from lightly.utils.scheduler import CosineWarmupScheduler
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_modules.checkpoint import read_checkpoint
+from lightning_modules.optim import (
+    build_optimizer,
+    build_scheduler,
+    lightning_config,
+    schedule_steps,
+)
 from lightning_modules.simclr.chunked import chunked_forward
 from lightning_modules.simclr.torch_model import PatchEncoder, SimCLRModel, build_backbone
 
@@ -184,31 +189,18 @@ class SimCLRModule(pl.LightningModule):
         decay, no_decay = get_weight_decay_parameters([self.model])
         groups = [{"name": "weights", "params": decay, "weight_decay": hp.weight_decay},
                   {"name": "no_weight_decay", "params": no_decay, "weight_decay": 0.0}]
-        if hp.optimizer == "lars":
-            opt = LARS(groups, lr=lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        elif hp.optimizer == "sgd":
-            opt = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum)
-        elif hp.optimizer == "adam":
-            opt = torch.optim.Adam(groups, lr=lr)
-        elif hp.optimizer == "adamw":
-            opt = torch.optim.AdamW(groups, lr=lr)
-        else:
+        if hp.optimizer not in ("lars", "sgd", "adam", "adamw"):
             raise ValueError(f"optim.name={hp.optimizer!r} is not one of lars|sgd|adam|adamw")
+        opt = build_optimizer(hp.optimizer, groups, lr, hp.weight_decay, hp.momentum)
         if hp.scheduler == "none":
             return opt
         warmup, total = self._schedule_steps()
-        sched = CosineWarmupScheduler(opt, warmup_epochs=warmup, max_epochs=total)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return lightning_config(opt, build_scheduler(opt, hp.scheduler, warmup, total))
 
     def _schedule_steps(self) -> tuple[int, int]:
         """(warm-up steps, total steps) of this run: warm-up epochs converted to steps."""
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        max_epochs = self.trainer.max_epochs
-        if max_epochs and max_epochs > 0:
-            warmup = int(round(self.hparams.warmup_epochs * total / max_epochs))
-        else:  # max_steps-bounded run: no epoch length to convert warm-up epochs with
-            warmup = 0
-        return min(warmup, total), total
+        return schedule_steps(self.trainer.estimated_stepping_batches, self.trainer.max_epochs,
+                              self.hparams.warmup_epochs)
 
     def on_train_start(self) -> None:
         # Resuming restores the scheduler's step count *and* its horizon. An exact resume
