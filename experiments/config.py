@@ -249,10 +249,10 @@ class PrintConfig(Exception):  # noqa: N818 - a request, not an error
     Raised by :func:`load_config` once the configuration is complete; ``experiments.cli``
     prints it and exits 0 (as Hydra's ``--cfg job`` and LightningCLI's ``--print_config``)."""
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, yaml: str | None = None):
         super().__init__("print_config=true")
         self.cfg = cfg
-        self.yaml = OmegaConf.to_yaml(cfg)
+        self.yaml = OmegaConf.to_yaml(cfg) if yaml is None else yaml
 
 
 def parse_overrides(argv: list[str]) -> list[str]:

@@ -32,10 +32,12 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.common import setup_logging
+from experiments.cli import entry
+from experiments.common import log_test_metrics, setup_logging
 from experiments.config import (
     CONFIG_DIR,
     ConfigError,
+    PrintConfig,
     load_config,
     parse_overrides,
     prepare_run_dir,
@@ -88,7 +90,11 @@ def split_argv(argv: list[str]) -> tuple[list[str], str | None, str]:
 
 
 def load(argv: list[str] | None = None) -> DictConfig:
+    """The pipeline's configuration; with ``print_config=true`` raises :class:`PrintConfig`
+    holding the configurations M0 and M1 are trained with (after every step below)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    shown = [a for a in argv if a.lstrip("-").split("=", 1)[0] == "print_config"]
+    argv = [a for a in argv if a not in shown]
     rest, preset, modality = split_argv(argv)
     jobs = [f"glow_{modality}", "flow"] + ([preset] if preset else [])
     if preset and not any(a.lstrip("-").startswith("data=") for a in rest):
@@ -106,6 +112,10 @@ def load(argv: list[str] | None = None) -> DictConfig:
                 cfg.data[key] = value
     cfg.method = "flow"
     cfg.job = "pipeline"
+    if shown and shown[-1].split("=", 1)[-1].lower() in ("true", "1", "yes"):
+        raise PrintConfig(cfg, "".join(f"# --- {name.upper()} ---\n"
+                                       f"{OmegaConf.to_yaml(sub, resolve=True)}\n"
+                                       for name, sub in resolved_model_configs(cfg).items()))
     return cfg  # choices and ranges of glow.* are checked by load_config
 
 
@@ -201,19 +211,19 @@ def train_models(cfg: DictConfig, out: Path, dm, n_normal: int, n_mixture: int) 
 def val_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, str]:
     """Decision threshold chosen on val: Youden's J on val's ROC. With only normal val images,
     the 95th percentile of their scores (specificity 0.95). Never chosen on test."""
-    from experiments.evaluation import roc_with_youden
+    from lightning_modules.thresholds import decision_threshold
 
-    n_abn, n_norm = int((labels == 1).sum()), int((labels == 0).sum())
-    if n_abn and n_norm:
-        return float(roc_with_youden(labels, scores)[3]), "Youden's J on val"
-    if n_norm:
+    try:
+        threshold, how = decision_threshold(labels, scores, specificity=0.95)
+    except ValueError:
+        raise ConfigError(
+            "val has no normal images, so no decision threshold can be chosen (never on test). "
+            "For data=folder put normal images in <data.root>/val/normal/."
+        ) from None
+    if "percentile" in how:
         log.warning("val has no abnormal images: threshold = 95th percentile of val normal "
                     "scores (specificity 0.95 on val) instead of Youden's J.")
-        return float(np.percentile(scores[labels == 0], 95)), "95th percentile of val normals"
-    raise ConfigError(
-        "val has no normal images, so no decision threshold can be chosen (never on test). "
-        "For data=folder put normal images in <data.root>/val/normal/."
-    )
+    return threshold, how
 
 
 def _finding_names(items) -> list[str]:
@@ -456,7 +466,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     from datamodules.factory import build_datamodule
     from datamodules.manifest import record_splits
-    from lightning_modules.flow_posterior.scoring import check_models, pick_device, score_items
+    from lightning_modules.devices import pick_device
+    from lightning_modules.flow_posterior.scoring import check_models, score_items
     from lightning_modules.glow import load_glow
 
     out = prepare_run_dir(cfg)
@@ -484,7 +495,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     input_shape = (1, *np.shape(dm.load(test_items[0])))
     check_models(m0, m1, cfg.data, cfg.glow.n_bits, input_shape)
 
-    device = pick_device(cfg.trainer.accelerator)
+    device = pick_device(cfg.trainer.accelerator, "trainer.accelerator")
     kw = dict(batch_size=int(cfg.data.batch_size), num_workers=int(cfg.data.num_workers),
               device=device, n_bits=int(cfg.glow.n_bits), progress=bool(cfg.trainer.progress_bar),
               maps=True, score=str(cfg.glow.score), map_sigma=float(cfg.glow.map_sigma),
@@ -505,22 +516,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics["n_train_mixture"] = counts["S_mixture (train/mixture)"]
     report = write_outputs(cfg, out, dm, val_items, val, test_items, test, metrics, m0, counts,
                            masks)
-    _log_to_wandb(cfg, out, metrics)
+    log_test_metrics(cfg, out, metrics, name="flow_pipeline")
     log.info("AUROC posterior %.3f, likelihood-only %.3f, val %.3f; report: %s",
              metrics["auroc"], metrics["auroc_likelihood"], metrics["val/auroc"], report)
     return metrics
-
-
-def _log_to_wandb(cfg: DictConfig, out: Path, metrics: dict) -> None:
-    from experiments.common import make_logger
-
-    logger = make_logger(cfg, out, name="flow_pipeline")
-    if logger is None:
-        return
-    scalars = {f"test/{k}" if "/" not in k else k: float(v) for k, v in metrics.items()
-               if isinstance(v, int | float) and not isinstance(v, bool)}
-    logger.log_metrics(scalars)
-    logger.experiment.finish()
 
 
 def resolved_model_configs(cfg: DictConfig) -> dict[str, DictConfig]:
@@ -531,17 +530,18 @@ def resolved_model_configs(cfg: DictConfig) -> dict[str, DictConfig]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    """``--print-config``: print the resolved configurations of M0 and M1 and stop."""
+    """``--print-config`` (= ``print_config=true``): print the resolved configurations of M0
+    and M1 and stop."""
     argv = sys.argv[1:] if argv is None else list(argv)
     setup_logging()
     if "--print-config" in argv:
-        cfg = load([a for a in argv if a != "--print-config"])
-        for name, sub in resolved_model_configs(cfg).items():
-            print(f"# --- {name.upper()} ---")
-            print(OmegaConf.to_yaml(sub, resolve=True))
+        try:
+            load([a for a in argv if a != "--print-config"] + ["print_config=true"])
+        except PrintConfig as request:
+            print(request.yaml, end="")
         return None
     return run(load(argv))
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

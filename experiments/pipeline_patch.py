@@ -161,7 +161,8 @@ def run_single(cfg: DictConfig, dm=None) -> dict:
     trainer.test(module, loader(dm, test_items), verbose=False)
     trainer.save_checkpoint(out / CKPT_FILE)
     val, test = module.val_result, module.test_result
-    val_items = [labelled(dm, "val")[i] for i in val.index]
+    val_all = labelled(dm, "val")
+    val_items = [val_all[i] for i in val.index]
     test_items = [test_items[i] for i in test.index]
     metrics = evaluate(cfg, module.detector, dm, val, test, val_items, test_items)
     report = write_outputs(cfg, out, module.detector, dm, val, test, val_items, test_items,

@@ -66,3 +66,10 @@ def test_pick_threads_leaves_busy_cores_alone(monkeypatch):
     assert cli.pick_threads() == 1
     monkeypatch.setenv(cli.THREADS_ENV, "3")
     assert cli.pick_threads() == 3
+
+
+def test_print_config_of_the_flow_shows_m0_and_m1_as_trained(capsys):
+    assert cli.run(pipeline.main, ["method=flow", "config=flow_bct_paper", "profile=paper",
+                                   "print_config=true"]) == 0
+    m0, m1 = capsys.readouterr().out.split("# --- M1 ---")
+    assert "max_epochs: 30" in m0 and "max_epochs: 20" in m1

@@ -5,6 +5,7 @@ checks); ``scoring``: batched scoring of items with the two flows M0 (S_normal) 
 (S_mixture) on CPU or GPU.
 """
 
+from lightning_modules.devices import pick_device  # noqa: F401  (kept importable from here)
 from lightning_modules.flow_posterior.posterior import (
     PreprocessingMismatch,
     anomaly_map,
@@ -19,7 +20,6 @@ from lightning_modules.flow_posterior.posterior import (
 from lightning_modules.flow_posterior.scoring import (
     FlowScores,
     check_models,
-    pick_device,
     score_batches,
     score_items,
 )

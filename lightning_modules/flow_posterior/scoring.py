@@ -84,20 +84,6 @@ class FlowScores:
         return cols
 
 
-def pick_device(accelerator: str = "auto") -> torch.device:
-    """``trainer.accelerator`` -> the device to score on (the GPU when present for ``auto``)."""
-    if accelerator == "cpu":
-        return torch.device("cpu")
-    if accelerator in ("gpu", "cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(
-                f"trainer.accelerator={accelerator} but CUDA is not available; "
-                "use trainer.accelerator=cpu or auto."
-            )
-        return torch.device("cuda")
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def model_hparams(model: Any) -> Mapping[str, Any]:
     """The hyper-parameters a model was saved with (``LightningModule.hparams``), or {}."""
     hp = getattr(model, "hparams", None)
