@@ -157,6 +157,17 @@ def plot_roc_per_finding(
 
 
 # --- distributions --------------------------------------------------------------------------
+def _finish_density(fig, ax, xlabel: str, title: str, path) -> Path:
+    """Labels, grid, legend and title of a density plot; saves it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
 def plot_histograms(
     path: str | Path,
     scores: Any,
@@ -189,13 +200,7 @@ def plot_histograms(
             if t is not None and math.isfinite(t):
                 ax.axvline(t, color="k", ls=("--", ":", "-.")[k % 3], lw=1.3,
                            label=f"{name} = {format_value(float(t))}")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("density")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        if title:
-            ax.set_title(title)
-        return _save(fig, path)
+        return _finish_density(fig, ax, xlabel, title, path)
 
 
 def plot_scatter(
@@ -512,10 +517,4 @@ def plot_histograms_per_finding(
             color = CLASS_COLORS[0] if k == 0 else CURVE_COLORS[1 + (k - 1) % 7]
             ax.hist(sc, bins=edges, density=True, histtype="step", lw=1.8, color=color,
                     label=f"{name[:28]} (n={sc.size})")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("density")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        if title:
-            ax.set_title(title)
-        return _save(fig, path)
+        return _finish_density(fig, ax, xlabel, title, path)
