@@ -102,12 +102,17 @@ class FileDataModule(MedicalDataModule):
         return index
 
     def check_not_empty(self, index: dict[tuple[str, str], list[Item]]) -> None:
-        empty = [f"{s}/{g}" for s, g in self.required if not index.get((s, g))]
+        # data.val_fraction=0: no validation set asked for (the flow cross-fits its threshold)
+        required = [(s, g) for s, g in self.required
+                    if s != "val" or float(self.cfg.val_fraction) > 0]
+        empty = [f"{s}/{g}" for s, g in required if not index.get((s, g))]
         if empty:
             raise EmptySplitError(
                 f"{type(self).__name__} (data.root={self.cfg.root or ''}): no usable "
                 f"items in {', '.join(empty)}. Check the data layout and the log above for "
-                "skipped files."
+                "skipped files" + ("; data.val_fraction=0 runs without a validation set "
+                                   "(flow method: thresholds cross-fitted on test)."
+                                   if any(e.startswith("val/") for e in empty) else ".")
             )
 
     def verify_index(

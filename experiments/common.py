@@ -315,6 +315,33 @@ def resolve_ckpt_path(cfg: DictConfig, out_dir: str | Path) -> str | None:
     return str(p)
 
 
+def scoring_trainer(device, progress: bool = False, max_epochs: int = 1):
+    """A Trainer that only runs a fitted detector's stages (fit without an optimiser for the
+    patch databases, validate, test, predict): one device, no logger, no checkpoint callback,
+    no sanity check; ``save_checkpoint`` writes atomically."""
+    import warnings
+
+    import pytorch_lightning as pl
+    import torch
+
+    # both are intended here: nothing is optimised, and the fixed models stay in eval mode
+    warnings.filterwarnings("ignore", message=r".*configure_optimizers. returned .None.")
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    return pl.Trainer(accelerator="gpu" if torch.device(device).type == "cuda" else "cpu",
+                      devices=1, max_epochs=max_epochs, num_sanity_val_steps=0, logger=False,
+                      enable_checkpointing=False, enable_model_summary=False,
+                      enable_progress_bar=progress, plugins=[AtomicCheckpointIO()])
+
+
+def finish_wandb() -> None:
+    """Close the open W&B run (if any), so the next model or evaluation gets its own."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
+
+
 def log_test_metrics(cfg: DictConfig, out_dir: str | Path, metrics: dict, name: str) -> None:
     """A pipeline's scalar test / val metrics as their own W&B run ``name`` (offline by
     default; nothing for logger=none); intervals as ``<key>_low`` / ``<key>_high``."""

@@ -92,6 +92,9 @@ class EvalConfig:
     # 1,000), capped at the number of test items; 0 = none
     n_mosaic: int = 1000
     n_overlays: int = 8
+    # flow pipeline without a validation set (data.val_fraction=0, e.g. the paper's 33 + 33
+    # head CTs): decision thresholds cross-fitted on test in this many stratified folds
+    cross_fit_folds: int = 5
 
 
 @dataclass
@@ -130,6 +133,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "glow.score": glow_config.IMAGE_SCORES,
     "glow.coupling_net": glow_config.COUPLING_NETS,
     "glow.select": glow_config.SELECTS,
+    "glow.reuse_models": glow_config.REUSE_MODES,
     "patch.features": patch_config.FEATURE_MODES,
     "patch.intensity_norm": patch_config.INTENSITY_NORMS,
     "patch.image_score": patch_config.IMAGE_SCORES,
@@ -182,6 +186,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "glow.sample_temperature": (lambda v: _finite(v) and v > 0, "a number > 0"),
     "glow.accumulate_grad_batches": (lambda v: v >= 1, "an integer >= 1"),
     "glow.n_samples": (lambda v: v >= 0, "an integer >= 0"),
+    "eval.cross_fit_folds": (lambda v: v >= 2, "an integer >= 2"),
     "patch.patch_sizes": (_ints(1), "a list of integers >= 1"),
     "patch.locality": (_ints(0), "a list of integers >= 0 (Chebyshev radius d)"),
     "patch.weights": (lambda v: len(v) > 0 and all(_finite(x) and x >= 0 for x in v),
@@ -388,6 +393,14 @@ def validate(cfg: DictConfig) -> None:
             "patch.patch_sizes, patch.locality and patch.weights must have the same length "
             f"(got {len(p.patch_sizes)}, {len(p.locality)}, {len(p.weights)})"
         )
+
+
+def json_digest(obj) -> str:
+    """sha256 of ``obj`` as canonical JSON (keys sorted): the fingerprints of reused work."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def git_commit() -> str:

@@ -1,11 +1,16 @@
-"""Score new images with a trained multiresolution patch detector (Kim et al., Sci Rep 2023).
+"""Score new images with a trained detector: the multiresolution patch detector (Kim et al.,
+Sci Rep 2023) or the flow posterior (Shibata et al., arXiv:2001.07847).
 
-    python -m experiments.detect_image IMAGE [IMAGE ...] run_dir=OUT [out=DIR] [threshold=0.5]
+    python -m experiments.detect_image IMAGE [IMAGE ...] run_dir=OUT [out=DIR] [threshold=T]
 
-``run_dir`` is the ``out_dir`` of a ``python -m experiments.pipeline method=patch`` run: its
+``run_dir`` is the ``out_dir`` of a ``python -m experiments.pipeline`` run. A patch run's
 ``patch_detector.ckpt`` holds the detector's settings, encoders, reference databases and the
-Normalize fitted on validation (``ckpt=OUT/patch_detector.ckpt`` is accepted too). Images are PNG
-(8/16-bit) or DICOM, read and resized as the data modules do. For each image the score and the
+Normalize fitted on validation; a flow run's ``flow_posterior.ckpt`` holds M0, M1 and the
+decision threshold (``ckpt=FILE`` is accepted too; both read with ``weights_only=True``). Images
+are PNG (8/16-bit) or DICOM, read and resized as the data modules do; for a head-CT flow run, a
+volume (``.npy`` in HU, a DICOM series folder or a NIfTI file), brain-windowed and resampled as
+in training. The flow's map is its anomaly map (per-pixel log p(x|M1) - log p(x|M0), shown on
+the middle axial slice of a volume). For each image the score and the
 verdict (abnormal iff score > threshold) are printed, and ``<out>/<name>_overlay.png`` shows the
 final anomaly map on the image (default ``out``: ``<run_dir>/detections``); ``<name>`` is the
 file name less its suffix, made unique within the batch (``img``, ``img-2``, ...). A file that
@@ -33,20 +38,69 @@ from lightning_modules.patch_detector.lightning_model import PatchDetectorModule
 
 log = logging.getLogger(__name__)
 CKPT_FILE = "patch_detector.ckpt"
+FLOW_CKPT_FILE = "flow_posterior.ckpt"
 KEYS = ("run_dir", "ckpt", "out", "threshold", "device")
 READ_SUFFIXES = (*IMAGE_SUFFIXES, ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")  # what read_2d takes
 
 
 def load_detector(run_dir: str | Path, device: str | torch.device = "cpu"
                   ) -> tuple[PatchAnomalyDetector, dict]:
-    """The fitted detector of a pipeline run (encoders, databases and normalisation all come
-    from ``OUT/patch_detector.ckpt``, read with ``weights_only=True``) and its settings."""
+    """The fitted detector of a patch pipeline run (encoders, databases and normalisation all
+    come from ``OUT/patch_detector.ckpt``, read with ``weights_only=True``) and its settings."""
     path = Path(run_dir)
     if path.is_dir():
         path = path / CKPT_FILE
     module = PatchDetectorModule.load(path, map_location=device)
     return module.detector, {"threshold": float(module.hparams.threshold),
                              "image_size": module.detector.image_size}
+
+
+class FlowDetector:
+    """A flow run's :class:`FlowPosteriorModule` behind the patch detector's interface:
+    ``reader(path)`` gives the model's input, ``detector(x)`` ``{"score", "map"}``."""
+
+    def __init__(self, path: Path, device):
+        from lightning_modules.flow_posterior.lightning_model import FlowPosteriorModule
+
+        self.module = FlowPosteriorModule.load(path, map_location=device).to(device)
+        self.data = dict(self.module.m0.hparams["data"])
+        self.threshold = self.module.threshold
+
+    def read(self, path: str | Path) -> np.ndarray:
+        if self.data["modality"] == "bct":
+            from datamodules.dicom import load_brain_volume
+
+            if not Path(path).exists():
+                raise FileNotFoundError(f"{path} does not exist.")
+            return load_brain_volume(path, tuple(int(s) for s in self.data["volume_size"]))
+        return read_image(path, int(self.data["image_size"]))
+
+    def __call__(self, x: torch.Tensor) -> dict:
+        out = self.module.predict_step({"image": x}, 0)
+        return {"score": out["score"], "map": torch.from_numpy(np.asarray(out["map"]))}
+
+
+def load_run(run_dir: Path, device) -> tuple[object, float, object, dict]:
+    """``(detector, threshold, reader, overlay settings)`` of a patch or a flow run."""
+    path = run_dir
+    if run_dir.is_dir():
+        flow = run_dir / FLOW_CKPT_FILE  # a flow run's folder; else the patch run's file
+        path = flow if flow.is_file() and not (run_dir / CKPT_FILE).is_file() else \
+            run_dir / CKPT_FILE
+    is_flow = path.name == FLOW_CKPT_FILE
+    if not is_flow and path.name != CKPT_FILE and path.is_file():  # a renamed file: look inside
+        from lightning_modules.checkpoint import read_checkpoint
+
+        is_flow = "glows" in (read_checkpoint(path).get("hyper_parameters") or {})
+    if is_flow:
+        det = FlowDetector(path, device)
+        if det.threshold is None:
+            raise ConfigError(f"{path} has no decision threshold; pass threshold=T.")
+        return det, float(det.threshold), det.read, {
+            "map_label": "log p(x|M1) - log p(x|M0) per pixel"}
+    det, state = load_detector(path, device)
+    return det, state["threshold"], lambda p: read_image(p, det.image_size), {
+        "vmin": 0.0, "vmax": 1.0, "map_label": "A_final"}
 
 
 def read_image(path: str | Path, image_size: int) -> np.ndarray:
@@ -73,7 +127,7 @@ def parse_argv(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     if not paths:
         raise ConfigError("Give one or more image paths (PNG or DICOM).")
     if "run_dir" not in opts and "ckpt" not in opts:
-        raise ConfigError("Give run_dir=OUT (the out_dir of a patch pipeline run).")
+        raise ConfigError("Give run_dir=OUT (the out_dir of a patch or flow pipeline run).")
     return paths, opts
 
 
@@ -104,17 +158,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     paths, opts = parse_argv(sys.argv[1:] if argv is None else argv)
     run_dir = Path(opts.get("run_dir") or opts["ckpt"])
     device = pick_device(opts.get("device", "auto"))
-    det, state = load_detector(run_dir, device)
-    threshold = float(opts.get("threshold", state["threshold"]))
+    det, threshold, read, overlay_kw = load_run(run_dir, device)
+    threshold = float(opts.get("threshold", threshold))
     out = Path(opts.get("out") or (run_dir if run_dir.is_dir() else run_dir.parent) / "detections")
     out.mkdir(parents=True, exist_ok=True)
 
     from experiments.plots import plot_overlays
+    from experiments.report_flow import display
 
     results, skipped, names = [], 0, set()
     for p in paths:
         try:
-            img = read_image(p, det.image_size)  # (H, W)
+            img = read(p)  # (H, W) | (D, H, W)
         except Exception as e:  # a bad file is reported and skipped, the batch goes on
             skipped += 1
             print(f"skipped {p}: {skip_reason(p, e)}", file=sys.stderr)
@@ -123,9 +178,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         score = float(res["score"][0])
         verdict = "abnormal" if score > threshold else "normal"
         name = unique_name(Path(p), names)
-        overlay = plot_overlays(out / f"{name}_overlay.png", [img], [res["map"][0].cpu().numpy()],
-                                [f"{name}: {score:.3f} ({verdict})"], vmin=0.0, vmax=1.0,
-                                map_label="A_final", ncases=1)
+        overlay = plot_overlays(out / f"{name}_overlay.png", [display(img)],
+                                [display(res["map"][0].cpu().numpy())],
+                                [f"{name}: {score:.3f} ({verdict})"], ncases=1, **overlay_kw)
         print(f"{p}\tscore={score:.4f}\t{verdict}\t{overlay}")
         results.append({"path": str(p), "name": name, "score": score, "verdict": verdict,
                         "overlay": str(overlay)})

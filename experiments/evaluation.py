@@ -487,6 +487,40 @@ def sensitivity_at_specificities(val_labels: Any, val_scores: Any, test_labels: 
     return out
 
 
+def cross_fitted_metrics(labels: Any, scores: Any, k: int = 5, seed: int = 0
+                         ) -> dict[str, Any]:
+    """:func:`binary_metrics` for a data set without a validation set: the test cases are
+    split into ``k`` stratified folds and each fold is decided by the threshold chosen on the
+    other folds (``lightning_modules.thresholds.cross_fitted_decisions``: Youden's J), so no
+    case's threshold saw its own label. ``sens_at_spec_*`` likewise (the other folds' normals
+    fix each fold's threshold). AUROC and its CI do not depend on a threshold. ``threshold`` is
+    the median of the fold thresholds (for display)."""
+    from lightning_modules.thresholds import cross_fitted_decisions, stratified_folds
+
+    y, s = _check_labels_scores(labels, scores)
+    k = int(min(k, (y == 0).sum(), (y == 1).sum()))
+    if k < 2:
+        raise ValueError("cross-fitting needs at least 2 normal and 2 abnormal test cases")
+    folds = stratified_folds(y, k, seed)
+    _, thresholds = cross_fitted_decisions(y, s, folds)
+    out = binary_metrics(y, s, float(np.median(thresholds)))
+    decided = binary_metrics(y, s - thresholds, 0.0)  # the rule s > threshold of each case
+    out.update({key: decided[key] for key in ("accuracy", "precision", "sensitivity",
+                                               "specificity", "tp", "fp", "tn", "fn")})
+    out["threshold_source"] = (f"cross-fitted on test ({k} stratified folds, each decided by "
+                               "Youden's J on the other folds; no validation set)")
+    for spec in (0.90, 0.95):
+        hits = []
+        for f in range(k):
+            held = folds == f
+            if (y[held] == 1).any():
+                r = sens_at_spec(y[~held], s[~held], y[held], s[held], spec)
+                hits.append((r["sensitivity"], int((y[held] == 1).sum())))
+        out[f"sens_at_spec_{spec:.2f}"] = float(sum(a * n for a, n in hits) /
+                                                sum(n for _, n in hits))
+    return out
+
+
 # --- pixel level ----------------------------------------------------------------------------
 def pixel_auroc(masks: Any, maps: Any, max_pixels: int = 10_000_000, seed: int = 0) -> float:
     """Pixel-level AUROC: all pixels (voxels) of all images pooled; lesion pixels positive.

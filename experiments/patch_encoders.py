@@ -6,14 +6,13 @@ Encoders in ``patch.encoder_dir`` are the user's choice and are used as given.""
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.config import ConfigError, git_commit
+from experiments.config import ConfigError, git_commit, json_digest
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +55,11 @@ def encoder_cfg(cfg: DictConfig, size: int, i: int, folder: Path) -> DictConfig:
 def encoder_fingerprint(c: DictConfig, dm) -> dict:
     """What an encoder depends on: its training / validation images, the resolved settings of
     its training and the code version (``git_commit``)."""
-    def digest(obj) -> str:
-        return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
     data = {k: v for k, v in OmegaConf.to_container(c.data, resolve=True).items()
             if k not in ("num_workers", "root")}  # the item list below stands for the root
-    return {"items": digest([[it.path, it.label] for s in ("train", "val")
+    return {"items": json_digest([[it.path, it.label] for s in ("train", "val")
                              for it in dm.items(s)]),
-            "settings": digest({k: OmegaConf.to_container(c[k], resolve=True)
+            "settings": json_digest({k: OmegaConf.to_container(c[k], resolve=True)
                                 for k in ("simclr", "optim", "trainer")} | {"data": data,
                                                                              "seed": c.seed}),
             "code": git_commit()}
@@ -109,6 +105,8 @@ def ensure_encoders(cfg: DictConfig, dm, out: Path) -> dict[int, Path]:
 
         log.info("Encoder res %d: training SimCLR into %s", size, folder)
         result = Path(train(c, datamodule=dm))
+        from experiments.common import finish_wandb
+
         finish_wandb()  # one W&B run per encoder: train() leaves its run open
         ckpt = result if result.is_file() else find_encoder_checkpoint(folder)
         if ckpt is None:
@@ -117,11 +115,3 @@ def ensure_encoders(cfg: DictConfig, dm, out: Path) -> dict[int, Path]:
         (folder / FINGERPRINT).write_text(json.dumps(fingerprint, indent=2))
         paths[size] = ckpt
     return paths
-
-
-def finish_wandb() -> None:
-    import sys
-
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
-        wandb.finish()

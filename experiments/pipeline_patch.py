@@ -30,14 +30,14 @@ from torch.utils.data import DataLoader
 from datamodules.base import ItemDataset
 from datamodules.manifest import record_splits
 from experiments.cli import entry
-from experiments.common import setup_logging
+from experiments.common import finish_wandb, setup_logging
 from experiments.config import ConfigError, load_config, prepare_run_dir
-from experiments.patch_encoders import ensure_encoders, finish_wandb
+from experiments.patch_encoders import ensure_encoders
+from lightning_modules.checkpoint import file_sha256
 from lightning_modules.devices import pick_device
 from lightning_modules.patch_detector.anomaly_map import FUSIONS
 from lightning_modules.patch_detector.detector import PatchAnomalyDetector
 from lightning_modules.patch_detector.lightning_model import PatchDetectorModule
-from lightning_modules.patch_detector.reference_db import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -103,20 +103,9 @@ def build_module(cfg: DictConfig, ckpts: dict[int, Path], image_ids: list[str]
 
 def scoring_trainer(cfg: DictConfig):
     """One epoch over the normal training images, no optimiser, no sanity check."""
-    import warnings
+    from experiments.common import scoring_trainer as trainer
 
-    import pytorch_lightning as pl
-
-    # both are intended here: nothing is optimised, and the fixed encoders stay in eval mode
-    warnings.filterwarnings("ignore", message=r".*configure_optimizers. returned .None.")
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-
-    from experiments.common import AtomicCheckpointIO
-
-    return pl.Trainer(accelerator="gpu" if device_of(cfg).type == "cuda" else "cpu",
-                      devices=1, max_epochs=1, num_sanity_val_steps=0, logger=False,
-                      enable_checkpointing=False, enable_model_summary=False,
-                      plugins=[AtomicCheckpointIO()])  # patch_detector.ckpt written atomically
+    return trainer(device_of(cfg), progress=bool(cfg.trainer.progress_bar))
 
 
 def loader(dm, items) -> DataLoader:

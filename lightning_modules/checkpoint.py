@@ -7,6 +7,7 @@ Every loader of the project (Glow, SimCLR encoders, M1's start from M0, Lightnin
 
 from __future__ import annotations
 
+import hashlib
 import zipfile
 from pathlib import Path
 
@@ -15,6 +16,15 @@ import torch
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and the fix."""
+
+
+def file_sha256(path: str | Path, block: int = 1 << 20) -> str:
+    """sha256 of a file's bytes (checkpoint identity in fingerprints and databases)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _broken(path: Path, reason: str) -> CheckpointError:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from datamodules.base import Item
-from experiments import pipeline_flow
+from experiments import flow_models, pipeline_flow, report_flow
 from experiments.config import ConfigError
 from lightning_modules.flow_posterior import FlowScores
 
@@ -34,23 +34,23 @@ def test_split_argv_takes_config_and_finds_modality():
 def test_threshold_is_youden_on_val_never_test():
     y_val = np.array([0, 0, 0, 1, 1, 1])
     s_val = np.array([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
-    thr, how = pipeline_flow.val_threshold(y_val, s_val)
+    thr, how = report_flow.val_threshold(y_val, s_val)
     assert 2.0 < thr < 3.0 and "Youden" in how
     val = FlowScores(-s_val, np.zeros(6), np.zeros(6))  # score = -log_p_m0 + log_p_m1 = s_val
     # On test, the best cut-off lies elsewhere (between 10 and 11): the val one must be used.
     s_test = np.array([9.0, 10.0, 11.0, 12.0])
     test = FlowScores(-s_test, np.zeros(4), np.zeros(4))
-    m = pipeline_flow.evaluate(_items(y_val), val, _items([0, 0, 1, 1]), test)
+    m = report_flow.evaluate(y_val, val, _items([0, 0, 1, 1]), test)
     assert m["threshold"] == pytest.approx(thr) and m["val/threshold"] == pytest.approx(thr)
     assert m["auroc"] == 1.0 and m["specificity"] == 0.0 and m["sensitivity"] == 1.0
     assert m["val/auroc"] == 1.0
 
 
 def test_threshold_without_val_abnormals_is_a_val_percentile():
-    thr, how = pipeline_flow.val_threshold(np.zeros(100, int), np.arange(100.0))
+    thr, how = report_flow.val_threshold(np.zeros(100, int), np.arange(100.0))
     assert thr == pytest.approx(94.05) and "95th" in how
     with pytest.raises(ConfigError, match="val/normal"):
-        pipeline_flow.val_threshold(np.ones(3, int), np.arange(3.0))
+        report_flow.val_threshold(np.ones(3, int), np.arange(3.0))
 
 
 def test_evaluate_reports_likelihood_and_per_finding_aurocs():
@@ -62,7 +62,7 @@ def test_evaluate_reports_likelihood_and_per_finding_aurocs():
     lik = np.r_[np.full(20, 10.0), np.full(20, 0.0)] + rng.normal(0, 0.1, 40)
     scores = FlowScores(log_p_m0=-lik, log_p_m1=-lik + post, zero_fraction=np.zeros(40))
     np.testing.assert_allclose(scores.score, post)
-    m = pipeline_flow.evaluate(_items(labels, findings), scores, _items(labels, findings), scores)
+    m = report_flow.evaluate(np.array(labels), scores, _items(labels, findings), scores)
     assert m["auroc_likelihood"] == 0.0
     assert m["per_finding"]["Lung Opacity"]["auroc"] == 1.0
     assert 0.2 < m["per_finding"]["No Lung Opacity / Not Normal"]["auroc"] < 0.8
@@ -73,7 +73,7 @@ def test_evaluate_reports_likelihood_and_per_finding_aurocs():
 def test_evaluate_needs_both_classes_in_test():
     s = FlowScores(np.zeros(3), np.zeros(3), np.zeros(3))
     with pytest.raises(ConfigError, match="S_unknown"):
-        pipeline_flow.evaluate(_items([0, 1, 1]), s, _items([1, 1, 1]), s)
+        report_flow.evaluate(np.array([0, 1, 1]), s, _items([1, 1, 1]), s)
 
 
 # --- end to end on tiny phantoms (fast tier) ---------------------------------------------------
@@ -156,8 +156,8 @@ def test_pipeline_end_to_end(out_dir, modality, monkeypatch, one_thread):
     metrics = _run(root, out, modality)
 
     for f in ("scores.csv", "metrics.json", "report.html", "config.yaml", "splits.csv",
-              "m0/flow_model.json",
-              "m1/flow_model.json", "figures/roc.png", "figures/hist_log_posterior.png",
+              "m0/fingerprint.json", "m1/fingerprint.json", "flow_posterior.ckpt",
+              "figures/roc.png", "figures/hist_log_posterior.png",
               "figures/hist_log_likelihood.png", "figures/most_abnormal.png",
               "figures/least_abnormal.png", "figures/zero_fraction_likelihood.png",
               "figures/roc_per_finding.png", "figures/samples_m0.png",
@@ -189,19 +189,113 @@ def test_pipeline_end_to_end(out_dir, modality, monkeypatch, one_thread):
     assert "figures/mosaic_most_abnormal.png" in html and "Appendix A" in html
     assert "Mosaic of the 16 most likely abnormal" in html  # capped at the 16 test items
 
-    # A second run reuses both models (no retraining) ...
-    def no_training(cfg, datamodule=None):
+    # The saved detector gives the same scores as the run (M0, M1 and thresholds in one file).
+    import torch
+
+    from datamodules.factory import build_datamodule
+    from lightning_modules.flow_posterior.lightning_model import FlowPosteriorModule
+
+    det = FlowPosteriorModule.load(out / "flow_posterior.ckpt")
+    assert det.threshold == pytest.approx(saved["threshold"])
+    cfg = pipeline_flow.load(_argv(root, out, modality))
+    dm = build_datamodule(cfg.data)
+    dm.setup()
+    test_items = pipeline_flow.labelled(dm, "test")
+    x = torch.stack([torch.from_numpy(dm.load(it)).float()[None] for it in test_items[:3]])
+    got = det.predict_step({"image": x}, 0)["score"]
+    want = [float(r["score"]) for r in rows[:3]]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    # detect_image on a flow run: the same score, the verdict at the saved threshold, a map
+    from experiments import detect_image
+
+    res = detect_image.main([rows[0]["path"], f"run_dir={out}", f"out={out_dir / 'det'}"])
+    assert res[0]["score"] == pytest.approx(float(rows[0]["score"]), rel=1e-5, abs=1e-4)
+    assert res[0]["verdict"] == ("abnormal" if res[0]["score"] > det.threshold else "normal")
+    assert Path(res[0]["overlay"]).is_file()
+
+    # A second run reuses both models (no retraining): the fingerprint matches ...
+    def no_training(cfg, datamodule=None, **kw):
         raise AssertionError("M0/M1 should have been reused, not retrained")
 
     monkeypatch.setattr("experiments.train_glow.train", no_training)
-    cfg = pipeline_flow.load(_argv(root, out, modality))
-    ckpt = pipeline_flow.ensure_model(cfg, "m0", out, n_items=1)
-    assert ckpt == Path(json.loads((out / "m0" / "flow_model.json").read_text())["ckpt"])
-    # ... and refuses to combine them with data preprocessed differently.
+    ckpt = flow_models.train_models(cfg, out, dm)["m0"]
+    fp = json.loads((out / "m0" / "fingerprint.json").read_text())
+    assert not Path(fp["ckpt"]).is_absolute() and ckpt == out / "m0" / fp["ckpt"]
+    # ... a copied run folder uses its own files, not the original's ...
+    import shutil
+
+    copy = out_dir / "copy"
+    shutil.copytree(out, copy)
+    assert flow_models.train_models(pipeline_flow.load(_argv(root, copy, modality)), copy,
+                                    dm)["m0"] == copy / "m0" / fp["ckpt"]
+    # ... other settings are refused with the way out named ...
     other = ["data.image_size=32"] if modality == "cxr" else ["data.volume_size=[16,16,16]"]
+    with pytest.raises(ConfigError, match="reuse_models=retrain"):
+        _run(root, out, modality, *other)
+    # ... and forced reuse still refuses to combine the models with other preprocessing.
     key = "image_size" if modality == "cxr" else "volume_size"
     with pytest.raises(PreprocessingMismatch, match=key):
-        _run(root, out, modality, *other)
+        _run(root, out, modality, *other, "glow.reuse_models=force")
+
+
+def test_flow_model_fingerprint_follows_data_settings_and_start(out_dir, monkeypatch):
+    from types import SimpleNamespace
+
+    calls = []
+
+    def fake_train(cfg, datamodule=None, init_ckpt=None, **kw):
+        calls.append(cfg.glow.model)
+        path = Path(cfg.out_dir) / "checkpoints" / "last.ckpt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"weights of " + str(len(calls)).encode())
+        return path
+
+    def dm_of(paths):
+        return SimpleNamespace(items=lambda split, group=None: [Item(p, 0) for p in paths])
+
+    monkeypatch.setattr("experiments.train_glow.train", fake_train)
+    cfg = pipeline_flow.load(["data=folder", "profile=cpu", "glow.m1_init=m0"])
+    dm = dm_of(["a.png", "b.png"])
+    m0 = flow_models.ensure_model(cfg, "m0", out_dir, dm)
+    assert flow_models.ensure_model(cfg, "m0", out_dir, dm) == m0 and calls == ["m0"]
+    # scoring-only options do not invalidate a trained model
+    scored = pipeline_flow.load(["data=folder", "profile=cpu", "glow.m1_init=m0",
+                                 "glow.score=local", "glow.map_sigma=2"])
+    assert flow_models.ensure_model(scored, "m0", out_dir, dm) == m0 and calls == ["m0"]
+    for changed_cfg, changed_dm, what in (
+            (cfg, dm_of(["a.png", "c.png"]), "items"),
+            (pipeline_flow.load(["data=folder", "profile=cpu", "glow.steps=3"]), dm, "settings")):
+        with pytest.raises(ConfigError, match=what):
+            flow_models.ensure_model(changed_cfg, "m0", out_dir, changed_dm)
+    m1 = flow_models.ensure_model(cfg, "m1", out_dir, dm, init_ckpt=m0)
+    # M1 depends on the checkpoint it started from: a retrained M0 invalidates it
+    retrain = pipeline_flow.load(["data=folder", "profile=cpu", "glow.m1_init=m0",
+                                  "glow.reuse_models=retrain"])
+    m0b = flow_models.ensure_model(retrain, "m0", out_dir, dm)
+    assert m0b == m0 and m1.is_file() and calls == ["m0", "m1", "m0"]
+    with pytest.raises(ConfigError, match="init"):
+        flow_models.ensure_model(cfg, "m1", out_dir, dm, init_ckpt=m0b)
+
+
+def test_evaluate_without_val_cross_fits_the_threshold_on_test():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(33, int), np.ones(33, int)]
+    s = np.r_[rng.normal(0, 1, 33), rng.normal(2, 1, 33)]
+    test = FlowScores(-s, np.zeros(66), np.zeros(66))
+    m = report_flow.evaluate(np.zeros(0, int), None, _items(list(y)), test, cross_fit_folds=3)
+    assert "cross-fitted" in m["threshold_source"] and m["tp"] + m["fn"] == 33
+    # every case decided by a threshold from the other folds: recompute by hand
+    from lightning_modules.thresholds import decision_threshold, stratified_folds
+
+    folds = stratified_folds(y, 3, 0)
+    pred = np.empty(66, bool)
+    for f in range(3):
+        held = folds == f
+        pred[held] = s[held] > decision_threshold(y[~held], s[~held])[0]
+    assert m["tp"] == int((pred & (y == 1)).sum()) and m["fp"] == int((pred & (y == 0)).sum())
+    assert m["auroc"] == pytest.approx(report_flow.evaluate(
+        y, test, _items(list(y)), test)["auroc"])  # AUROC does not depend on thresholds
+    assert 0.0 <= m["sens_at_spec_0.90"] <= 1.0
 
 
 @pytest.mark.parametrize("modality", ["cxr", "bct"])
@@ -212,6 +306,13 @@ def test_load_stacks_glow_of_the_modality_and_flow(modality):
     assert cfg.glow.n_bits == (8 if modality == "cxr" else 7)  # from glow_<modality>.yaml
     assert cfg.eval.n_extremes == 36  # from flow.yaml
     assert cfg.out_dir == f"outputs/flow/{modality}"
+
+
+def _fake_dm(n: int):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(items=lambda split, group=None: [Item(f"{group}{i}.png", 0)
+                                                            for i in range(n)])
 
 
 def test_m1_init_is_validated_and_m1_starts_from_m0(out_dir, monkeypatch):
@@ -228,8 +329,9 @@ def test_m1_init_is_validated_and_m1_starts_from_m0(out_dir, monkeypatch):
 
     monkeypatch.setattr("experiments.train_glow.train", fake_train)
     cfg = pipeline_flow.load(["data=folder", "profile=cpu", "glow.m1_init=m0"])
-    m0 = pipeline_flow.ensure_model(cfg, "m0", out_dir, 4, dm=object())
-    pipeline_flow.ensure_model(cfg, "m1", out_dir, 4, dm=object(), init_ckpt=m0)
+    dm = _fake_dm(4)
+    m0 = flow_models.ensure_model(cfg, "m0", out_dir, dm)
+    flow_models.ensure_model(cfg, "m1", out_dir, dm, init_ckpt=m0)
     assert calls == [("m0", None), ("m1", m0)]
 
 
@@ -243,6 +345,8 @@ def test_paper_presets_give_the_papers_set_sizes(preset, sizes):
     assert (d.n_normal, d.n_mixture_normal, d.n_mixture_abnormal, d.n_unknown_normal,
             d.n_unknown_abnormal) == sizes
     assert d.modality == ("cxr" if "rsna" in preset else "bct")
+    # head CT: all 33 + 33 are test cases (no val: thresholds cross-fitted); RSNA keeps its val
+    assert d.val_fraction == (0.15 if "rsna" in preset else 0.0)
     assert d.name == ("rsna" if "rsna" in preset else "bct")
     # the paper's Glow of that modality (Appendix B for CT)
     assert (cfg.glow.levels, cfg.glow.steps) == ((7, 32) if "rsna" in preset else (4, 32))
@@ -268,7 +372,7 @@ def test_matched_schedule_trains_m0_and_m1_for_equal_steps_from_a_shared_start(o
     monkeypatch.setattr("experiments.train_glow.train", fake_train)
     cfg = pipeline_flow.load(["data=folder", "profile=cpu", "glow.schedule=matched",
                               "glow.matched_steps=7", "trainer.max_epochs=5"])
-    ckpts = pipeline_flow.train_models(cfg, out_dir, object(), 4, 8)
+    ckpts = flow_models.train_models(cfg, out_dir, _fake_dm(4))
     start = ckpts["start"]
     assert calls == [("start", "m0", None, None, "last", 5),
                      ("m0", "m0", start, 7, "last", -1),
@@ -289,3 +393,39 @@ def test_pipeline_matched_local_score_writes_anomaly_maps(out_dir, one_thread):
         rows = list(csv.DictReader(fh))
     for r in rows:  # the global posterior stays available next to the local score
         assert float(r["score_global"]) == pytest.approx(-float(r["log_posterior"]))
+
+
+def test_pipeline_without_val_cross_fits_thresholds_and_saves_them(out_dir, one_thread):
+    import json
+    import shutil
+
+    from lightning_modules.flow_posterior.lightning_model import FlowPosteriorModule
+
+    root, out = out_dir / "data", out_dir / "run"
+    write_folder_phantoms(root, "bct", n_train=8, n_eval=6)
+    shutil.rmtree(root / "val")
+    with pytest.raises(Exception, match="data.val_fraction=0"):  # no val: asked for, not silent
+        _run(root, out, "bct", "trainer.max_epochs=1")
+    metrics = _run(root, out, "bct", "trainer.max_epochs=1", "eval.cross_fit_folds=3",
+                   "data.val_fraction=0")
+    assert "cross-fitted" in metrics["threshold_source"]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["n_normal"] + saved["n_abnormal"] == 12  # every test case decided
+    det = FlowPosteriorModule.load(out / "flow_posterior.ckpt")
+    assert det.threshold == pytest.approx(saved["threshold"])
+    assert "cross-fitted" in det.threshold_source
+
+
+@pytest.mark.slow
+def test_flow_pipeline_writes_one_wandb_run_per_model_and_one_for_the_evaluation(out_dir,
+                                                                                one_thread):
+    root, out = out_dir / "data", out_dir / "run"
+    write_folder_phantoms(root, "bct", n_train=8, n_eval=4)
+    argv = [a for a in _argv(root, out, "bct", "trainer.max_epochs=1") if a != "logger=none"]
+    _run_argv = argv + ["logger.name=wandb", "logger.mode=offline"]
+    from experiments.pipeline import main
+
+    main(_run_argv)
+    for folder in (out / "m0", out / "m1", out):
+        runs = list((folder / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, (folder, runs)

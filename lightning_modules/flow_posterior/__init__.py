@@ -21,7 +21,6 @@ from lightning_modules.flow_posterior.scoring import (
     FlowScores,
     check_models,
     score_batches,
-    score_items,
 )
 from lightning_modules.glow.config import IMAGE_SCORES  # the flow's image scores
 
@@ -39,6 +38,5 @@ __all__ = [
     "posterior_score",
     "preprocessing_signature",
     "score_batches",
-    "score_items",
     "zero_fraction",
 ]

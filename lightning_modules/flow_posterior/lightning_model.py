@@ -6,11 +6,14 @@ arXiv:2001.07847): it wraps the two trained Glows M0 (S_normal) and M1 (S_mixtur
   test; ``val_result`` holds the scores;
 - **test**: scores S_unknown; ``test_result`` holds log p(x|M0), log p(x|M1), the posterior
   (eq. 3), the likelihood-only score (Appendix A) and the anomaly maps;
-- **predict**: ``{"score", "log_posterior", "log_p_m0", "log_p_m1"}`` of new images.
+- **predict**: ``{"score", "log_posterior", "log_p_m0", "log_p_m1", "map"}`` of new images
+  (``map``: the anomaly map, None without ``maps``; ``experiments.detect_image``).
 
 M0 and M1 are trained beforehand by ``experiments.train_glow`` (each its own GlowModule, with
-its own checkpoint); this module trains nothing. The validation threshold is part of its state
-dict (``get_extra_state``).
+its own checkpoint); this module trains nothing. The validation thresholds are part of its
+state dict (``get_extra_state``) and the two Glows' hyper-parameters part of its own, so
+:meth:`FlowPosteriorModule.load` restores the detector from one checkpoint read with
+``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ class FlowPosteriorModule(pl.LightningModule):
         if score not in ("global", "local"):
             raise ValueError(f"glow.score={score!r} is not one of ('global', 'local')")
         self.m0, self.m1 = m0, m1
-        self.save_hyperparameters({"n_bits": int(n_bits), "score": score,
+        glow_hp = {name: dict(m.hparams) for name, m in (("m0", m0), ("m1", m1))
+                   if isinstance(getattr(m, "hparams", None), dict)}
+        self.save_hyperparameters({"glows": glow_hp, "n_bits": int(n_bits), "score": score,
                                    "maps": bool(maps or score == "local"),
                                    "map_sigma": float(map_sigma),
                                    "map_top_fraction": float(map_top_fraction)}, logger=False)
@@ -53,6 +58,23 @@ class FlowPosteriorModule(pl.LightningModule):
         self.val_result: FlowScores | None = None
         self.val_labels: np.ndarray | None = None
         self.test_result: FlowScores | None = None
+
+    @classmethod
+    def load(cls, path, map_location="cpu") -> FlowPosteriorModule:
+        """The detector saved by the flow pipeline (``OUT/flow_posterior.ckpt``), in eval mode;
+        read with ``weights_only=True``."""
+        from lightning_modules.checkpoint import CheckpointError, read_checkpoint
+        from lightning_modules.glow import GlowModule
+
+        ckpt = read_checkpoint(path, map_location=map_location)
+        hp = dict(ckpt.get("hyper_parameters") or {})
+        glows = hp.pop("glows", {})
+        if set(glows) != {"m0", "m1"}:
+            raise CheckpointError(f"{path} is not a flow posterior checkpoint (no M0/M1 "
+                                  "hyper-parameters); use OUT/flow_posterior.ckpt of a flow run.")
+        module = cls(GlowModule(**glows["m0"]), GlowModule(**glows["m1"]), **hp)
+        module.load_state_dict(ckpt["state_dict"])
+        return module.eval()
 
     def get_extra_state(self) -> dict:
         return {"threshold": self.threshold, "threshold_source": self.threshold_source,
@@ -105,4 +127,4 @@ class FlowPosteriorModule(pl.LightningModule):
         self._step(batch)
         s, _ = self._take()
         return {"score": s.score, "log_posterior": s.log_posterior, "log_p_m0": s.log_p_m0,
-                "log_p_m1": s.log_p_m1}
+                "log_p_m1": s.log_p_m1, "map": s.anomaly_map}

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from datamodules.progress import track
 from lightning_modules.flow_posterior.posterior import (
@@ -198,19 +197,3 @@ def score_batches(m0: Any, m1: Any, batches: Iterable[Any], *, device: torch.dev
         x = x.to(device, dtype=torch.float32, non_blocking=True)  # (B, C, H, W) | (B, C, D, H, W)
         parts.append(score_batch(m0, m1, x, n_bits, maps, map_sigma))
     return gather_scores(parts, score, map_top_fraction)
-
-
-def score_items(m0: Any, m1: Any, dm: Any, items: Sequence[Any], *, batch_size: int = 8,
-                num_workers: int = 0, device: torch.device | str = "cpu", n_bits: int = 8,
-                progress: bool = True, description: str = "Scoring with M0 and M1",
-                **map_kw: Any) -> FlowScores:
-    """Score data-module items (``dm.load(item)``) with both models, batched; ``map_kw``:
-    ``maps``, ``score``, ``map_sigma``, ``map_top_fraction`` of :func:`score_batches`."""
-    from datamodules.base import ItemDataset
-
-    loader = DataLoader(
-        ItemDataset(dm, list(items)), batch_size=batch_size, shuffle=False,
-        num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
-    )
-    return score_batches(m0, m1, loader, device=device, n_bits=n_bits, total=len(loader),
-                         progress=progress, description=description, **map_kw)

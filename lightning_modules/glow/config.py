@@ -11,6 +11,7 @@ SCHEDULES = ("independent", "matched")
 IMAGE_SCORES = ("global", "local")
 COUPLING_NETS = ("normflows", "openai")
 SELECTS = ("best", "last")
+REUSE_MODES = ("check", "retrain", "force")
 
 
 @dataclass
@@ -73,3 +74,7 @@ class GlowConfig:
     score: str = "global"
     map_sigma: float = 1.0
     map_top_fraction: float = 0.01
+    # Flow pipeline: a finished M0 / M1 in OUT/<m> is reused only when its fingerprint.json
+    # matches (training items, resolved settings, start checkpoint, code version). check: reuse
+    # on a match, stop with a message on a mismatch | retrain: always train | force: reuse anyway.
+    reuse_models: str = "check"

@@ -11,7 +11,6 @@ meaningless.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,19 +19,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lightning_modules.checkpoint import file_sha256  # noqa: F401  (re-exported)
+
 FORMAT_VERSION = "1"
 
 
 class ReferenceDBMismatch(ValueError):
     """The database was built with another encoder or other patch settings."""
-
-
-def file_sha256(path: str | Path, block: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
