@@ -324,8 +324,113 @@ def resolve_profile(profile: str) -> str:
     return chosen
 
 
-def load_config(job: str | list[str], argv: list[str] | None = None) -> DictConfig:
-    """Build the run configuration for ``job`` (a YAML name in ``configs/``, or several)."""
+# --- which YAML files compose a job: chosen here and nowhere else ---------------------------
+
+ENTRIES = ("pipeline", "train_simclr", "train_glow", "sample_glow")
+MODALITIES = ("cxr", "bct")
+
+
+@dataclass(frozen=True)
+class Job:
+    """What :func:`resolve_job` read from argv: the YAML files of ``configs/`` that compose
+    the run (``yamls``, merged in order; ``presets`` after ``data=<name>``, so a paper preset's
+    set sizes win over the data YAML but not over the command line) and the overrides left."""
+
+    entry: str
+    yamls: tuple[str, ...]
+    presets: tuple[str, ...]
+    argv: tuple[str, ...]
+    method: str | None = None
+    modality: str | None = None
+
+
+def _yaml_select(path: Path, *keys: str) -> Any:
+    if not path.is_file():
+        return None
+    y = OmegaConf.load(path)
+    for key in keys:
+        v = OmegaConf.select(y, key, default=None)
+        if v is not None:
+            return v
+    return None
+
+
+def resolve_job(entry: str, argv: list[str] | None = None) -> Job:
+    """The one place that decides, from argv, which YAML files compose a job.
+
+    * ``pipeline``: ``method=patch`` (default) -> simclr + patch; ``method=flow`` ->
+      ``glow_<modality>`` + flow [+ ``config=<preset>``, e.g. flow_bct_paper];
+    * ``train_simclr`` -> simclr; ``train_glow`` -> ``glow_<modality>``; ``sample_glow`` ->
+      ``glow_<modality>`` + ``glow_sample_<modality>``.
+
+    The modality comes from ``data.modality=`` (or ``modality=``), else the preset's YAML, else
+    the ``data=`` YAML, else cxr. ``method``, ``config`` and ``modality`` are taken out of the
+    overrides (``load_job`` sets ``method``); ``data.modality`` stays, and is added where the
+    YAMLs were chosen by a default, so the data section agrees with the Glow chosen."""
+    if entry not in ENTRIES:
+        raise ValueError(f"unknown entry point {entry!r}")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    rest, found = [], {}
+    for arg, item in zip(argv, parse_overrides(argv), strict=True):
+        key, value = item.split("=", 1)
+        if key in ("method", "config", "modality"):  # they choose files; not passed on
+            found[key] = value
+            continue
+        if key in ("data.modality", "data"):
+            found[key] = value
+        rest.append(arg)
+    method = found.get("method", "patch") if entry == "pipeline" else None
+    if method is not None and method not in CHOICES["method"]:
+        raise ConfigError(f"method={method!r} is not one of {list(CHOICES['method'])}")
+    preset = found.get("config")
+    if preset is not None:
+        if entry != "pipeline" or method != "flow":
+            raise ConfigError(f"config={preset}: presets are for `experiments.pipeline "
+                              "method=flow` (remove config= or add method=flow).")
+        if not (CONFIG_DIR / f"{preset}.yaml").is_file():
+            avail = sorted(p.stem for p in CONFIG_DIR.glob("flow_*paper.yaml"))
+            raise ConfigError(f"config={preset}: {CONFIG_DIR / preset}.yaml does not exist. "
+                              f"Available: {avail}")
+        if "data" not in found:  # the preset's data set, unless data= is given
+            name = _yaml_select(CONFIG_DIR / f"{preset}.yaml", "data.name")
+            if name and (CONFIG_DIR / "data" / f"{name}.yaml").is_file():
+                rest.insert(0, f"data={name}")
+    modality = (found.get("data.modality") or found.get("modality")
+                or (preset and _yaml_select(CONFIG_DIR / f"{preset}.yaml", "data.modality"))
+                or ("data" in found and _yaml_select(CONFIG_DIR / "data" / f"{found['data']}.yaml",
+                                                     "modality", "data.modality"))
+                or "cxr")
+    if modality not in MODALITIES:
+        raise ConfigError(f"data.modality={modality!r} is not one of {list(MODALITIES)}")
+    if "modality" in found and "data.modality" not in found:
+        rest.append(f"data.modality={modality}")
+    if entry == "pipeline" and method == "patch":
+        yamls: tuple[str, ...] = ("simclr", "patch")
+    elif entry == "pipeline":
+        yamls = (f"glow_{modality}", "flow")
+        if "data.modality" not in found:
+            rest.append(f"data.modality={modality}")
+    elif entry == "train_simclr":
+        yamls, modality = ("simclr",), None
+    elif entry == "train_glow":
+        yamls = (f"glow_{modality}",)
+    else:
+        yamls = (f"glow_{modality}", f"glow_sample_{modality}")
+    return Job(entry, yamls, (preset,) if preset else (), tuple(rest), method, modality)
+
+
+def load_job(job: Job) -> DictConfig:
+    """:func:`load_config` of the YAML files :func:`resolve_job` chose."""
+    cfg = load_config(list(job.yamls), list(job.argv), presets=list(job.presets))
+    if job.method is not None:
+        cfg.method = job.method
+    return cfg
+
+
+def load_config(job: str | list[str], argv: list[str] | None = None,
+                presets: list[str] = ()) -> DictConfig:
+    """Build the run configuration for ``job`` (a YAML name in ``configs/``, or several):
+    schema <- job YAMLs <- ``data=<name>`` <- ``presets`` <- profile <- command line."""
     argv = sys.argv[1:] if argv is None else argv
     overrides = parse_overrides(argv)
     selectors = {}
@@ -353,6 +458,12 @@ def load_config(job: str | list[str], argv: list[str] | None = None) -> DictConf
     if "data" in selectors:
         cfg = _merge(cfg, {"data": _load_yaml(CONFIG_DIR / "data" / f"{selectors['data']}.yaml")},
                      f"data={selectors['data']}")
+    for name in presets:  # e.g. the papers' set sizes: more specific than the data YAML
+        path = CONFIG_DIR / f"{name}.yaml"
+        y = _load_yaml(path)
+        if "profiles" in y:
+            profile_blocks.append((path, y.pop("profiles")))
+        cfg = _merge(cfg, y, str(path))
 
     profile = selectors.get("profile", cfg.profile)
     if profile not in CHOICES["profile"]:

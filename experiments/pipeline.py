@@ -14,26 +14,13 @@ import sys
 
 from experiments.cli import entry
 from experiments.common import setup_logging
-from experiments.config import ConfigError, parse_overrides
-
-METHODS = ("patch", "flow")
-
-
-def method_from_argv(argv: list[str]) -> str:
-    method = "patch"
-    for item in parse_overrides(argv):
-        key, value = item.split("=", 1)
-        if key == "method":
-            method = value
-    if method not in METHODS:
-        raise ConfigError(f"method={method!r} is not one of {list(METHODS)}")
-    return method
+from experiments.config import resolve_job
 
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     setup_logging()
-    module = importlib.import_module(f"experiments.pipeline_{method_from_argv(argv)}")
+    module = importlib.import_module(f"experiments.pipeline_{resolve_job('pipeline', argv).method}")
     cfg = module.load(argv)
     return module.run(cfg)
 

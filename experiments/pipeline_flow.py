@@ -34,14 +34,7 @@ from torch.utils.data import DataLoader
 from datamodules.base import ItemDataset
 from experiments.cli import entry
 from experiments.common import log_test_metrics, setup_logging
-from experiments.config import (
-    CONFIG_DIR,
-    ConfigError,
-    PrintConfig,
-    load_config,
-    parse_overrides,
-    prepare_run_dir,
-)
+from experiments.config import ConfigError, PrintConfig, load_job, prepare_run_dir, resolve_job
 from experiments.flow_models import resolved_model_configs, train_models
 from lightning_modules.flow_posterior.lightning_model import FlowPosteriorModule
 
@@ -52,65 +45,14 @@ CKPT_FILE = "flow_posterior.ckpt"  # FlowPosteriorModule: M0, M1 and the decisio
 
 # --- configuration ----------------------------------------------------------------------------
 
-def _yaml_modality(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    y = OmegaConf.load(path)
-    return OmegaConf.select(y, "data.modality", default=None) or OmegaConf.select(
-        y, "modality", default=None)
-
-
-def split_argv(argv: list[str]) -> tuple[list[str], str | None, str]:
-    """Take ``config=<name>`` out of argv; find the modality (command line > config= YAML >
-    data= YAML > cxr) that selects ``configs/glow_<modality>.yaml``."""
-    rest, preset, modality, data_name = [], None, None, None
-    for arg, item in zip(argv, parse_overrides(argv), strict=True):
-        key, value = item.split("=", 1)
-        if key == "config":
-            preset = value
-            continue
-        if key == "data.modality":
-            modality = value
-        elif key == "data":
-            data_name = value
-        rest.append(arg)
-    if preset is not None and not (CONFIG_DIR / f"{preset}.yaml").is_file():
-        avail = sorted(p.stem for p in CONFIG_DIR.glob("flow*.yaml"))
-        raise ConfigError(f"config={preset}: {CONFIG_DIR / preset}.yaml does not exist. "
-                          f"Available: {avail}")
-    if modality is None and preset is not None:
-        modality = _yaml_modality(CONFIG_DIR / f"{preset}.yaml")
-    if modality is None and data_name is not None:
-        modality = _yaml_modality(CONFIG_DIR / "data" / f"{data_name}.yaml")
-    modality = modality or "cxr"
-    if modality not in ("cxr", "bct"):
-        raise ConfigError(f"data.modality={modality!r} is not one of ['cxr', 'bct']")
-    return rest, preset, modality
-
-
 def load(argv: list[str] | None = None) -> DictConfig:
-    """The pipeline's configuration; with ``print_config=true`` raises :class:`PrintConfig`
-    holding the configurations M0 and M1 are trained with (after every step below)."""
+    """The pipeline's configuration (``config.resolve_job("pipeline", ...)`` chooses the YAML
+    files); with ``print_config=true`` raises :class:`PrintConfig` holding the configurations
+    M0 and M1 are trained with."""
     argv = sys.argv[1:] if argv is None else list(argv)
     shown = [a for a in argv if a.lstrip("-").split("=", 1)[0] == "print_config"]
     argv = [a for a in argv if a not in shown]
-    rest, preset, modality = split_argv(argv)
-    jobs = [f"glow_{modality}", "flow"] + ([preset] if preset else [])
-    if preset and not any(a.lstrip("-").startswith("data=") for a in rest):
-        data_name = OmegaConf.select(OmegaConf.load(CONFIG_DIR / f"{preset}.yaml"), "data.name")
-        if data_name and (CONFIG_DIR / "data" / f"{data_name}.yaml").is_file():
-            rest = [f"data={data_name}", *rest]
-    cfg = load_config(jobs, [*rest, f"data.modality={modality}"])
-    if preset:
-        # The paper's set sizes (and its validation share) win over a data YAML (merged after
-        # the job YAMLs) but not over the command line.
-        sizes = OmegaConf.select(OmegaConf.load(CONFIG_DIR / f"{preset}.yaml"), "data")
-        cli = {i.split("=", 1)[0] for i in parse_overrides(rest)}
-        for key, value in (sizes or {}).items():
-            if (key.startswith("n_") or key == "val_fraction") and f"data.{key}" not in cli:
-                cfg.data[key] = value
-    cfg.method = "flow"
-    cfg.job = "pipeline"
+    cfg = load_job(resolve_job("pipeline", ["method=flow", *argv]))
     if shown and shown[-1].split("=", 1)[-1].lower() in ("true", "1", "yes"):
         raise PrintConfig(cfg, "".join(f"# --- {name.upper()} ---\n"
                                        f"{OmegaConf.to_yaml(sub, resolve=True)}\n"

@@ -31,7 +31,7 @@ from datamodules.base import ItemDataset
 from datamodules.manifest import record_splits
 from experiments.cli import entry
 from experiments.common import finish_wandb, setup_logging
-from experiments.config import ConfigError, load_config, prepare_run_dir
+from experiments.config import ConfigError, load_job, prepare_run_dir, resolve_job
 from experiments.patch_encoders import ensure_encoders
 from lightning_modules.checkpoint import file_sha256
 from lightning_modules.devices import pick_device
@@ -42,12 +42,11 @@ from lightning_modules.patch_detector.lightning_model import PatchDetectorModule
 log = logging.getLogger(__name__)
 
 CKPT_FILE = "patch_detector.ckpt"
-JOBS = ["simclr", "patch"]  # SimCLR recipe from configs/simclr.yaml, detector from patch.yaml
 FEATURE_BATCH = 8  # images per forward pass when scoring
 
 
 def load(argv: list[str] | None = None) -> DictConfig:
-    cfg = load_config(JOBS, argv)
+    cfg = load_job(resolve_job("pipeline", ["method=patch", *(argv or [])]))
     check_config(cfg)
     return cfg
 

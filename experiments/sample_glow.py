@@ -24,8 +24,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from experiments.common import setup_logging
-from experiments.config import ConfigError, load_config, parse_overrides, prepare_run_dir
-from experiments.train_glow import model_epochs, save_samples_png, split_modality
+from experiments.config import ConfigError, load_job, parse_overrides, prepare_run_dir, resolve_job
+from experiments.train_glow import model_epochs, save_samples_png
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,7 @@ def split_checkpoint(argv: list[str]) -> tuple[str | None, list[str]]:
 def load(argv: list[str] | None = None) -> tuple[DictConfig, str | None]:
     argv = sys.argv[1:] if argv is None else list(argv)
     ckpt, rest = split_checkpoint(argv)
-    modality, rest = split_modality(rest)
-    cfg = load_config([f"glow_{modality}", f"glow_sample_{modality}"], rest)
+    cfg = load_job(resolve_job("sample_glow", rest))
     cfg.trainer.max_epochs = model_epochs(cfg)
     return cfg, ckpt
 

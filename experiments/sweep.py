@@ -23,9 +23,15 @@ import yaml
 from omegaconf import DictConfig
 
 from experiments.cli import entry
-from experiments.config import CONFIG_DIR, Config, ConfigError, load_config, parse_overrides
+from experiments.config import (
+    CONFIG_DIR,
+    Config,
+    ConfigError,
+    load_config,
+    parse_overrides,
+    resolve_job,
+)
 from experiments.grid import cli, spec_problems
-from experiments.pipeline import method_from_argv
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +154,7 @@ def config_for_command(argv: list[str]) -> DictConfig:
     module = command_entry_point(argv)
     overrides = [a for a in argv[argv.index(module) + 1 if module else 0:] if "=" in a]
     if module == "experiments.pipeline":
-        module = f"experiments.pipeline_{method_from_argv(overrides)}"
+        module = f"experiments.pipeline_{resolve_job('pipeline', overrides).method}"
     try:
         load = getattr(importlib.import_module(module), "load", None) if module else None
     except ImportError:  # not on this branch (yet): the schema and the YAMLs still parse

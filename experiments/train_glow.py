@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from experiments.common import build_trainer, make_logger, resolve_ckpt_path, setup_logging
-from experiments.config import ConfigError, load_config, parse_overrides, prepare_run_dir
+from experiments.config import ConfigError, load_job, prepare_run_dir, resolve_job
 from lightning_modules.checkpoint import read_checkpoint
 
 log = logging.getLogger(__name__)
 
-MODALITIES = ("cxr", "bct")
 TRAIN_GROUP = {"m0": "normal", "m1": "mixture"}  # S_normal / S_mixture
 
 
@@ -283,24 +281,10 @@ def train(cfg: DictConfig, datamodule=None, init_ckpt: str | Path | None = None,
     return best
 
 
-def split_modality(argv: list[str]) -> tuple[str, list[str]]:
-    """``modality=cxr|bct`` selects the YAML; it is not a config key, so it is removed."""
-    modality, rest = "cxr", []
-    for arg, item in zip(argv, parse_overrides(argv)):
-        key, value = item.split("=", 1)
-        if key == "modality":
-            modality = value
-        else:
-            rest.append(arg)
-    if modality not in MODALITIES:
-        raise ConfigError(f"modality={modality!r} is not one of {list(MODALITIES)}")
-    return modality, rest
-
-
 def load(argv: list[str] | None = None) -> DictConfig:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    modality, rest = split_modality(argv)
-    cfg = load_config(f"glow_{modality}", rest)
+    """``modality=cxr|bct`` (or ``data.modality=``) selects ``configs/glow_<modality>.yaml``
+    (``config.resolve_job``)."""
+    cfg = load_job(resolve_job("train_glow", argv))
     cfg.trainer.max_epochs = model_epochs(cfg)  # glow.m0_epochs / glow.m1_epochs
     return cfg
 

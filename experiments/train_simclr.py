@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from experiments.cli import entry
 from experiments.common import build_trainer, make_logger, resolve_ckpt_path, setup_logging
-from experiments.config import ConfigError, load_config, prepare_run_dir
+from experiments.config import ConfigError, load_job, prepare_run_dir, resolve_job
 
 log = logging.getLogger(__name__)
 
@@ -205,11 +205,11 @@ def main(argv: list[str] | None = None) -> Path | None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--list-sizes" in argv:
         argv.remove("--list-sizes")
-        cfg = load_config("simclr", argv)
+        cfg = load_job(resolve_job("train_simclr", argv))
         print(" ".join(str(int(x)) for x in cfg.patch.patch_sizes))
         return None
     setup_logging()
-    cfg = load_config("simclr", argv)
+    cfg = load_job(resolve_job("train_simclr", argv))
     log.info("SimCLR config:\n%s", OmegaConf.to_yaml(cfg.simclr))
     return train(cfg)
 

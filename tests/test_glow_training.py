@@ -10,7 +10,7 @@ import torch
 
 from datamodules.base import NORMAL, UNLABELED, Item, MedicalDataModule
 from experiments.config import ConfigError
-from experiments.train_glow import load, main, split_modality, train
+from experiments.train_glow import load, main, train
 from lightning_modules.glow import GlowModule, NonFiniteLossError, load_glow
 
 
@@ -177,7 +177,11 @@ def test_init_ckpt_starts_from_those_weights(out_dir):
 
 
 def test_modality_selector_is_stripped_and_picks_the_yaml():
-    assert split_modality(["--modality=bct", "a.b=1"]) == ("bct", ["a.b=1"])
+    from experiments.config import resolve_job
+
+    job = resolve_job("train_glow", ["--modality=bct", "a.b=1"])
+    assert job.yamls == ("glow_bct",) and job.argv == ("a.b=1", "data.modality=bct")
+    assert resolve_job("train_glow", ["data.modality=bct"]).yamls == ("glow_bct",)
     cfg = load(["modality=bct", "profile=paper"])
     assert cfg.glow.levels == 4 and cfg.data.volume_size == [32, 128, 128]
     assert cfg.glow.n_bits == 7 and cfg.optim.lr == 1e-4 and cfg.trainer.max_epochs == 30

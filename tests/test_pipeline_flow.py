@@ -18,17 +18,27 @@ def _items(labels, findings=None):
     return [Item(f"img{i}.png", y, f) for i, (y, f) in enumerate(zip(labels, findings))]
 
 
-def test_split_argv_takes_config_and_finds_modality():
-    rest, preset, mod = pipeline_flow.split_argv(["method=flow", "--config=flow_bct_paper", "a=1"])
-    assert rest == ["method=flow", "a=1"] and preset == "flow_bct_paper" and mod == "bct"
-    assert pipeline_flow.split_argv(["data.modality=bct"])[2] == "bct"
+def test_resolve_job_chooses_the_yaml_files_of_every_entry_point():
+    from experiments.config import resolve_job
+
+    job = resolve_job("pipeline", ["method=flow", "--config=flow_bct_paper", "a=1"])
+    assert job.yamls == ("glow_bct", "flow") and job.presets == ("flow_bct_paper",)
+    assert job.method == "flow" and job.modality == "bct"
+    assert job.argv == ("data=bct", "a=1", "data.modality=bct")  # the preset's data set
+    assert resolve_job("pipeline", ["method=flow", "data.modality=bct"]).yamls[0] == "glow_bct"
+    assert resolve_job("pipeline", ["method=flow", "data=bct"]).modality == "bct"  # data YAML
     # the command line wins over the preset
-    assert pipeline_flow.split_argv(["config=flow_bct_paper", "data.modality=cxr"])[2] == "cxr"
-    assert pipeline_flow.split_argv([])[2] == "cxr"
-    with pytest.raises(ConfigError, match="flow_nope"):
-        pipeline_flow.split_argv(["config=flow_nope"])
-    with pytest.raises(ConfigError, match="modality"):
-        pipeline_flow.split_argv(["data.modality=mri"])
+    assert resolve_job("pipeline", ["method=flow", "config=flow_bct_paper",
+                                    "data.modality=cxr"]).modality == "cxr"
+    assert resolve_job("pipeline", ["method=flow"]).modality == "cxr"
+    assert resolve_job("pipeline", []).yamls == ("simclr", "patch")  # method=patch default
+    assert resolve_job("train_simclr", ["a=1"]).yamls == ("simclr",)
+    assert resolve_job("sample_glow", ["modality=bct"]).yamls == ("glow_bct", "glow_sample_bct")
+    for bad, what in ((["method=flow", "config=flow_nope"], "flow_nope"),
+                      (["method=flow", "data.modality=mri"], "modality"),
+                      (["method=gan"], "method"), (["config=flow_bct_paper"], "method=flow")):
+        with pytest.raises(ConfigError, match=what):
+            resolve_job("pipeline", bad)
 
 
 def test_threshold_is_youden_on_val_never_test():
