@@ -377,7 +377,7 @@ def resolve_job(entry: str, argv: list[str] | None = None) -> Job:
             found[key] = value
             continue
         if key in ("data.modality", "data"):
-            found[key] = value
+            found[key] = str(OmegaConf.from_dotlist([f"v={value}"]).v)  # '"cxr"' -> cxr
         rest.append(arg)
     method = found.get("method", "patch") if entry == "pipeline" else None
     if method is not None and method not in CHOICES["method"]:
