@@ -96,7 +96,11 @@ phantoms: install ## Write every phantom data set format into $(OUT)/phantoms
 check-data: install ## Index and check a data set: make check-data NAME=padchest DATA=/data/padchest
 	$(PY) -m experiments.check_data data=$(or $(NAME),folder) $(DATA_ARG) $(ARGS)
 
-benchmarks: install ## Speed/memory benchmarks, each against its reference in the same run (prints ratios)
+$(VENV)/.bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $@
+
+benchmarks: install $(VENV)/.bench ## Speed/memory benchmarks, each against its reference in the same run (prints ratios; installs the bench extra: faiss-cpu)
 	$(PY) -m experiments.benchmarks.locality_search
 	$(PY) -m experiments.benchmarks.simclr_step
 	$(PY) -m experiments.benchmarks.simclr_chunk_memory

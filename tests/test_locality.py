@@ -94,3 +94,30 @@ def test_groups_exclude_same_image_matches(d):
                                          ref_groups=groups)
     assert torch.equal(bi, i)
     torch.testing.assert_close(bs, s)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [1, None])
+@pytest.mark.parametrize("regular", [True, False])
+def test_half_precision_database_moves_each_score_by_at_most_the_rounding(dtype, d, regular):
+    """A float16 / bfloat16 database halves its memory; the arithmetic stays float32, so by the
+    triangle inequality every l2 score moves by at most max_r |r - round(r)|."""
+    g = torch.Generator().manual_seed(3)
+    ref_cells, q_cells = _grid_cells(20, 4), _grid_cells(3, 4)
+    if not regular:  # some cells missing: the row-block path
+        ref_cells = ref_cells[3:]
+    ref = torch.randn(len(ref_cells), 64, generator=g)
+    query = torch.randn(len(q_cells), 64, generator=g)
+    t = fit_transform(ref, "mahalanobis", shrinkage=0.2)
+    r32, q32 = prepare(ref, t), prepare(query, t)
+    s32, i32 = locality_nearest(q32, q_cells, r32, ref_cells, d, t.kernel, chunk_size=7)
+    r16 = r32.to(dtype)
+    s16, i16 = locality_nearest(q32, q_cells, r16, ref_cells, d, t.kernel, chunk_size=7)
+    bound = float((r32 - r16.float()).norm(dim=1).max())
+    assert bound > 0  # the rounding is real, so the check below can fail
+    assert float((s16 - s32).abs().max()) <= bound + 1e-5
+    assert float((i16 == i32).float().mean()) > 0.9  # neighbours almost all unchanged
+    # a control: perturbing the database by more than the bound moves the scores beyond it
+    noisy = r32 + 10 * bound * torch.randn(r32.shape, generator=g)
+    s_bad, _ = locality_nearest(q32, q_cells, noisy, ref_cells, d, t.kernel)
+    assert float((s_bad - s32).abs().max()) > bound
