@@ -135,36 +135,3 @@ def test_report_html(out_dir, data, tmp_path_factory):
 def test_report_missing_figure(out_dir):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Report(out_dir, "x").add_figure(out_dir / "nope.png")
-
-
-def test_write_standard_outputs(out_dir, data):
-    import csv
-    import json
-
-    from experiments.report import write_standard_outputs
-
-    y, s, f = data
-    rng = np.random.default_rng(1)
-    imgs = [rng.random((16, 16)) for _ in range(3)]
-    m = write_standard_outputs(
-        out_dir, "Flow posterior", paths=[f"img{i}.png" for i in range(len(y))], labels=y,
-        scores=s, threshold=0.5, score_name="-log p(normal|x)", findings=f,
-        extra_scores={"neg_log_likelihood": -s}, load_image=lambda i: imgs[i % 3], n_extremes=6,
-        overlays={"images": imgs, "maps": imgs, "captions": ["a", "b", "c"]},
-        pixel_masks=[im > 0.8 for im in imgs], pixel_maps=imgs,
-        extra_metrics={"val/auroc": 0.8},
-    )
-    d = json.loads((out_dir / "metrics.json").read_text())
-    for k in ("auroc", "accuracy", "precision", "sensitivity", "specificity", "threshold",
-              "pixel_auroc", "val/auroc", "per_finding", "auroc_neg_log_likelihood"):
-        assert k in d, k
-    assert d["pixel_auroc"] == pytest.approx(1.0)  # masks are thresholded maps
-    assert d["auroc"] == pytest.approx(m["auroc"], abs=1e-6)
-    rows = list(csv.reader((out_dir / "scores.csv").open()))
-    assert rows[0] == ["path", "label", "score", "finding", "neg_log_likelihood"]
-    assert len(rows) == len(y) + 1
-    text = (out_dir / "report.html").read_text()
-    for fig in ("roc.png", "histogram.png", "roc_per_finding.png", "most_anomalous.png",
-                "least_anomalous.png", "overlays.png"):
-        assert f'src="figures/{fig}"' in text
-        assert_png(out_dir / "figures" / fig, 2)
