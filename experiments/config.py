@@ -514,6 +514,23 @@ def json_digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def check_fingerprint(folder: Path, old: dict, new: dict, mode: str, key: str,
+                      what: str) -> None:
+    """Reuse of work in ``folder`` (recorded ``old`` vs current ``new`` fingerprint) under
+    ``key=check|force`` (``retrain`` never gets here): a difference is a :class:`ConfigError`
+    naming what differs and both ways out; with ``force`` it is logged and reuse goes on."""
+    differs = [k for k in new if old.get(k) != new[k]]
+    if not differs:
+        return
+    if mode != "force":
+        raise ConfigError(
+            f"{folder} holds {what} trained with other {' / '.join(differs)}; pass "
+            f"{key}=retrain to train it again, or {key}=force to use it anyway (or choose "
+            "another out_dir).")
+    logging.getLogger(__name__).warning("%s: reusing %s trained with other %s (%s=force).",
+                                        folder, what, " / ".join(differs), key)
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.config import ConfigError, git_commit, json_digest
+from experiments.config import ConfigError, check_fingerprint, git_commit, json_digest
 from lightning_modules.checkpoint import file_sha256
 
 log = logging.getLogger(__name__)
@@ -83,15 +83,7 @@ def reusable(cfg: DictConfig, folder: Path, fp: dict) -> Path | None:
     if not ckpt.is_file():
         log.warning("%s names %s, which does not exist: training again.", path, ckpt)
         return None
-    differs = [k for k in fp if old.get(k) != fp[k]]
-    if differs and mode != "force":
-        raise ConfigError(
-            f"{folder} holds a model trained with other {' / '.join(differs)}; pass "
-            "glow.reuse_models=retrain to train it again, or glow.reuse_models=force to use "
-            "it anyway (or choose another out_dir).")
-    if differs:
-        log.warning("%s: reusing a model trained with other %s (glow.reuse_models=force).",
-                    folder, " / ".join(differs))
+    check_fingerprint(folder, old, fp, mode, "glow.reuse_models", "a model")
     return ckpt
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.config import ConfigError, git_commit, json_digest
+from experiments.config import check_fingerprint, git_commit, json_digest
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,7 @@ def reusable_encoder(cfg: DictConfig, folder: Path, fingerprint: dict) -> Path |
     if ckpt is None or mode == "retrain" or not fp.is_file():
         return None
     old = json.loads(fp.read_text())
-    differs = [k for k in fingerprint if old.get(k) != fingerprint[k]]
-    if differs and mode != "force":
-        raise ConfigError(
-            f"{folder} holds an encoder trained with other {' / '.join(differs)}; pass "
-            "patch.reuse_encoders=retrain to train it again, or patch.reuse_encoders=force to "
-            "use it anyway.")
+    check_fingerprint(folder, old, fingerprint, mode, "patch.reuse_encoders", "an encoder")
     return ckpt
 
 
