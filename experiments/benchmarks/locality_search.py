@@ -132,10 +132,20 @@ PAPER = {"n_ref": 1800, "n_query": 200, "grid": 8, "dim": 2048, "d": 2}
 
 
 def _paper_run(dtype_name: str, device: str, threads: int, full: bool, queue) -> None:
-    """One database dtype in a fresh process: (seconds, peak RSS MB, scores, index)."""
+    """:func:`paper_measure` in a fresh process (so that its peak memory is its own)."""
+    torch.set_num_threads(threads)
+    queue.put(paper_measure(dtype_name, device, full))
+
+
+def paper_measure(dtype_name: str, device: str, full: bool) -> tuple:
+    """The paper-scale search with the database stored as ``dtype_name``: (seconds, peak MB
+    (CUDA: allocated; CPU: this process's resident set), scores, index (numpy), whole-DB
+    seconds (nan unless ``full``), database GB)."""
     import resource
 
-    torch.set_num_threads(threads)
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     g = torch.Generator().manual_seed(0)
     cells = torch.tensor(list(itertools.product(range(PAPER["grid"]), range(PAPER["grid"]))))
     ref_cells, q_cells = cells.repeat(PAPER["n_ref"], 1), cells.repeat(PAPER["n_query"], 1)
@@ -161,8 +171,8 @@ def _paper_run(dtype_name: str, device: str, threads: int, full: bool, queue) ->
         t_full = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    queue.put((seconds, peak, scores.cpu(), index.cpu(), t_full,
-               ref.numel() * ref.element_size() / 2**30))
+    return (seconds, peak, scores.cpu().numpy(), index.cpu().numpy(), t_full,
+            ref.numel() * ref.element_size() / 2**30)
 
 
 def paper_scale(a) -> dict:
@@ -186,8 +196,8 @@ def print_paper_scale(res: dict) -> None:
           f"{p['grid']}x{p['grid']} grid, {p['dim']}-d, d={p['d']}, l2:")
     s32, i32 = res["float32"][2], res["float32"][3]
     for name, (sec, peak, s, i, t_full, gb) in res.items():
-        same = float((i == i32).float().mean())
-        diff = float((s - s32).abs().max())
+        same = float((i == i32).mean())
+        diff = float(abs(s - s32).max())
         extra = f"; whole-DB search {t_full:.1f} s (x{t_full / sec:.2f})" if t_full == t_full \
             else ""
         print(f"  database {name:8s} {gb:5.2f} GB: {sec:7.1f} s, peak memory {peak:7.0f} MB, "
