@@ -20,7 +20,7 @@ OUT ?= outputs
 DATA_ARG := $(if $(DATA),data.root=$(DATA),)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-gpu lint format demo train-simclr train-simclr-all \
+.PHONY: help install test test-slow test-gpu gpu-check lint format demo train-simclr train-simclr-all \
         train-glow sample-glow sweep sweep-offline phantoms check-data ablations benchmarks clean
 
 help: ## Show this help
@@ -43,6 +43,9 @@ test: install ## Fast test tier (CPU, < 15 min on 2 cores)
 test-slow: install ## Slow tier: DDP on CPU (gloo), resume, sweeps as subprocesses
 	@set +e; WANDB_MODE=offline $(PY) -m pytest -q -m slow; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no slow tests"; exit 1; fi; exit $$rc
+
+gpu-check: install ## One GPU check (<= 8 min on an H100/H200): SimCLR, 2D/3D Glow, locality search at paper scale -> outputs/gpu_check.json (says so and exits 0 without CUDA)
+	$(PY) -m experiments.benchmarks.gpu_check $(ARGS)
 
 test-gpu: install ## GPU checks (skipped without CUDA)
 	WANDB_MODE=offline $(PY) -m pytest -q -m gpu
