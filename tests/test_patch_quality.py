@@ -135,31 +135,53 @@ def _fit(det, train, val_n, val_a):
 
 @pytest.fixture(scope="module")
 def guard_data():
+    # 40 + 40 test images: one standard error of the AUROC is ~0.05 near chance
     return (_phantoms(40, False, 1), _phantoms(10, False, 2), _phantoms(10, True, 3),
-            _phantoms(20, False, 4), _phantoms(20, True, 5))
+            _phantoms(40, False, 4), _phantoms(40, True, 5))
 
 
-def _guard_detector():
+def _cpu_options() -> dict:
+    """The cpu profile's intensity normalisation and cell z-score (configs/patch.yaml)."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "configs" / "patch.yaml")
+    cpu = cfg.profiles.cpu.patch
+    return {k: cpu.get(k, cfg.patch[k]) for k in ("intensity_norm", "cell_zscore")}
+
+
+# (options, AUROC the guard needs). Random-init features stand in for trained ones. The cpu
+# profile's rank normalisation spreads the noise of this toy's flat body over the whole rank
+# range (histogram equalisation), so it keeps less of the faint blob than percentile scaling
+# does on this set (0.66-0.74 vs 0.91-0.93 over two encoder seeds; README, "Our options").
+GUARDS = {"percentile": ({"intensity_norm": "percentile"}, 0.85),
+          "cpu profile": (_cpu_options(), 0.62)}
+
+
+def _guard_detector(options):
     torch.manual_seed(0)
     enc = PatchEncoder(build_backbone("resnet18"), patch_size=16, backbone_name="resnet18",
                        input_size=32).eval()
     return PatchAnomalyDetector({16: enc}, 32, [16], [1], distance="euclidean",
-                                features="dense", dense_layers=["layer2"],
-                                intensity_norm="percentile")
+                                features="dense", dense_layers=["layer2"], **options)
 
 
-def test_quality_guard_detects_faint_blobs(guard_data):
+@pytest.mark.parametrize("guard", list(GUARDS))
+def test_quality_guard_detects_faint_blobs(guard_data, guard):
     train, vn, va, tn, ta = guard_data
-    det = _guard_detector()
+    options, need = GUARDS[guard]
+    det = _guard_detector(options)
     _fit(det, train, vn, va)
     scores = det(torch.cat([tn, ta]))["score"].numpy()
     y = np.r_[np.zeros(len(tn)), np.ones(len(ta))]
-    assert roc_auc_score(y, scores) > 0.85
+    assert roc_auc_score(y, scores) > need
 
 
-def test_quality_guard_noise_features_do_not(guard_data, monkeypatch):
+@pytest.mark.parametrize("guard", list(GUARDS))
+def test_quality_guard_noise_features_do_not(guard_data, monkeypatch, guard):
     train, vn, va, tn, ta = guard_data
-    det = _guard_detector()
+    det = _guard_detector(GUARDS[guard][0])
     real = det.features
     g = torch.Generator().manual_seed(0)
     monkeypatch.setattr(det, "features", lambda x, sizes=None: {
@@ -167,7 +189,7 @@ def test_quality_guard_noise_features_do_not(guard_data, monkeypatch):
     _fit(det, train, vn, va)
     scores = det(torch.cat([tn, ta]))["score"].numpy()
     y = np.r_[np.zeros(len(tn)), np.ones(len(ta))]
-    assert abs(roc_auc_score(y, scores) - 0.5) < 0.25
+    assert abs(roc_auc_score(y, scores) - 0.5) < 0.12  # ~2.4 standard errors
 
 
 # --- rank intensity normalisation, cell z-score, shifted references ----------------------
