@@ -145,6 +145,7 @@ def test_detect_image_restores_our_options(run_dir, tmp_path):
     opts = ["patch.features=dense", "patch.dense_layers=[layer2]",
             "patch.intensity_norm=percentile", "patch.image_score=topk",
             "patch.topk_fraction=0.05", "patch.cell_normalize=true",
+            "patch.cell_zscore=false",  # the cpu profile's z-score excludes cell_normalize
             f"patch.encoder_dir={run_dir[0] / 'encoders'}"]  # reuse: no SimCLR training here
     pipeline.main([*TINY, *opts, f"out_dir={out}"])
     det, _ = detect_image.load_detector(out)

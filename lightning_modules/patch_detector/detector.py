@@ -25,8 +25,20 @@ Options of ours, not in the paper (each off in ``profile=paper``):
   of ``s / m`` pixels for an ``m x m`` map. With 32-pixel encoder inputs ResNet layer 4 is
   1 x 1, so a pooled patch feature cannot say *where* in the patch something differs.
   The locality radius ``d`` stays in patch sizes (``d * m`` cells).
-- ``intensity_norm="percentile"``: each image's own 1st / 99th intensity percentiles are
-  mapped to 0 / 1 before the encoders (see :mod:`.intensity`).
+- ``intensity_norm="percentile" | "rank"``: each image's own 1st / 99th intensity
+  percentiles are mapped to 0 / 1, or each pixel to its mid-rank in the image, before the
+  encoders (see :mod:`.intensity`).
+- ``cell_zscore``: a patch's score becomes ``z = (log d - mean_c) / sd_c``, the mean and SD of
+  the log leave-one-image-out nearest-neighbour distances of the normal reference patches at
+  the same grid cell (same window; the reference database only, never validation or test
+  images). It is returned as ``exp(z)``, so eq. 6's geometric fusion becomes ``Σ w_s z_s``.
+  Unlike ``cell_normalize`` (a ratio to the median), a cell whose normal distances vary a lot
+  needs a proportionally larger excess to score high. The statistics are stored in the
+  checkpoint (``cell_stats``).
+- ``reference_shift``: the database also holds every normal training patch on the grid shifted
+  by ``±reference_shift * s`` pixels (8 neighbours, only those inside the image), filed under
+  the cell it overlaps most, so a patient shift by a fraction of a patch finds its normal
+  match (pose robustness).
 
 The work is split so that the expensive part is done once: ``features`` (encoders) ->
 ``patch_scores`` (locality search, any distance) -> ``fuse`` (weights, normalisation), which is
