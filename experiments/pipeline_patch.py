@@ -68,6 +68,11 @@ def check_config(cfg: DictConfig) -> None:
                               f"({len(p.patch_sizes)}), got {list(v)}")
     if p.features == "dense" and p.stride_fraction != 1:
         raise ConfigError("patch.features=dense needs patch.stride_fraction=1")
+    if p.cell_zscore and p.cell_normalize:
+        raise ConfigError("patch.cell_zscore and patch.cell_normalize: choose one")
+    if not 0 <= p.reference_shift < 1 or (p.reference_shift and p.features != "pooled"):
+        raise ConfigError(f"patch.reference_shift={p.reference_shift} must lie in [0, 1) "
+                          "(and needs patch.features=pooled)")
     if not 0 < p.stride_fraction <= 1:
         raise ConfigError(f"patch.stride_fraction={p.stride_fraction} must lie in (0, 1]")
     if p.n_folds_run < 1 or p.n_folds_run > cfg.data.n_folds:
@@ -93,6 +98,7 @@ def build_module(cfg: DictConfig, ckpts: dict[int, Path], image_ids: list[str]
         feature_batch_size=p.feature_batch_size, cell_normalize=p.cell_normalize,
         features=str(p.features), dense_layers=[str(x) for x in p.dense_layers],
         dense_pool=int(p.dense_pool), intensity_norm=str(p.intensity_norm),
+        cell_zscore=bool(p.cell_zscore), reference_shift=float(p.reference_shift),
     ).eval()
     return PatchDetectorModule(det, [float(w) for w in p.weights], str(p.fusion),
                                str(p.image_score), float(p.topk_fraction), float(p.threshold),

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from experiments import pipeline
 from experiments.config import ConfigError
@@ -144,6 +145,7 @@ def test_detect_image_restores_our_options(run_dir, tmp_path):
     opts = ["patch.features=dense", "patch.dense_layers=[layer2]",
             "patch.intensity_norm=percentile", "patch.image_score=topk",
             "patch.topk_fraction=0.05", "patch.cell_normalize=true",
+            "patch.cell_zscore=false",  # the cpu profile's z-score excludes cell_normalize
             f"patch.encoder_dir={run_dir[0] / 'encoders'}"]  # reuse: no SimCLR training here
     pipeline.main([*TINY, *opts, f"out_dir={out}"])
     det, _ = detect_image.load_detector(out)
@@ -155,6 +157,35 @@ def test_detect_image_restores_our_options(run_dir, tmp_path):
     row = test.iloc[0]
     results = detect_image.main([row.path, f"run_dir={out}", f"out={tmp_path}"])
     assert results[0]["score"] == pytest.approx(row.score, abs=1e-5)
+
+
+def test_checkpoint_restores_rank_zscore_and_shift(run_dir, tmp_path):
+    """Save -> PatchDetectorModule.load (weights_only=True) -> identical scores with the cpu
+    profile's quality options on: the per-cell normal statistics come from the checkpoint
+    (not refitted), the shifted reference patches are in the restored databases."""
+    from experiments import detect_image
+    from lightning_modules.patch_detector.lightning_model import PatchDetectorModule
+
+    out = tmp_path / "run"
+    opts = ["patch.intensity_norm=rank", "patch.cell_zscore=true", "patch.reference_shift=0.25",
+            f"patch.encoder_dir={run_dir[0] / 'encoders'}"]  # reuse: no SimCLR training here
+    pipeline.main([*TINY, *opts, f"out_dir={out}"])
+    module = PatchDetectorModule.load(out / "patch_detector.ckpt")
+    det = module.detector
+    assert (det.intensity_norm, det.cell_zscore, det.reference_shift) == ("rank", True, 0.25)
+    assert sorted(det.cell_stats) == [16, 32, 64] and len(det.dbs[16]) > 24 * 16
+    stats = {s: tuple(v.clone() for v in det.cell_stats[s]) for s in det.cell_stats}
+    test = pd.read_csv(out / "scores.csv")
+    results = detect_image.main([*test.path[:3], f"run_dir={out}", f"out={tmp_path}"])
+    assert [r["score"] for r in results] == pytest.approx(list(test.score[:3]), abs=1e-5)
+    # the statistics were read, not recomputed: a changed state changes the scores
+    for s, (m, sd) in stats.items():
+        assert torch.equal(det.cell_stats[s][0], m) and torch.equal(det.cell_stats[s][1], sd)
+    img = torch.from_numpy(detect_image.read_image(test.path[0], det.image_size))[None, None]
+    before = float(det(img)["score"][0])
+    det.cell_stats[16] = (det.cell_stats[16][0] + 1.0, det.cell_stats[16][1])
+    det._prepared.clear()
+    assert float(det(img)["score"][0]) != pytest.approx(before, abs=1e-6)
 
 
 def test_bad_option_values_fail():

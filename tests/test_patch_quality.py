@@ -135,31 +135,53 @@ def _fit(det, train, val_n, val_a):
 
 @pytest.fixture(scope="module")
 def guard_data():
+    # 40 + 40 test images: one standard error of the AUROC is ~0.05 near chance
     return (_phantoms(40, False, 1), _phantoms(10, False, 2), _phantoms(10, True, 3),
-            _phantoms(20, False, 4), _phantoms(20, True, 5))
+            _phantoms(40, False, 4), _phantoms(40, True, 5))
 
 
-def _guard_detector():
+def _cpu_options() -> dict:
+    """The cpu profile's intensity normalisation and cell z-score (configs/patch.yaml)."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "configs" / "patch.yaml")
+    cpu = cfg.profiles.cpu.patch
+    return {k: cpu.get(k, cfg.patch[k]) for k in ("intensity_norm", "cell_zscore")}
+
+
+# (options, AUROC the guard needs). Random-init features stand in for trained ones. The cpu
+# profile's rank normalisation spreads the noise of this toy's flat body over the whole rank
+# range (histogram equalisation), so it keeps less of the faint blob than percentile scaling
+# does on this set (0.66-0.74 vs 0.91-0.93 over two encoder seeds; README, "Our options").
+GUARDS = {"percentile": ({"intensity_norm": "percentile"}, 0.85),
+          "cpu profile": (_cpu_options(), 0.62)}
+
+
+def _guard_detector(options):
     torch.manual_seed(0)
     enc = PatchEncoder(build_backbone("resnet18"), patch_size=16, backbone_name="resnet18",
                        input_size=32).eval()
     return PatchAnomalyDetector({16: enc}, 32, [16], [1], distance="euclidean",
-                                features="dense", dense_layers=["layer2"],
-                                intensity_norm="percentile")
+                                features="dense", dense_layers=["layer2"], **options)
 
 
-def test_quality_guard_detects_faint_blobs(guard_data):
+@pytest.mark.parametrize("guard", list(GUARDS))
+def test_quality_guard_detects_faint_blobs(guard_data, guard):
     train, vn, va, tn, ta = guard_data
-    det = _guard_detector()
+    options, need = GUARDS[guard]
+    det = _guard_detector(options)
     _fit(det, train, vn, va)
     scores = det(torch.cat([tn, ta]))["score"].numpy()
     y = np.r_[np.zeros(len(tn)), np.ones(len(ta))]
-    assert roc_auc_score(y, scores) > 0.85
+    assert roc_auc_score(y, scores) > need
 
 
-def test_quality_guard_noise_features_do_not(guard_data, monkeypatch):
+@pytest.mark.parametrize("guard", list(GUARDS))
+def test_quality_guard_noise_features_do_not(guard_data, monkeypatch, guard):
     train, vn, va, tn, ta = guard_data
-    det = _guard_detector()
+    det = _guard_detector(GUARDS[guard][0])
     real = det.features
     g = torch.Generator().manual_seed(0)
     monkeypatch.setattr(det, "features", lambda x, sizes=None: {
@@ -167,4 +189,112 @@ def test_quality_guard_noise_features_do_not(guard_data, monkeypatch):
     _fit(det, train, vn, va)
     scores = det(torch.cat([tn, ta]))["score"].numpy()
     y = np.r_[np.zeros(len(tn)), np.ones(len(ta))]
-    assert abs(roc_auc_score(y, scores) - 0.5) < 0.25
+    assert abs(roc_auc_score(y, scores) - 0.5) < 0.12  # ~2.4 standard errors
+
+
+# --- rank intensity normalisation, cell z-score, shifted references ----------------------
+def test_rank_normalize_is_uniform_and_invariant_to_monotone_maps():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 1, 16, 16, generator=g) * 0.6 + 0.2
+    y = intensity_normalize(x, "rank")
+    n = 16 * 16
+    # distinct values: the mid-ranks are exactly (2k + 1) / 2N, k = 0..N-1 (uniform)
+    want = (2 * torch.arange(n, dtype=torch.float32) + 1) / (2 * n)
+    for b in range(3):
+        torch.testing.assert_close(y[b].flatten().sort().values, want)
+        assert torch.equal(y[b].flatten().argsort(), x[b].flatten().argsort())  # order kept
+    # exposure gain, offset and gamma: any increasing map leaves the output unchanged
+    for f in (lambda v: 0.7 * v + 0.1, lambda v: v ** 2.2, lambda v: torch.sqrt(v) * 0.9):
+        torch.testing.assert_close(intensity_normalize(f(x), "rank"), y)
+    # ties share their mid-rank: a constant image maps to 1/2 everywhere
+    assert torch.equal(intensity_normalize(torch.full((1, 1, 4, 4), 0.3), "rank"),
+                       torch.full((1, 1, 4, 4), 0.5))
+
+
+def _db_detector(ref_images, **kw):
+    from tests.test_patch_detector import PoolEncoder
+
+    det = PatchAnomalyDetector({8: PoolEncoder()}, 32, [8], [0], distance="euclidean", **kw)
+    f = det.features(ref_images)[8]
+    if det.shifts(8):
+        f = torch.cat([f, det.shifted_features(ref_images, 8)], 1)
+    ct = det.cell_tensors(8)
+    if det.shifts(8):
+        sh = det.shifted_cells(8)
+        ct = {k: torch.cat([v, sh[k]]) for k, v in ct.items()}
+    n_img, n, d = f.shape
+    det.set_db(ReferenceDB(8, f.reshape(-1, d), **{k: v.repeat(n_img) for k, v in ct.items()},
+                           image_index=torch.arange(n_img).repeat_interleave(n).int(),
+                           config=det.patch_config(8)))
+    return det
+
+
+def test_cell_zscore_uses_the_normal_reference_statistics_only():
+    """z = (log d - mean_c) / sd_c, mean and SD over the leave-one-image-out log distances of
+    the normal reference patches at cell c (brute force here); the query never enters them."""
+    from lightning_modules.patch_detector.distances import pairwise
+    from tests.test_patch_detector import _images
+
+    ref = _images(12, seed=0)
+    ref[:, :, :8, :8] = torch.rand(12, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    det = _db_detector(ref, cell_zscore=True)
+    raw = _db_detector(ref)
+    q = _images(2, seed=7)
+    q[1, 0, 16:24, 16:24] += 0.15  # faint lesion at cell (2, 2)
+    z = torch.log(det.patch_scores(det.features(q))[8])  # (2, 16)
+    d = raw.patch_scores(raw.features(q))[8]
+    # brute force statistics from the reference images alone
+    f = raw.features(ref)[8]  # (12, 16, 16): image, cell, feature
+    mean, sd = torch.zeros(16), torch.zeros(16)
+    for c in range(16):
+        loo = torch.stack([torch.log(torch.cat([pairwise(f[i, c:c + 1], f[j, c:c + 1], "l2")
+                                                for j in range(12) if j != i], 1).min().sqrt())
+                           for i in range(12)])
+        mean[c], sd[c] = loo.mean(), loo.std()
+    sd = sd.clamp_min(0.1 * float(sd.median()) + 1e-12)
+    # (float32 distances by |a|^2 + |b|^2 - 2ab: ~1e-3 relative error at small distances)
+    torch.testing.assert_close(z, (torch.log(d) - mean) / sd, rtol=1e-2, atol=2e-2)
+    m, s = det.cell_stats[8]
+    torch.testing.assert_close(m, mean, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(s, sd, rtol=1e-2, atol=1e-3)
+    # scoring other images does not change the statistics
+    det.patch_scores(det.features(torch.rand(3, 1, 32, 32)))
+    assert torch.equal(det.cell_stats[8][0], m)
+    # the variable corner cell no longer dominates: the lesion is the top cell of image 1
+    assert int(d[1].argmax()) == 0 and int(z[1].argmax()) == 2 * 4 + 2
+    with pytest.raises(ValueError, match="cell_normalize"):
+        _db_detector(ref, cell_zscore=True, cell_normalize=True)
+
+
+def test_reference_shift_adds_the_shifted_grid_patches():
+    from tests.test_patch_detector import _images
+
+    ref = _images(4, seed=0)
+    det = _db_detector(ref, reference_shift=0.25)  # 2-pixel shifts of 8-pixel patches
+    assert det.shifts(8) == [(-2, -2), (-2, 0), (-2, 2), (0, -2), (0, 2), (2, -2), (2, 0),
+                             (2, 2)]
+    cells = det.shifted_cells(8)
+    x, y = cells["x"].long(), cells["y"].long()
+    # inside the image, filed under the cell they overlap most
+    assert int(x.min()) >= 0 and int(x.max()) <= 24 and int(y.max()) <= 24
+    assert torch.equal(cells["col"].long(), (x + 4) // 8)
+    assert torch.equal(cells["row"].long(), (y + 4) // 8)
+    # 4x4 grid: a shift of -2 drops column (row) 0, +2 drops column (row) 3, so the 4 axis
+    # shifts keep 3 x 4 cells each, the 4 diagonal ones 3 x 3
+    assert len(x) == 4 * 12 + 4 * 9
+    f = det.shifted_features(ref, 8)  # (B, M, 16)
+    k = 5
+    want = nn.functional.adaptive_avg_pool2d(
+        ref[:, :, int(y[k]):int(y[k]) + 8, int(x[k]):int(x[k]) + 8], 4).flatten(1)
+    torch.testing.assert_close(f[:, k], want)
+    assert len(det.dbs[8]) == 4 * (16 + len(x))
+    # an image shifted by 2 pixels: its patches are in the database now (distance ~0)
+    moved = torch.roll(ref[:1], shifts=(2, 2), dims=(2, 3))
+    plain = _db_detector(ref)
+    inner = [5, 6, 9, 10]  # cells whose shifted patch lies inside the image
+    assert float(det.patch_scores(det.features(moved))[8][0, inner].max()) < 1e-3
+    assert float(plain.patch_scores(plain.features(moved))[8][0, inner].min()) > 1e-2
+    assert det.patch_config(8)["reference_shift"] == 0.25
+    with pytest.raises(ValueError, match="pooled"):
+        PatchAnomalyDetector({8: CellMeanEncoder(2)}, 32, [8], [0], features="dense",
+                             reference_shift=0.25)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 # Allowed values of our options (validated with every config in experiments.config).
 FEATURE_MODES = ("pooled", "dense")
-INTENSITY_NORMS = ("none", "percentile")
+INTENSITY_NORMS = ("none", "percentile", "rank")
 IMAGE_SCORES = ("max", "topk")
 REUSE_MODES = ("check", "retrain", "force")
 
@@ -26,13 +26,20 @@ class PatchConfig:
     # divide each patch distance by the median leave-one-image-out distance of the normal
     # reference patches at its grid cell (not in the paper; see detector.py)
     cell_normalize: bool = False
+    # z-score each patch's log distance by the mean / SD of the leave-one-image-out log
+    # distances of the normal reference patches at its grid cell (not in the paper)
+    cell_zscore: bool = False
+    # also store reference patches on the grid shifted by +-reference_shift x patch size
+    # (8 neighbours; 0 = off, paper): pose robustness (not in the paper)
+    reference_shift: float = 0.0
     # --- our options (not in the paper; profile=paper keeps the defaults) ---
     # pooled = one globally pooled h per patch (paper) | dense = every position of the encoder's
     # mid-level feature map is its own cell in the locality search (see detector.py)
     features: str = "pooled"
     dense_layers: list[str] = field(default_factory=lambda: ["layer2"])  # ResNet layers, dense
     dense_pool: int = 3  # local average pooling of the dense maps (PatchCore's 3x3)
-    # none = raw intensities (paper) | percentile = each image's p1/p99 mapped to 0/1
+    # none = raw intensities (paper) | percentile = each image's p1/p99 mapped to 0/1 |
+    # rank = each pixel -> its mid-rank in its own image (histogram equalisation)
     intensity_norm: str = "none"
     image_score: str = "max"  # max of A_final (paper) | topk = mean of its top topk_fraction
     topk_fraction: float = 0.01

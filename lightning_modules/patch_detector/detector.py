@@ -25,8 +25,20 @@ Options of ours, not in the paper (each off in ``profile=paper``):
   of ``s / m`` pixels for an ``m x m`` map. With 32-pixel encoder inputs ResNet layer 4 is
   1 x 1, so a pooled patch feature cannot say *where* in the patch something differs.
   The locality radius ``d`` stays in patch sizes (``d * m`` cells).
-- ``intensity_norm="percentile"``: each image's own 1st / 99th intensity percentiles are
-  mapped to 0 / 1 before the encoders (see :mod:`.intensity`).
+- ``intensity_norm="percentile" | "rank"``: each image's own 1st / 99th intensity
+  percentiles are mapped to 0 / 1, or each pixel to its mid-rank in the image, before the
+  encoders (see :mod:`.intensity`).
+- ``cell_zscore``: a patch's score becomes ``z = (log d - mean_c) / sd_c``, the mean and SD of
+  the log leave-one-image-out nearest-neighbour distances of the normal reference patches at
+  the same grid cell (same window; the reference database only, never validation or test
+  images). It is returned as ``exp(z)``, so eq. 6's geometric fusion becomes ``Σ w_s z_s``.
+  Unlike ``cell_normalize`` (a ratio to the median), a cell whose normal distances vary a lot
+  needs a proportionally larger excess to score high. The statistics are stored in the
+  checkpoint (``cell_stats``).
+- ``reference_shift``: the database also holds every normal training patch on the grid shifted
+  by ``±reference_shift * s`` pixels (8 neighbours, only those inside the image), filed under
+  the cell it overlaps most, so a patient shift by a fraction of a patch finds its normal
+  match (pose robustness).
 
 The work is split so that the expensive part is done once: ``features`` (encoders) ->
 ``patch_scores`` (locality search, any distance) -> ``fuse`` (weights, normalisation), which is
@@ -50,6 +62,9 @@ from lightning_modules.patch_detector.intensity import INTENSITY_NORMS, intensit
 from lightning_modules.patch_detector.locality import locality_nearest
 from lightning_modules.patch_detector.reference_db import ReferenceDB
 
+_TINY = 1e-12  # floor of a distance before its log (an exact duplicate patch has distance 0)
+_ZMAX = 80.0  # exp(z) stays finite in float32
+
 
 class PatchAnomalyDetector(nn.Module):
     """Encoders per patch size + reference databases -> anomaly maps and image scores.
@@ -67,8 +82,16 @@ class PatchAnomalyDetector(nn.Module):
                  stride_fraction: float = 1.0, chunk_size: int = 4096,
                  feature_batch_size: int = 256, cell_normalize: bool = False,
                  features: str = "pooled", dense_layers: list[str] | None = None,
-                 dense_pool: int = 3, intensity_norm: str = "none"):
+                 dense_pool: int = 3, intensity_norm: str = "none", cell_zscore: bool = False,
+                 reference_shift: float = 0.0):
         super().__init__()
+        if cell_zscore and cell_normalize:
+            raise ValueError("patch.cell_zscore and patch.cell_normalize are two calibrations "
+                             "of the same distances: choose one")
+        if not 0.0 <= reference_shift < 1.0:
+            raise ValueError(f"patch.reference_shift={reference_shift} must lie in [0, 1)")
+        if reference_shift and features != "pooled":
+            raise ValueError("patch.reference_shift needs patch.features=pooled")
         if features not in FEATURE_MODES:
             raise ValueError(f"patch.features={features!r} is not one of {list(FEATURE_MODES)}")
         if intensity_norm not in INTENSITY_NORMS:
@@ -94,6 +117,11 @@ class PatchAnomalyDetector(nn.Module):
         self.stride_fraction = float(stride_fraction)
         self.chunk_size, self.feature_batch_size = int(chunk_size), int(feature_batch_size)
         self.cell_normalize = bool(cell_normalize)
+        self.cell_zscore = bool(cell_zscore)
+        self.reference_shift = float(reference_shift)
+        # {size: (mean (N,), sd (N,))} of log normal distances per cell (cell_zscore), for the
+        # detector's own distance; part of the checkpoint (PatchDetectorModule.get_extra_state)
+        self.cell_stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.dbs: dict[int, ReferenceDB] = {}
         self.normalizer: MapNormalizer | None = None
         self._prepared: dict[tuple[int, str], tuple] = {}
@@ -125,7 +153,8 @@ class PatchAnomalyDetector(nn.Module):
                 "feature_batch_size": self.feature_batch_size,
                 "cell_normalize": self.cell_normalize, "features": self.feature_mode,
                 "dense_layers": list(self.dense_layers), "dense_pool": self.dense_pool,
-                "intensity_norm": self.intensity_norm}
+                "intensity_norm": self.intensity_norm, "cell_zscore": self.cell_zscore,
+                "reference_shift": self.reference_shift}
 
     # --- geometry -----------------------------------------------------------------------
     def stride(self, size: int) -> int:
@@ -178,7 +207,51 @@ class PatchAnomalyDetector(nn.Module):
                        dense_pool=self.dense_pool)
         if self.intensity_norm != "none":
             cfg["intensity_norm"] = self.intensity_norm
+        if self.reference_shift:
+            cfg["reference_shift"] = self.reference_shift
         return cfg
+
+    def shifts(self, size: int) -> list[tuple[int, int]]:
+        """Pixel offsets (dy, dx) of the extra reference grids (``reference_shift``): the 8
+        neighbours of (0, 0) at ``round(reference_shift * size)`` pixels."""
+        delta = int(round(self.reference_shift * size))
+        if delta == 0:
+            return []
+        return [(dy, dx) for dy in (-delta, 0, delta) for dx in (-delta, 0, delta)
+                if (dy, dx) != (0, 0)]
+
+    def shifted_cells(self, size: int) -> dict[str, torch.Tensor]:
+        """Cells of the shifted reference patches, in the order of :meth:`shifted_features`:
+        ``x, y`` = the patch's own top-left pixel, ``row, col`` = the grid cell it is filed
+        under (the one whose patch it overlaps most; |shift| < size / 2). Patches that would
+        leave the image are not taken (no padding: nothing is invented)."""
+        n = len(self.patch_grid(size))
+        ct = self.cell_tensors(size)
+        out = {k: [] for k in ("x", "y", "row", "col")}
+        for dy, dx in self.shifts(size):
+            for i in range(n):
+                x, y = int(ct["x"][i]) + dx, int(ct["y"][i]) + dy
+                if 0 <= x <= self.image_size - size and 0 <= y <= self.image_size - size:
+                    for k, v in (("x", x), ("y", y), ("row", ct["row"][i]), ("col", ct["col"][i])):
+                        out[k].append(int(v))
+        return {k: torch.tensor(v, dtype=torch.int32) for k, v in out.items()}
+
+    @torch.no_grad()
+    def shifted_features(self, images: torch.Tensor, size: int) -> torch.Tensor:
+        """Pooled features (B, M, D) of the shifted reference patches (``shifted_cells``)."""
+        images = intensity_normalize(images, self.intensity_norm)
+        cells = self.shifted_cells(size)
+        enc = self.encoders[str(size)]
+        b = images.shape[0]
+        if cells["x"].numel() == 0:
+            dim = enc(images[:1, :, :size, :size]).shape[-1]
+            return images.new_zeros(b, 0, dim)
+        patches = torch.stack([images[:, 0, y:y + size, x:x + size]
+                               for x, y in zip(cells["x"].tolist(), cells["y"].tolist())], 1)
+        patches = patches.reshape(-1, 1, size, size)  # (B*M, 1, s, s), image-major
+        feats = [enc(patches[i:i + self.feature_batch_size])
+                 for i in range(0, patches.shape[0], self.feature_batch_size)]
+        return torch.cat(feats).float().reshape(b, -1, feats[0].shape[-1])
 
     # --- features -----------------------------------------------------------------------
     def extract(self, images: torch.Tensor, size: int) -> torch.Tensor:
@@ -228,6 +301,7 @@ class PatchAnomalyDetector(nn.Module):
                              f"{got}, the detector uses {want}")
         self.dbs[db.patch_size] = db
         self._prepared = {k: v for k, v in self._prepared.items() if k[0] != db.patch_size}
+        self.cell_stats.pop(db.patch_size, None)  # fitted on the database it replaces
 
     def _reference(self, size: int, distance: str, device: torch.device):
         key = (size, distance)
@@ -239,9 +313,51 @@ class PatchAnomalyDetector(nn.Module):
             ref = prepare(db.features, t)
             scale = (self.reference_scales(size, t, ref, db) if self.cell_normalize
                      else None)
+            if self.cell_zscore:
+                if distance == self.distance and size in self.cell_stats:
+                    scale = self.cell_stats[size]  # restored from a checkpoint
+                else:
+                    scale = self.reference_cell_stats(size, t, ref, db)
+                    if distance == self.distance:
+                        self.cell_stats[size] = scale
             self._prepared[key] = (t, ref, db.cells, scale)
         t, ref, cells, scale = self._prepared[key]
         return t.to(device), ref.to(device), cells.to(device), scale
+
+    def _loo_by_cell(self, size: int, t, ref: torch.Tensor, db: ReferenceDB
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Leave-one-image-out nearest-neighbour distance of every reference patch on the
+        regular grid (shifted patches, ``reference_shift``, are candidates but not queries):
+        ``(distances (R',), cell index (R',) in grid order)``."""
+        n_cols = int(db.col.max()) + 1
+        cell = db.row.long() * n_cols + db.col.long()  # (R,) row-major = grid order
+        ct = self.cell_tensors(size)
+        on_grid = (db.x == ct["x"][cell]) & (db.y == ct["y"][cell])  # (R,) not shifted
+        cells = db.cells
+        loo, _ = locality_nearest(ref[on_grid], cells[on_grid], ref, cells, self.window(size),
+                                  t.kernel, self.chunk_size,
+                                  query_groups=db.image_index[on_grid],
+                                  ref_groups=db.image_index)  # (R',)
+        return loo, cell[on_grid]
+
+    def reference_cell_stats(self, size: int, t, ref: torch.Tensor, db: ReferenceDB
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cell_zscore``: mean and SD ``(N,), (N,)`` of the log leave-one-image-out distance
+        of the normal reference patches at each grid cell (see :meth:`patch_scores`)."""
+        loo, cell = self._loo_by_cell(size, t, ref, db)
+        n_cells = len(self.grid(size))
+        ok = torch.isfinite(loo)
+        logd = torch.log(loo.clamp_min(_TINY))
+        mean, sd = torch.zeros(n_cells), torch.ones(n_cells)
+        for c in range(n_cells):
+            v = logd[(cell == c) & ok]
+            if v.numel() >= 2:
+                mean[c], sd[c] = v.mean(), v.std()
+            elif v.numel() == 1:
+                mean[c] = v[0]
+        # our choice: an SD floor of 0.1 x the median cell SD, so a cell whose normal distances
+        # barely vary (constant background) cannot turn noise into huge z-scores
+        return mean, sd.clamp_min(0.1 * float(sd.median()) + _TINY)
 
     def reference_scales(self, size: int, t, ref: torch.Tensor, db: ReferenceDB
                          ) -> torch.Tensor:
@@ -277,7 +393,17 @@ class PatchAnomalyDetector(nn.Module):
             scores, _ = locality_nearest(prepare(f.reshape(b * n, -1), t), q_cells, ref,
                                          ref_cells, self.window(s), t.kernel, self.chunk_size)
             scores = scores.reshape(b, n)
-            out[s] = scores / scale.to(scores.device)[None, :] if scale is not None else scores
+            if self.cell_zscore:
+                # z = (log d - mean_c) / sd_c over normal (leave-one-image-out reference)
+                # distances at the same cell; returned as exp(z) > 0, so eq. 6's geometric
+                # fusion of the per-size maps becomes the weighted sum of z-scores
+                mean, sd = (v.to(scores.device)[None, :] for v in scale)
+                z = (torch.log(scores.clamp_min(_TINY)) - mean) / sd
+                out[s] = torch.exp(z.clamp(max=_ZMAX))
+            elif scale is not None:
+                out[s] = scores / scale.to(scores.device)[None, :]
+            else:
+                out[s] = scores
         return out
 
     # --- maps -----------------------------------------------------------------------------

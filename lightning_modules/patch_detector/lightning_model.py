@@ -117,7 +117,10 @@ class PatchDetectorModule(pl.LightningModule):
                            "image_ids": list(db.image_ids), "config": dict(db.config),
                            "encoder_sha256": db.encoder_sha256}
         norm = self.detector.normalizer
-        return {"dbs": dbs, "normalizer": None if norm is None else norm.to_dict()}
+        stats = {str(s): {"mean": m.contiguous(), "sd": sd.contiguous()}
+                 for s, (m, sd) in self.detector.cell_stats.items()}
+        return {"dbs": dbs, "normalizer": None if norm is None else norm.to_dict(),
+                "cell_stats": stats}
 
     def set_extra_state(self, state: dict) -> None:
         for s, d in state["dbs"].items():
@@ -126,6 +129,9 @@ class PatchDetectorModule(pl.LightningModule):
                 encoder_sha256=d["encoder_sha256"], config=d["config"]))
         norm = state["normalizer"]
         self.detector.normalizer = None if norm is None else MapNormalizer.from_dict(norm)
+        # after set_db, which drops the statistics of the database it replaces
+        for s, d in state.get("cell_stats", {}).items():
+            self.detector.cell_stats[int(s)] = (d["mean"], d["sd"])
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu"
@@ -162,6 +168,8 @@ class PatchDetectorModule(pl.LightningModule):
         if (batch["label"] != 0).any():
             raise ValueError("The reference database takes normal training images only.")
         for s, f in self.detector.features(batch["image"]).items():  # {size: (B, N, D)}
+            if self.detector.shifts(s):  # reference_shift: + the shifted grids' patches
+                f = torch.cat([f, self.detector.shifted_features(batch["image"], s)], 1)
             self._ref.setdefault(s, []).append(f.cpu())
 
     def build_reference_dbs(self) -> None:
@@ -175,6 +183,10 @@ class PatchDetectorModule(pl.LightningModule):
             if self.image_ids and len(self.image_ids) != n_img:
                 raise RuntimeError(f"{n_img} reference images but {len(self.image_ids)} ids")
             ct = det.cell_tensors(s)
+            if det.shifts(s):  # each image: its N grid patches, then its shifted ones
+                sh = det.shifted_cells(s)
+                ct = {k: torch.cat([v, sh[k]]) for k, v in ct.items()}
+                n = len(ct["x"])
             det.set_db(ReferenceDB(
                 patch_size=s, features=f.reshape(n_img * n, dim),
                 **{k: v.repeat(n_img) for k, v in ct.items()},
