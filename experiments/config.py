@@ -130,6 +130,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "glow.m1_init": glow_config.M1_INITS,
     "glow.intensity_norm": glow_config.INTENSITY_NORMS,
     "glow.schedule": glow_config.SCHEDULES,
+    "glow.matched_start": glow_config.MATCHED_STARTS,
     "glow.score": glow_config.IMAGE_SCORES,
     "glow.coupling_net": glow_config.COUPLING_NETS,
     "glow.select": glow_config.SELECTS,

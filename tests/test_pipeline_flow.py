@@ -379,6 +379,51 @@ def test_matched_schedule_trains_m0_and_m1_for_equal_steps_from_a_shared_start(o
                      ("m1", "m1", start, 7, "last", -1)]
 
 
+def test_matched_start_all_trains_the_shared_start_on_every_training_item(out_dir,
+                                                                         monkeypatch):
+    """glow.matched_start=all: the shared start sees S_normal and S_mixture (group "all"),
+    M0 / M1 still continue on their own sets; the start's fingerprint lists both sets."""
+    import json
+
+    from experiments.train_glow import build_loaders
+
+    calls = []
+
+    def fake_train(cfg, datamodule=None, init_ckpt=None, max_steps=None, select="best",
+                   group=None):
+        calls.append((Path(cfg.out_dir).name, group))
+        path = Path(cfg.out_dir) / "checkpoints" / "last.ckpt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        return path
+
+    monkeypatch.setattr("experiments.train_glow.train", fake_train)
+    with pytest.raises(ConfigError, match="glow.matched_start"):
+        pipeline_flow.load(["data=folder", "glow.matched_start=mixture"])
+    cfg = pipeline_flow.load(["data=folder", "profile=cpu", "glow.schedule=matched",
+                              "glow.matched_start=all", "glow.matched_steps=3"])
+    groups = {"normal": ["n0.png", "n1.png"], "mixture": ["x0.png", "x1.png", "x2.png"]}
+
+    def items(split, group=None):
+        names = [n for g in groups for n in groups[g]] if group is None else groups[group]
+        return [Item(n, 0) for n in names]
+
+    from types import SimpleNamespace
+
+    dm = SimpleNamespace(items=items)
+    flow_models.train_models(cfg, out_dir, dm)
+    assert calls == [("start", "all"), ("m0", None), ("m1", None)]
+    fp = json.loads((out_dir / "start" / flow_models.FINGERPRINT).read_text())
+    from experiments.config import json_digest
+
+    assert fp["items"] == json_digest([[n, 0] for n in groups["normal"] + groups["mixture"]])
+    # the loader of the start holds all five training items, M0's only S_normal
+    dm.load = lambda it: np.zeros((4, 4), dtype=np.float32)
+    cfg.glow.model = "m0"
+    assert len(build_loaders(cfg, dm, "last", "all")[0].dataset) == 5
+    assert len(build_loaders(cfg, dm, "last")[0].dataset) == 2
+
+
 def test_pipeline_matched_local_score_writes_anomaly_maps(out_dir, one_thread):
     import csv
 
