@@ -29,8 +29,8 @@ MODELS = {"m0": ("train", "normal", "S_normal"), "m1": ("train", "mixture", "S_m
           "start": ("train", "normal", "S_normal")}
 FINGERPRINT = "fingerprint.json"  # written after a finished training
 # glow.* keys that do not change a trained model (how it is scored or reused)
-SCORING_ONLY = ("reuse_models", "score", "map_sigma", "map_top_fraction", "n_samples",
-                "sample_temperature")
+SCORING_ONLY = ("reuse_models", "score", "map_sigma", "map_top_fraction", "map_source",
+                "map_norm", "map_region", "n_samples", "sample_temperature")
 
 
 def model_set(cfg: DictConfig, name: str) -> tuple[str, str | None, str]:

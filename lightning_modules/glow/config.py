@@ -10,6 +10,9 @@ INTENSITY_NORMS = ("none", "rank")
 SCHEDULES = ("independent", "matched")
 MATCHED_STARTS = ("normal", "all")
 IMAGE_SCORES = ("global", "local")
+MAP_SOURCES = ("posterior", "likelihood")
+MAP_NORMS = ("none", "position")
+MAP_REGIONS = ("all", "interior")
 COUPLING_NETS = ("normflows", "openai")
 SELECTS = ("best", "last")
 REUSE_MODES = ("check", "retrain", "force")
@@ -80,6 +83,16 @@ class GlowConfig:
     score: str = "global"
     map_sigma: float = 1.0
     map_top_fraction: float = 0.01
+    # The map the local score (and the report's map) is made of: posterior (l1 - l0) |
+    # likelihood (-l0: M0's per-position -log p(x|M0), Appendix A's score made local).
+    map_source: str = "posterior"
+    # none | position: the map as z per position against the maps of the training normals
+    # (S_normal; mean and SD per position, SD floored at its 10th percentile), stored in
+    # FlowPosteriorModule's state.
+    map_norm: str = "none"
+    # all | interior: the top map_top_fraction only over pixels strictly inside the intensity
+    # window, eroded by one pixel (head CT: brain and soft tissue, not background nor bone).
+    map_region: str = "all"
     # Flow pipeline: a finished M0 / M1 in OUT/<m> is reused only when its fingerprint.json
     # matches (training items, resolved settings, start checkpoint, code version). check: reuse
     # on a match, stop with a message on a mismatch | retrain: always train | force: reuse anyway.
