@@ -29,8 +29,16 @@ MODELS = {"m0": ("train", "normal", "S_normal"), "m1": ("train", "mixture", "S_m
           "start": ("train", "normal", "S_normal")}
 FINGERPRINT = "fingerprint.json"  # written after a finished training
 # glow.* keys that do not change a trained model (how it is scored or reused)
-SCORING_ONLY = ("reuse_models", "score", "map_sigma", "map_top_fraction", "n_samples",
-                "sample_temperature")
+SCORING_ONLY = ("reuse_models", "score", "map_sigma", "map_top_fraction", "map_source",
+                "map_norm", "map_region", "n_samples", "sample_temperature")
+
+
+def model_set(cfg: DictConfig, name: str) -> tuple[str, str | None, str]:
+    """(split, group, name) of the set ``name`` trains on; group None = every training item
+    (the shared start with glow.matched_start=all)."""
+    if name == "start" and str(cfg.glow.matched_start) == "all":
+        return "train", None, "S_normal + S_mixture"
+    return MODELS[name]
 
 
 def model_cfg(cfg: DictConfig, name: str, out_dir: Path) -> DictConfig:
@@ -96,7 +104,7 @@ def ensure_model(cfg: DictConfig, name: str, out: Path, dm, init_ckpt: Path | No
     from experiments.common import finish_wandb
 
     folder = out / name
-    split, group, set_name = MODELS[name]
+    split, group, set_name = model_set(cfg, name)
     items = dm.items(split, group)
     sub = model_cfg(cfg, name, folder)
     select = str(sub.glow.select)  # best: on a held-out part of the model's own training set
@@ -126,6 +134,8 @@ def ensure_model(cfg: DictConfig, name: str, out: Path, dm, init_ckpt: Path | No
     kw = {"max_steps": max_steps} if max_steps else {}
     if select != "best":
         kw["select"] = select
+    if group is None:
+        kw["group"] = "all"
     ckpt = Path(train(sub, datamodule=dm, init_ckpt=init_ckpt, **kw))
     finish_wandb()  # one W&B run per model: train() leaves its run open
     folder.mkdir(parents=True, exist_ok=True)
@@ -140,7 +150,8 @@ def train_models(cfg: DictConfig, out: Path, dm) -> dict[str, Path]:
 
     independent (paper): M0 on S_normal for trainer.max_epochs; M1 on S_mixture for
     trainer.max_epochs, from scratch or from M0 (``glow.m1_init``).
-    matched (ours): a shared start on S_normal for trainer.max_epochs (OUT/start), then M0
+    matched (ours): a shared start on S_normal (glow.matched_start=all: on S_normal and
+    S_mixture together) for trainer.max_epochs (OUT/start), then M0
     continues on S_normal and M1 on S_mixture, each for exactly ``glow.matched_steps``
     optimiser steps (``glow.m1_init`` is then irrelevant: both start from the shared start).
     """

@@ -80,7 +80,9 @@ def build_module(cfg: DictConfig, ckpts: dict[str, Path]) -> FlowPosteriorModule
     return FlowPosteriorModule(load_glow(ckpts["m0"]), load_glow(ckpts["m1"]),
                                n_bits=int(g.n_bits), score=str(g.score), maps=True,
                                map_sigma=float(g.map_sigma),
-                               map_top_fraction=float(g.map_top_fraction))
+                               map_top_fraction=float(g.map_top_fraction),
+                               map_source=str(g.map_source), map_norm=str(g.map_norm),
+                               map_region=str(g.map_region))
 
 
 def loader(cfg: DictConfig, dm, items: list) -> DataLoader:
@@ -127,6 +129,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_models(module.m0, module.m1, cfg.data, cfg.glow.n_bits,
                  (1, *np.shape(dm.load(test_items[0]))))
     device = pick_device(cfg.trainer.accelerator, "trainer.accelerator")
+    if module.hparams.map_norm == "position":  # fitted on the training normals, never test
+        module.to(device).eval().fit_map_statistics(loader(cfg, dm, dm.items("train", "normal")))
     trainer = scoring_trainer(device, progress=bool(cfg.trainer.progress_bar))
     log.info("Scoring %d val and %d test items on %s", len(val_items), len(test_items), device)
     val, y_val = None, np.zeros(0, dtype=int)
@@ -144,6 +148,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         module.likelihood_threshold = float(metrics["likelihood"]["threshold"])
     trainer.save_checkpoint(out / CKPT_FILE)  # M0, M1 and the thresholds in one file
     metrics["score"] = str(cfg.glow.score)
+    metrics["map"] = {k: str(cfg.glow[k]) for k in ("map_source", "map_norm", "map_region")}
     masks = [dm.load_mask(it) for it in test_items]
     if test.anomaly_map is not None and any(m is not None for m in masks):
         from experiments.evaluation import pixel_auroc, pixel_auroc_ci

@@ -127,14 +127,15 @@ class RotatedCopies(torch.utils.data.Dataset):
         return out
 
 
-def build_loaders(cfg: DictConfig, dm, select: str = "best") -> tuple[DataLoader,
-                                                                      DataLoader | None]:
-    """M0 trains on train/normal, M1 on train/mixture. Validation (only for select=best, to
-    pick the best val/bpd): a held-out glow.val_fraction of the model's own training set, so
-    M0 is validated on held-out normals and M1 on held-out mixture, never on the labelled
-    val/test images."""
-    group = TRAIN_GROUP[cfg.glow.model]
-    train_items = dm.items("train", group)
+def build_loaders(cfg: DictConfig, dm, select: str = "best", group: str | None = None
+                  ) -> tuple[DataLoader, DataLoader | None]:
+    """M0 trains on train/normal, M1 on train/mixture (``group``: another train group, or
+    "all" = every training item: the matched schedule's shared start with
+    glow.matched_start=all). Validation (only for select=best, to pick the best val/bpd): a
+    held-out glow.val_fraction of the model's own training set, so M0 is validated on held-out
+    normals and M1 on held-out mixture, never on the labelled val/test images."""
+    group = group or TRAIN_GROUP[cfg.glow.model]
+    train_items = dm.items("train", None if group == "all" else group)
     if not train_items:
         raise ConfigError(
             f"No training items in train/{group} (glow.model={cfg.glow.model}); check data.root "
@@ -216,7 +217,8 @@ def save_samples_png(path: Path, samples: torch.Tensor, n_slices: int = 8) -> Pa
 
 
 def train(cfg: DictConfig, datamodule=None, init_ckpt: str | Path | None = None,
-          max_steps: int | None = None, select: str | None = None) -> Path:
+          max_steps: int | None = None, select: str | None = None,
+          group: str | None = None) -> Path:
     """Train Glow per ``cfg`` for trainer.max_epochs; returns the checkpoint ``select`` picks
     (default glow.select): "best" = the lowest val/bpd on the held-out part of the model's own
     training set (last if there is none), "last" = the last epoch (the papers' fixed training
@@ -226,7 +228,7 @@ def train(cfg: DictConfig, datamodule=None, init_ckpt: str | Path | None = None,
     checkpoint instead of a fresh initialisation; it must have the same architecture and input
     shape. Optimiser state and epoch count start afresh. A resumed run (``ckpt_path``) restores
     its own weights over these. ``max_steps``: stop after this many optimiser steps instead of
-    ``trainer.max_epochs`` epochs."""
+    ``trainer.max_epochs`` epochs. ``group``: the training items (see :func:`build_loaders`)."""
     import pytorch_lightning as pl
 
     from lightning_modules.glow import GlowModule
@@ -238,7 +240,7 @@ def train(cfg: DictConfig, datamodule=None, init_ckpt: str | Path | None = None,
 
         datamodule = build_datamodule(cfg.data)
     select = str(cfg.glow.select) if select is None else select
-    train_loader, val_loader = build_loaders(cfg, datamodule, select)
+    train_loader, val_loader = build_loaders(cfg, datamodule, select, group)
     module = GlowModule(
         glow=OmegaConf.to_container(cfg.glow, resolve=True),
         input_shape=input_shape(cfg.data),

@@ -11,7 +11,9 @@ arXiv:2001.07847): it wraps the two trained Glows M0 (S_normal) and M1 (S_mixtur
 
 M0 and M1 are trained beforehand by ``experiments.train_glow`` (each its own GlowModule, with
 its own checkpoint); this module trains nothing. The validation thresholds are part of its
-state dict (``get_extra_state``) and the two Glows' hyper-parameters part of its own, so
+state dict (``get_extra_state``), as are the per-position statistics of normal maps
+(``map_norm="position"``, fitted by :meth:`FlowPosteriorModule.fit_map_statistics` on
+training normals, never on test), and the two Glows' hyper-parameters part of its own, so
 :meth:`FlowPosteriorModule.load` restores the detector from one checkpoint read with
 ``weights_only=True``.
 """
@@ -36,20 +38,36 @@ class FlowPosteriorModule(pl.LightningModule):
         n_bits: the data's bit depth (for the zero-pixel fraction).
         score: ``global`` = -log p(normal|x) (paper) | ``local`` = the anomaly map's top part.
         maps: compute the anomaly maps (implied by ``score="local"``).
+        map_source, map_norm, map_region (our options; the local score and the map only):
+            ``posterior`` (l1 - l0) | ``likelihood`` (-l0) map; ``position``: z per position
+            against normal maps (:meth:`fit_map_statistics`); ``interior``: the top part only
+            over pixels inside the intensity window (``posterior.interior_mask``).
     """
 
     def __init__(self, m0, m1, n_bits: int = 8, score: str = "global", maps: bool = True,
-                 map_sigma: float = 1.0, map_top_fraction: float = 0.01):
+                 map_sigma: float = 1.0, map_top_fraction: float = 0.01,
+                 map_source: str = "posterior", map_norm: str = "none",
+                 map_region: str = "all"):
         super().__init__()
-        if score not in ("global", "local"):
-            raise ValueError(f"glow.score={score!r} is not one of ('global', 'local')")
+        from lightning_modules.glow.config import MAP_NORMS, MAP_REGIONS, MAP_SOURCES
+
+        for name, value, allowed in (("score", score, ("global", "local")),
+                                     ("map_source", map_source, MAP_SOURCES),
+                                     ("map_norm", map_norm, MAP_NORMS),
+                                     ("map_region", map_region, MAP_REGIONS)):
+            if value not in allowed:
+                raise ValueError(f"glow.{name}={value!r} is not one of {allowed}")
         self.m0, self.m1 = m0, m1
         glow_hp = {name: dict(m.hparams) for name, m in (("m0", m0), ("m1", m1))
                    if isinstance(getattr(m, "hparams", None), dict)}
         self.save_hyperparameters({"glows": glow_hp, "n_bits": int(n_bits), "score": score,
                                    "maps": bool(maps or score == "local"),
                                    "map_sigma": float(map_sigma),
-                                   "map_top_fraction": float(map_top_fraction)}, logger=False)
+                                   "map_top_fraction": float(map_top_fraction),
+                                   "map_source": map_source, "map_norm": map_norm,
+                                   "map_region": map_region}, logger=False)
+        self.map_mean: np.ndarray | None = None  # (*spatial) with map_norm="position"
+        self.map_sd: np.ndarray | None = None
         self.threshold: float | None = None
         self.threshold_source = ""
         self.likelihood_threshold: float | None = None
@@ -77,13 +95,36 @@ class FlowPosteriorModule(pl.LightningModule):
         return module.eval()
 
     def get_extra_state(self) -> dict:
+        stats = {k: None if v is None else torch.from_numpy(np.ascontiguousarray(v))
+                 for k, v in (("map_mean", self.map_mean), ("map_sd", self.map_sd))}
         return {"threshold": self.threshold, "threshold_source": self.threshold_source,
-                "likelihood_threshold": self.likelihood_threshold}
+                "likelihood_threshold": self.likelihood_threshold, **stats}
 
     def set_extra_state(self, state: dict) -> None:
         self.threshold = state["threshold"]
         self.threshold_source = state["threshold_source"]
         self.likelihood_threshold = state["likelihood_threshold"]
+        for key in ("map_mean", "map_sd"):
+            value = state.get(key)
+            setattr(self, key, None if value is None else value.double().cpu().numpy())
+
+    @torch.no_grad()
+    def fit_map_statistics(self, batches) -> None:
+        """Per-position mean / SD of the maps of normal images (``map_norm="position"``):
+        ``batches`` yields dicts with an ``"image"`` (or tensors), normal images only (the
+        pipeline passes S_normal, the training normals; never test)."""
+        from lightning_modules.flow_posterior.posterior import position_statistics
+
+        hp = self.hparams
+        maps = []
+        for batch in batches:
+            x = batch["image"] if isinstance(batch, dict) else batch
+            x = x.to(self.device, dtype=torch.float32)
+            maps.append(score_batch(self.m0, self.m1, x, hp.n_bits, True, hp.map_sigma,
+                                    hp.map_source)["anomaly_map"])
+        maps = np.concatenate(maps)  # (N, *spatial)
+        self.map_mean, self.map_sd = position_statistics(maps)
+        log.info("Anomaly map: per-position statistics of %d normal maps", len(maps))
 
     def configure_optimizers(self):
         return None
@@ -91,7 +132,8 @@ class FlowPosteriorModule(pl.LightningModule):
     def _step(self, batch: dict) -> dict:
         hp = self.hparams
         part = score_batch(self.m0, self.m1, batch["image"].float(), hp.n_bits, hp.maps,
-                           hp.map_sigma)
+                           hp.map_sigma, hp.get("map_source", "posterior"),
+                           hp.get("map_region", "all"))
         self._parts.append(part)
         if "label" in batch:
             self._labels.append(torch.as_tensor(batch["label"]).cpu())
@@ -99,9 +141,16 @@ class FlowPosteriorModule(pl.LightningModule):
 
     def _take(self) -> tuple[FlowScores, np.ndarray]:
         hp = self.hparams
-        scores = gather_scores(self._parts, hp.score, hp.map_top_fraction)
-        labels = torch.cat(self._labels).numpy() if self._labels else np.zeros(0, int)
-        self._parts, self._labels = [], []
+        parts, label_parts = self._parts, self._labels
+        self._parts, self._labels = [], []  # a failed split leaves nothing for the next one
+        stats = None
+        if hp.get("map_norm", "none") == "position" and hp.maps:
+            if self.map_mean is None:
+                raise RuntimeError("map_norm='position' needs fit_map_statistics(normal "
+                                   "images) before scoring")
+            stats = (self.map_mean, self.map_sd)
+        scores = gather_scores(parts, hp.score, hp.map_top_fraction, stats)
+        labels = torch.cat(label_parts).numpy() if label_parts else np.zeros(0, int)
         return scores, labels
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -173,11 +173,64 @@ def anomaly_map(map_m0: ArrayLike, map_m1: ArrayLike, sigma: float = 0.0) -> np.
     return a
 
 
-def map_score(amap: ArrayLike, top_fraction: float = 0.01) -> np.ndarray:
+def likelihood_map(map_m0: ArrayLike, sigma: float = 0.0) -> np.ndarray:
+    """The likelihood-only map G_sigma * (-l0), (B, *spatial) float64: per-pixel contributions
+    to -log p(x|M0) (Appendix A's score, per position); sums to -log p(x|M0) without
+    smoothing. Our option (glow.map_source=likelihood)."""
+    a0 = np.asarray(map_m0, dtype=np.float64)
+    return anomaly_map(a0, np.zeros_like(a0), sigma)
+
+
+def interior_mask(images: ArrayLike, n_bits: int = 8) -> np.ndarray:
+    """Pixels (voxels) strictly inside the intensity window, (B, *spatial) bool: quantised
+    neither to 0 nor to the top level 2^n - 1, then eroded by one pixel along each spatial axis
+    (scipy.ndimage.binary_erosion, cross-shaped). For the brain window: brain and soft tissue
+    without the background (0) and the bone (clipped to 127), nor the partial-volume rims
+    between them. ``images``: (B, C, *spatial) in [0, 1], C = 1."""
+    from scipy.ndimage import binary_erosion
+
+    x = np.asarray(images, dtype=np.float64)
+    x = x.reshape(x.shape[0], *x.shape[2:])  # (B, *spatial)
+    top = 2**n_bits - 1
+    k = np.round(np.clip(x, 0.0, 1.0) * top)
+    inside = (k > 0) & (k < top)
+    return np.stack([binary_erosion(v, iterations=1) for v in inside]) if len(x) else inside
+
+
+def position_statistics(maps: ArrayLike, sd_floor_quantile: float = 0.1
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-position mean and standard deviation of the maps of normal images, (*spatial) each
+    (our option glow.map_norm=position). The SD is floored at its ``sd_floor_quantile``
+    quantile over positions (plus 1e-9), so near-constant positions (the empty background)
+    cannot turn a tiny difference into a huge z."""
+    a = np.asarray(maps, dtype=np.float64)  # (N, *spatial)
+    if len(a) < 2:
+        raise ValueError(f"position statistics need at least 2 normal maps, got {len(a)}")
+    mean, sd = a.mean(axis=0), a.std(axis=0)
+    return mean, np.maximum(sd, np.quantile(sd, sd_floor_quantile) + 1e-9)
+
+
+def normalise_map(amap: ArrayLike, mean: ArrayLike, sd: ArrayLike) -> np.ndarray:
+    """z = (A - mean) / sd per position: how unusual each position is compared with normal
+    images at that position. (B, *spatial)."""
+    return (np.asarray(amap, dtype=np.float64) - np.asarray(mean)) / np.asarray(sd)
+
+
+def map_score(amap: ArrayLike, top_fraction: float = 0.01,
+              region: ArrayLike | None = None) -> np.ndarray:
     """Image score from an anomaly map: the mean of its highest ``top_fraction`` of pixels
-    (at least one pixel: the maximum), (B,). Higher = more anomalous."""
+    (at least one pixel: the maximum), (B,). Higher = more anomalous. ``region``: (B, *spatial)
+    bool; only these pixels count (an image with an empty region falls back to all pixels)."""
     if not 0.0 < top_fraction <= 1.0:
         raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
     flat = np.asarray(amap, dtype=np.float64).reshape(len(amap), -1)  # (B, N)
-    k = max(1, int(round(top_fraction * flat.shape[1])))
-    return np.sort(flat, axis=1)[:, -k:].mean(axis=1)
+    if region is None:
+        k = max(1, int(round(top_fraction * flat.shape[1])))
+        return np.sort(flat, axis=1)[:, -k:].mean(axis=1)
+    keep = np.asarray(region, dtype=bool).reshape(len(amap), -1)
+    out = np.empty(len(flat))
+    for i, (v, m) in enumerate(zip(flat, keep, strict=True)):
+        v = v[m] if m.any() else v
+        k = max(1, int(round(top_fraction * v.size)))
+        out[i] = np.sort(v)[-k:].mean()
+    return out

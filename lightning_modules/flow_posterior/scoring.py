@@ -20,13 +20,17 @@ from datamodules.progress import track
 from lightning_modules.flow_posterior.posterior import (
     anomaly_map,
     check_same_preprocessing,
+    interior_mask,
+    likelihood_map,
     likelihood_score,
     log_posterior,
     map_score,
+    normalise_map,
     posterior_score,
     preprocessing_signature,
     zero_fraction,
 )
+from lightning_modules.glow.config import MAP_REGIONS, MAP_SOURCES
 
 log = logging.getLogger(__name__)
 
@@ -130,25 +134,43 @@ def _check_finite(name: str, values: np.ndarray) -> None:
         )
 
 
+
 @torch.no_grad()
 def score_batch(m0: Any, m1: Any, x: torch.Tensor, n_bits: int = 8, maps: bool = False,
-                map_sigma: float = 1.0) -> dict[str, Any]:
+                map_sigma: float = 1.0, map_source: str = "posterior",
+                map_region: str = "all") -> dict[str, Any]:
     """One batch (B, C, ...) in [0, 1] on the models' device: ``log_p_m0``, ``log_p_m1``,
-    ``zero_fraction`` (B,) float32 on the CPU and, with ``maps``, ``anomaly_map`` (numpy)."""
+    ``zero_fraction`` (B,) float32 on the CPU and, with ``maps``, ``anomaly_map`` (numpy):
+    the posterior map (``posterior.anomaly_map``) or with ``map_source="likelihood"`` M0's
+    likelihood-only map (``posterior.likelihood_map``); with ``map_region="interior"`` also
+    ``region`` (``posterior.interior_mask``)."""
+    if map_source not in MAP_SOURCES:
+        raise ValueError(f"glow.map_source={map_source!r} is not one of {MAP_SOURCES}")
+    if map_region not in MAP_REGIONS:
+        raise ValueError(f"glow.map_region={map_region!r} is not one of {MAP_REGIONS}")
     out = {"log_p_m0": m0.log_likelihood(x).float().reshape(-1).cpu(),  # (B,)
            "log_p_m1": m1.log_likelihood(x).float().reshape(-1).cpu(),  # (B,)
            "zero_fraction": zero_fraction(x, n_bits).cpu()}  # (B,)
     if maps:
         a0 = m0.log_likelihood_map(x).double().cpu().numpy()  # (B, *spatial)
-        a1 = m1.log_likelihood_map(x).double().cpu().numpy()
-        out["anomaly_map"] = anomaly_map(a0, a1, map_sigma)
+        if map_source == "likelihood":
+            out["anomaly_map"] = likelihood_map(a0, map_sigma)
+        else:
+            a1 = m1.log_likelihood_map(x).double().cpu().numpy()
+            out["anomaly_map"] = anomaly_map(a0, a1, map_sigma)
+        if map_region == "interior":
+            out["region"] = interior_mask(x.cpu(), n_bits)  # (B, *spatial) bool
     return out
 
 
 def gather_scores(parts: Sequence[Mapping[str, Any]], score: str = "global",
-                  map_top_fraction: float = 0.01) -> FlowScores:
+                  map_top_fraction: float = 0.01,
+                  map_stats: tuple[np.ndarray, np.ndarray] | None = None) -> FlowScores:
     """The :func:`score_batch` outputs of a split -> :class:`FlowScores` (float64), checked
-    finite; with maps, the image score of each map (the anomaly score for ``score="local"``)."""
+    finite; with maps, the image score of each map (the anomaly score for ``score="local"``).
+    ``map_stats``: (mean, sd) per position of normal images' maps (glow.map_norm=position):
+    the map becomes its z per position before its top part is taken; a ``region`` in the
+    parts restricts the top part to it."""
     if score not in ("global", "local"):
         raise ValueError(f"score={score!r} is not one of ('global', 'local')")
     if not parts:
@@ -160,7 +182,10 @@ def gather_scores(parts: Sequence[Mapping[str, Any]], score: str = "global",
     _check_finite("M1", out.log_p_m1)
     if "anomaly_map" in parts[0]:
         out.anomaly_map = np.concatenate([p["anomaly_map"] for p in parts])
-        local = map_score(out.anomaly_map, map_top_fraction)
+        if map_stats is not None:
+            out.anomaly_map = normalise_map(out.anomaly_map, *map_stats)
+        region = np.concatenate([p["region"] for p in parts]) if "region" in parts[0] else None
+        local = map_score(out.anomaly_map, map_top_fraction, region)
         _check_finite("The anomaly map", local)
         if score == "local":
             out.local_score = local
@@ -173,7 +198,9 @@ def score_batches(m0: Any, m1: Any, batches: Iterable[Any], *, device: torch.dev
                   n_bits: int = 8, total: int | None = None, progress: bool = True,
                   description: str = "Scoring with M0 and M1", maps: bool = False,
                   score: str = "global", map_sigma: float = 1.0,
-                  map_top_fraction: float = 0.01) -> FlowScores:
+                  map_top_fraction: float = 0.01, map_source: str = "posterior",
+                  map_region: str = "all",
+                  map_stats: tuple[np.ndarray, np.ndarray] | None = None) -> FlowScores:
     """log p(x|M0), log p(x|M1) and the zero-pixel fraction of every image in ``batches``.
 
     ``batches`` yields (B, C, ...) tensors or dicts with an ``"image"`` tensor in [0, 1]. Both
@@ -183,6 +210,7 @@ def score_batches(m0: Any, m1: Any, batches: Iterable[Any], *, device: torch.dev
     ``maps`` (implied by ``score="local"``; models need ``log_likelihood_map``): also the
     anomaly map of every image (``anomaly_map`` with ``map_sigma``) and its image score
     (``map_score`` with ``map_top_fraction``); with ``score="local"`` that is the anomaly score.
+    ``map_source``, ``map_region``, ``map_stats``: see :func:`score_batch`, :func:`gather_scores`.
     """
     if score not in ("global", "local"):
         raise ValueError(f"score={score!r} is not one of ('global', 'local')")
@@ -195,5 +223,5 @@ def score_batches(m0: Any, m1: Any, batches: Iterable[Any], *, device: torch.dev
     for batch in track(batches, description, total=total, enabled=progress):
         x = batch["image"] if isinstance(batch, Mapping) else batch
         x = x.to(device, dtype=torch.float32, non_blocking=True)  # (B, C, H, W) | (B, C, D, H, W)
-        parts.append(score_batch(m0, m1, x, n_bits, maps, map_sigma))
-    return gather_scores(parts, score, map_top_fraction)
+        parts.append(score_batch(m0, m1, x, n_bits, maps, map_sigma, map_source, map_region))
+    return gather_scores(parts, score, map_top_fraction, map_stats)
