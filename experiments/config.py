@@ -406,20 +406,18 @@ def resolve_job(entry: str, argv: list[str] | None = None) -> Job:
                 or "cxr")
     if modality not in MODALITIES:
         raise ConfigError(f"data.modality={modality!r} is not one of {list(MODALITIES)}")
-    if "modality" in found and "data.modality" not in found:
-        rest.append(f"data.modality={modality}")
     if entry == "pipeline" and method == "patch":
         yamls: tuple[str, ...] = ("simclr", "patch")
     elif entry == "pipeline":
         yamls = (f"glow_{modality}", "flow")
-        if "data.modality" not in found:
-            rest.append(f"data.modality={modality}")
     elif entry == "train_simclr":
         yamls, modality = ("simclr",), None
     elif entry == "train_glow":
         yamls = (f"glow_{modality}",)
     else:
         yamls = (f"glow_{modality}", f"glow_sample_{modality}")
+    if "data.modality" not in found and ("modality" in found or yamls[-1] == "flow"):
+        rest.append(f"data.modality={modality}")  # the data section agrees with the YAMLs
     return Job(entry, yamls, (preset,) if preset else (), tuple(rest), method, modality)
 
 

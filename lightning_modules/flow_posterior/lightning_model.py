@@ -132,8 +132,8 @@ class FlowPosteriorModule(pl.LightningModule):
     def _step(self, batch: dict) -> dict:
         hp = self.hparams
         part = score_batch(self.m0, self.m1, batch["image"].float(), hp.n_bits, hp.maps,
-                           hp.map_sigma, hp.get("map_source", "posterior"),
-                           hp.get("map_region", "all"))
+                           hp.map_sigma, hp.map_source,
+                           hp.map_region)
         self._parts.append(part)
         if "label" in batch:
             self._labels.append(torch.as_tensor(batch["label"]).cpu())
@@ -144,7 +144,7 @@ class FlowPosteriorModule(pl.LightningModule):
         parts, label_parts = self._parts, self._labels
         self._parts, self._labels = [], []  # a failed split leaves nothing for the next one
         stats = None
-        if hp.get("map_norm", "none") == "position" and hp.maps:
+        if hp.map_norm == "position" and hp.maps:
             if self.map_mean is None:
                 raise RuntimeError("map_norm='position' needs fit_map_statistics(normal "
                                    "images) before scoring")
