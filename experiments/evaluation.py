@@ -181,7 +181,7 @@ def binary_metrics(labels: Any, scores: Any, threshold: float) -> dict[str, Any]
         return num / den
 
     # The counts are torchmetrics'; the ratios are formed here in float64 because torchmetrics
-    # returns float32 (0.8333333134...). tests/test_evaluation.py checks both agree with
+    # returns float32 (0.8333333134...). tests/unit/experiments/test_evaluation.py checks both agree with
     # binary_accuracy / binary_precision / binary_recall / binary_specificity.
     out = {
         "accuracy": ratio("accuracy", tp + tn, tp + tn + fp + fn),  # eq. 7

@@ -36,3 +36,14 @@ def out_dir(tmp_path, monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread is as fast, and immune to oversubscribed CI cores (2
+    spinning OpenMP threads on a loaded 2-core box were measured 50x slower). Modules opt in
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")`` or take it as an argument."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

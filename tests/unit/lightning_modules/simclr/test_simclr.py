@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from lightly.loss import NTXentLoss
-from test_patches import FakeCXR
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -24,6 +23,7 @@ from lightning_modules.simclr.lightning_model import (
     uniformity,
 )
 from lightning_modules.simclr.transforms import view_transform
+from tests.support import FakeCXR
 
 TINY = {"backbone": "resnet18", "proj_hidden_dim": 32, "proj_out_dim": 16}
 

@@ -14,6 +14,7 @@ from lightning_modules.patch_detector.intensity import intensity_normalize
 from lightning_modules.patch_detector.reference_db import ReferenceDB
 from lightning_modules.simclr.torch_model import PatchEncoder, build_backbone
 from lightning_modules.simclr.transforms import RandomIntensity, view_transform
+from tests.support import REPO_ROOT, PoolEncoder, random_images
 
 
 class CellMeanEncoder(nn.Module):
@@ -142,11 +143,10 @@ def guard_data():
 
 def _cpu_options() -> dict:
     """The cpu profile's intensity normalisation and cell z-score (configs/patch.yaml)."""
-    from pathlib import Path
 
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(Path(__file__).parents[1] / "configs" / "patch.yaml")
+    cfg = OmegaConf.load(REPO_ROOT / "configs" / "patch.yaml")
     cpu = cfg.profiles.cpu.patch
     return {k: cpu.get(k, cfg.patch[k]) for k in ("intensity_norm", "cell_zscore")}
 
@@ -212,7 +212,6 @@ def test_rank_normalize_is_uniform_and_invariant_to_monotone_maps():
 
 
 def _db_detector(ref_images, **kw):
-    from tests.test_patch_detector import PoolEncoder
 
     det = PatchAnomalyDetector({8: PoolEncoder()}, 32, [8], [0], distance="euclidean", **kw)
     f = det.features(ref_images)[8]
@@ -233,13 +232,12 @@ def test_cell_zscore_uses_the_normal_reference_statistics_only():
     """z = (log d - mean_c) / sd_c, mean and SD over the leave-one-image-out log distances of
     the normal reference patches at cell c (brute force here); the query never enters them."""
     from lightning_modules.patch_detector.distances import pairwise
-    from tests.test_patch_detector import _images
 
-    ref = _images(12, seed=0)
+    ref = random_images(12, seed=0)
     ref[:, :, :8, :8] = torch.rand(12, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     det = _db_detector(ref, cell_zscore=True)
     raw = _db_detector(ref)
-    q = _images(2, seed=7)
+    q = random_images(2, seed=7)
     q[1, 0, 16:24, 16:24] += 0.15  # faint lesion at cell (2, 2)
     z = torch.log(det.patch_scores(det.features(q))[8])  # (2, 16)
     d = raw.patch_scores(raw.features(q))[8]
@@ -267,9 +265,8 @@ def test_cell_zscore_uses_the_normal_reference_statistics_only():
 
 
 def test_reference_shift_adds_the_shifted_grid_patches():
-    from tests.test_patch_detector import _images
 
-    ref = _images(4, seed=0)
+    ref = random_images(4, seed=0)
     det = _db_detector(ref, reference_shift=0.25)  # 2-pixel shifts of 8-pixel patches
     assert det.shifts(8) == [(-2, -2), (-2, 0), (-2, 2), (0, -2), (0, 2), (2, -2), (2, 0),
                              (2, 2)]

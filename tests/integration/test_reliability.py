@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_glow_training import TINY_2D, FakeDM, _cfg
 
 from experiments.common import (
     AtomicCheckpointIO,
@@ -33,21 +32,17 @@ from experiments.train_glow import init_weights, train
 from lightning_modules.checkpoint import CheckpointError, read_checkpoint
 from lightning_modules.glow import GlowModule, load_glow
 from lightning_modules.simclr import load_encoder
+from tests.support import REPO_ROOT, TINY_2D, FakeDM, fail_checkpoint_writes, glow_cfg
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 SMALL = [*TINY_2D, "data.batch_size=4"]  # 8 items: 2 optimiser steps per epoch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(out, *extra, n=8, **kw):
-    cfg = _cfg(out, "cxr", [*SMALL, *extra])
+    cfg = glow_cfg(out, "cxr", [*SMALL, *extra])
     return train(cfg, datamodule=FakeDM(cfg.data, n=n), **kw)
 
 
@@ -59,55 +54,6 @@ def _step(path: Path) -> int:
     return int(torch.load(path, weights_only=True)["global_step"])
 
 
-class _FailingFile:
-    """A file that takes ``budget`` bytes, then calls ``fail`` (raise = disk full or a signal,
-    sleep = a process about to be SIGKILLed): a fault at the OS level, whatever the writer."""
-
-    def __init__(self, f, budget: int, fail):
-        self._f, self._left, self._fail = f, budget, fail
-
-    def write(self, b):
-        if len(b) > self._left:
-            self._f.write(bytes(b[: self._left]))
-            self._f.flush()
-            self._fail()
-        self._left -= len(b)
-        return self._f.write(b)
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._f.close()
-
-
-def fail_checkpoint_writes(monkeypatch, fail, budget: int = 4096) -> None:
-    """Every file opened for writing whose name contains '.ckpt' fails after ``budget`` bytes;
-    ``os.rename`` fails as across filesystems (``os.replace`` still works in one folder)."""
-    import builtins
-
-    real_open = builtins.open
-
-    def fake_open(file, mode="r", *a, **k):
-        f = real_open(file, mode, *a, **k)
-        if "w" in mode and isinstance(file, (str, os.PathLike)) and ".ckpt" in os.fspath(file):
-            return _FailingFile(f, budget, fail)
-        return f
-
-    def no_rename(src, dst, *a, **k):  # a temporary file on another filesystem (/tmp on a
-        raise OSError(errno.EXDEV, "Invalid cross-device link")  # cluster node): no rename
-
-    def no_sendfile(*a, **k):  # copies go through file.write(), where the fault is
-        raise OSError(errno.ENOTSOCK, "sendfile unavailable")
-
-    monkeypatch.setattr(builtins, "open", fake_open)
-    monkeypatch.setattr(os, "rename", no_rename)
-    monkeypatch.setattr(os, "sendfile", no_sendfile)
-
-
 def _raise(exc):
     def fail():
         raise exc
@@ -117,7 +63,7 @@ def _raise(exc):
 
 # --- 1 + 5: atomic writes, fault injection -------------------------------------------------
 def test_build_trainer_uses_atomic_io_and_the_guard(out_dir):
-    cfg = _cfg(out_dir, "cxr", SMALL)
+    cfg = glow_cfg(out_dir, "cxr", SMALL)
     trainer = build_trainer(cfg, out_dir, monitor="val/bpd")
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     assert any(isinstance(c, DivergenceGuard) for c in trainer.callbacks)
@@ -154,12 +100,11 @@ def test_failed_write_keeps_previous_checkpoint_and_resume_works(out_dir, monkey
 
 CHILD = """
 import sys, time, torch
-sys.path[:0] = [{root!r}, {tests!r}]
+sys.path[:0] = [{root!r}]
 torch.set_num_threads(1)
 import pytest
-from test_glow_training import FakeDM, _cfg
-from test_reliability import fail_checkpoint_writes
 from experiments.train_glow import train
+from tests.support import FakeDM, fail_checkpoint_writes, glow_cfg
 
 def hang():  # half-written: tell the parent, then wait for its SIGKILL
     with open({marker!r}, "w"):
@@ -167,7 +112,7 @@ def hang():  # half-written: tell the parent, then wait for its SIGKILL
     time.sleep(600)
 
 fail_checkpoint_writes(pytest.MonkeyPatch(), hang)
-cfg = _cfg({out!r}, "cxr", {argv!r})
+cfg = glow_cfg({out!r}, "cxr", {argv!r})
 train(cfg, datamodule=FakeDM(cfg.data, n=8))
 """
 
@@ -177,7 +122,7 @@ def test_sigkill_during_write_keeps_previous_checkpoint(out_dir):
     last = out_dir / "checkpoints" / "last.ckpt"
     before = {p.name: _sha(p) for p in last.parent.glob("*.ckpt")}
     marker = out_dir / "writing"
-    code = CHILD.format(root=str(ROOT), tests=str(ROOT / "tests"), marker=str(marker),
+    code = CHILD.format(root=str(ROOT), marker=str(marker),
                         out=str(out_dir), argv=[*SMALL, "trainer.max_epochs=2", "ckpt_path=last"])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env,
@@ -224,12 +169,12 @@ def test_truncated_checkpoint_is_a_clear_error_everywhere(out_dir, broken, kind)
         with pytest.raises(CheckpointError, match=one_line):
             load(bad)
     # resume: ckpt_path=FILE and ckpt_path=last, before any training starts
-    cfg = _cfg(out_dir, "cxr", [*SMALL, f"ckpt_path={bad}"])
+    cfg = glow_cfg(out_dir, "cxr", [*SMALL, f"ckpt_path={bad}"])
     with pytest.raises(CheckpointError, match=rf"^ckpt_path={re.escape(str(bad))}: "):
         resolve_ckpt_path(cfg, out_dir)
     (out_dir / "checkpoints").mkdir()
     (out_dir / "checkpoints" / "last.ckpt").write_bytes(bad.read_bytes())
-    cfg = _cfg(out_dir, "cxr", [*SMALL, "ckpt_path=last"])
+    cfg = glow_cfg(out_dir, "cxr", [*SMALL, "ckpt_path=last"])
     with pytest.raises(CheckpointError, match=r"^ckpt_path=last: .*last\.ckpt is not a usable"):
         train(cfg, datamodule=FakeDM(cfg.data, n=8))
 

@@ -19,7 +19,7 @@ from experiments.sweep_offline import run_sweep
 
 pytestmark = pytest.mark.slow
 
-DDP_STUB = str(REPO_ROOT / "tests" / "ddp_sweep_stub.py")
+DDP_STUB = str(REPO_ROOT / "tests" / "stubs" / "ddp_sweep_stub.py")
 
 
 def test_swept_values_reach_every_ddp_rank(tmp_path):
@@ -27,7 +27,7 @@ def test_swept_values_reach_every_ddp_rank(tmp_path):
     for rank 1, so both ranks resolve the same value."""
     sweep = {
         "name": "ddp",
-        "program": "tests/ddp_sweep_stub.py",
+        "program": "tests/stubs/ddp_sweep_stub.py",
         "method": "grid",
         "metric": {"name": "val/loss", "goal": "minimize"},
         "parameters": {"optim.lr": {"values": [0.123]}},

@@ -25,15 +25,7 @@ from lightning_modules.glow.torch_model import (
     saved_activation_bytes,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and immune to oversubscribed CI cores
-    (2 spinning OpenMP threads on a loaded 2-core box were measured 50x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SHAPES = {2: (2, 4, 4), 3: (2, 2, 4, 4)}  # (C, H, W) / (C, D, H, W)

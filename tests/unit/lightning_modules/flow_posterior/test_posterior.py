@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import math
 
-import normflows as nf
 import numpy as np
 import pytest
 import torch
-from torch import nn
-from torchmetrics.functional.classification import binary_auroc
 
 from lightning_modules.flow_posterior import (
     FlowScores,
@@ -25,29 +22,7 @@ from lightning_modules.flow_posterior import (
     zero_fraction,
 )
 from lightning_modules.flow_posterior.posterior import bits_per_dim
-
-HP = {"input_shape": (1, 8, 8), "glow": {"n_bits": 8}, "data": {"modality": "cxr",
-      "image_size": 8, "volume_size": [4, 8, 8]}}
-
-
-class VectorFlow(nn.Module):
-    """A tiny random RealNVP on flattened images (stand-in for a Glow), built with normflows."""
-
-    def __init__(self, dim: int, seed: int, hparams: dict | None = None):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        flows = []
-        for _ in range(3):
-            net = nf.nets.MLP([dim // 2, 16, dim], init_zeros=False)
-            flows += [nf.flows.AffineCouplingBlock(net), nf.flows.Permute(dim, mode="shuffle")]
-        self.flow = nf.NormalizingFlow(nf.distributions.DiagGaussian(dim), flows)
-        with torch.no_grad():  # deterministic, non-trivial weights
-            for p in self.flow.parameters():
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-        self.hparams = hparams if hparams is not None else HP
-
-    def log_likelihood(self, x: torch.Tensor) -> torch.Tensor:
-        return self.flow.log_prob(x.flatten(1))  # (B,)
+from tests.support import HP, MapModel, VectorFlow, auroc, fit_flow, phantom_set
 
 
 class HistogramModel:
@@ -67,30 +42,6 @@ class HistogramModel:
 
     def log_likelihood(self, x: torch.Tensor) -> torch.Tensor:
         return self.log_density[self._bins(x)].flatten(1).sum(1)  # (B,)
-
-
-MARGIN_P = {False: [0.4, 0.3, 0.2, 0.1], True: [0.1, 0.2, 0.3, 0.4]}  # margins 1..4 px
-
-
-def phantom(rng: np.random.Generator, abnormal: bool, size: int = 16) -> np.ndarray:
-    """A 'radiograph': a textured body on an empty (zero) background, quantised to 8 bits.
-    Both classes share the range of empty borders, but abnormal images tend to have wider ones
-    (more zero pixels, like the paper's RSNA non-normal images, Appendix A) and carry a subtle
-    lesion (a brighter 3x3 opacity within the body's intensity range)."""
-    margin = 1 + int(rng.choice(4, p=MARGIN_P[abnormal]))
-    img = np.zeros((size, size), np.float32)
-    body = rng.normal(0.5, 0.08, (size - 2 * margin,) * 2).clip(0.1, 0.9)
-    img[margin:size - margin, margin:size - margin] = body
-    if abnormal:
-        r, c = rng.integers(margin, size - margin - 3, size=2)
-        img[r:r + 3, c:c + 3] += 0.15
-    return np.round(img.clip(0, 1) * 255) / 255
-
-
-def phantom_set(rng, n_normal: int, n_abnormal: int) -> tuple[torch.Tensor, torch.Tensor]:
-    labels = [0] * n_normal + [1] * n_abnormal
-    x = np.stack([phantom(rng, bool(y)) for y in labels])[:, None]  # (N, 1, 16, 16)
-    return torch.from_numpy(x), torch.tensor(labels)
 
 
 # --- the equation ------------------------------------------------------------------------------
@@ -213,11 +164,6 @@ def test_scorer_fails_on_non_finite_likelihoods():
 
 # --- Appendix A: the background dominates the likelihood, the posterior cancels it -------------
 
-def _auroc(scores: np.ndarray, labels: torch.Tensor) -> float:
-    """Rank-based AUROC (torchmetrics would squash raw scores of ~1e3 nats with a sigmoid)."""
-    ranks = torch.as_tensor(scores).argsort().argsort().double() / len(scores)  # in [0, 1)
-    return float(binary_auroc(ranks, labels))
-
 
 def test_likelihood_auroc_falls_below_posterior_auroc_analytic():
     rng = np.random.default_rng(0)
@@ -226,8 +172,8 @@ def test_likelihood_auroc_falls_below_posterior_auroc_analytic():
     s_unknown, labels = phantom_set(rng, 100, 100)
     m0, m1 = HistogramModel(s_normal), HistogramModel(s_mixture)
     scores = score_batches(m0, m1, [s_unknown], progress=False)
-    auroc_post = _auroc(scores.score, labels)
-    auroc_lik = _auroc(scores.score_likelihood, labels)
+    auroc_post = auroc(scores.score, labels)
+    auroc_lik = auroc(scores.score_likelihood, labels)
     # The likelihood is dominated by the empty background: abnormal images, with more zero
     # pixels, look *more* likely than normal ones (paper: AUROC below 0.5).
     assert auroc_lik < 0.5 < auroc_post
@@ -281,8 +227,8 @@ def test_likelihood_auroc_falls_below_posterior_auroc_trained_glows():
         scores.log_posterior,
         (m0.log_likelihood(s_unknown) - m1.log_likelihood(s_unknown)).double().numpy(),
         rtol=1e-5, atol=1e-2)
-    auroc_post = _auroc(scores.score, labels)
-    auroc_lik = _auroc(scores.score_likelihood, labels)
+    auroc_post = auroc(scores.score, labels)
+    auroc_lik = auroc(scores.score_likelihood, labels)
     assert auroc_lik < 0.5 < auroc_post
     assert auroc_post - auroc_lik > 0.2
     assert np.corrcoef(scores.zero_fraction, scores.log_p_m0)[0, 1] > 0.5
@@ -316,24 +262,11 @@ def test_map_score_is_mean_of_top_fraction():
         map_score(a, 0.0)
 
 
-class _MapModel:
-    """Stand-in with a per-pixel log-likelihood map (i.i.d. pixels) and its sum."""
-
-    def __init__(self, fn, hparams=None):
-        self.fn, self.hparams = fn, hparams if hparams is not None else {}
-
-    def log_likelihood_map(self, x):
-        return self.fn(x)[:, 0]  # (B, H, W)
-
-    def log_likelihood(self, x):
-        return self.fn(x).flatten(1).sum(1)
-
-
 def test_scorer_local_score_uses_the_map():
     from lightning_modules.flow_posterior import anomaly_map, map_score
 
-    m0 = _MapModel(lambda x: -(x - 0.5) ** 2)
-    m1 = _MapModel(lambda x: -(x - 0.6) ** 2)
+    m0 = MapModel(lambda x: -(x - 0.5) ** 2)
+    m1 = MapModel(lambda x: -(x - 0.6) ** 2)
     x = torch.rand(5, 1, 8, 8, dtype=torch.float64)
     g = score_batches(m0, m1, [x], progress=False)
     loc = score_batches(m0, m1, [x], progress=False, score="local", map_sigma=1.0,
@@ -345,22 +278,6 @@ def test_scorer_local_score_uses_the_map():
     assert g.anomaly_map is None and "score_global" not in g.columns()
     with pytest.raises(ValueError, match="score="):
         score_batches(m0, m1, [x], progress=False, score="max")
-
-
-def _fit(m, x: torch.Tensor, steps: int, gen: torch.Generator):
-    from lightning_modules.glow.torch_model import bits_per_dim as bpd
-
-    opt = torch.optim.Adam(m.model.parameters(), lr=2e-3)
-    m.train()
-    for _ in range(steps):
-        xb = x[torch.randint(len(x), (32,), generator=gen)]
-        if not m.model.initialized:
-            m.model.initialize_actnorm(m._flow_input(xb, noise=True))
-        loss = bpd(m.model.log_prob(m._flow_input(xb, noise=True)), m.n_dims).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return m.eval()
 
 
 def test_quality_guard_matched_glows_with_local_score_detect_and_noise_does_not():
@@ -381,17 +298,17 @@ def test_quality_guard_matched_glows_with_local_score_detect_and_noise_does_not(
         s_mixture, _ = phantom_set(rng, 64, 64)
         s_unknown, labels = phantom_set(rng, 64, 64)
         torch.manual_seed(0)
-        start = _fit(GlowModule({"levels": 2, "steps": 2, "hidden_channels": 16},
+        start = fit_flow(GlowModule({"levels": 2, "steps": 2, "hidden_channels": 16},
                                 [1, 16, 16], n_bits=8), s_normal, 150, gen)
-        m0 = _fit(copy.deepcopy(start), s_normal, 100, gen)
-        m1 = _fit(copy.deepcopy(start), s_mixture, 100, gen)
+        m0 = fit_flow(copy.deepcopy(start), s_normal, 100, gen)
+        m1 = fit_flow(copy.deepcopy(start), s_mixture, 100, gen)
         scores = score_batches(m0, m1, [s_unknown], progress=False, score="local",
                                map_sigma=1.0, map_top_fraction=0.02)
         noise = torch.Generator().manual_seed(1)
-        n0 = _MapModel(lambda x: torch.randn(x.shape, generator=noise, dtype=torch.float64))
-        n1 = _MapModel(lambda x: torch.randn(x.shape, generator=noise, dtype=torch.float64))
+        n0 = MapModel(lambda x: torch.randn(x.shape, generator=noise, dtype=torch.float64))
+        n1 = MapModel(lambda x: torch.randn(x.shape, generator=noise, dtype=torch.float64))
         control = score_batches(n0, n1, [s_unknown], progress=False, score="local")
     finally:
         torch.set_num_threads(threads)
-    assert _auroc(scores.score, labels) > 0.8
-    assert 0.3 < _auroc(control.score, labels) < 0.7
+    assert auroc(scores.score, labels) > 0.8
+    assert 0.3 < auroc(control.score, labels) < 0.7

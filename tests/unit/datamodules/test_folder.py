@@ -20,6 +20,7 @@ from datamodules.base import ABNORMAL, NORMAL, UNLABELED
 from datamodules.common import EmptySplitError
 from datamodules.config import DataConfig
 from datamodules.folder import FolderDataModule
+from tests.support import REPO_ROOT
 
 CT5N = Path(get_testdata_file("CT_small.dcm")).parent / "dicomdirtests" / "98892001" / "CT5N"
 
@@ -263,7 +264,7 @@ def test_item_cache_returns_the_same_pixels(tmp_path):
     assert len(list((tmp_path / "cache" / "items").glob("*.npy"))) == 4
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[1] / "configs" /
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO_ROOT / "configs" /
                                                            "data").glob("*.yaml")))
 def test_data_yaml_loads_and_builds(name, tmp_path):
     from experiments.config import load_config

@@ -20,6 +20,7 @@ from lightning_modules.glow.layers2d import (
     coupling_scale,
 )
 from lightning_modules.optim import build_optimizer, build_scheduler, warmup_factor
+from tests.support import FakeDM
 
 GLOW = dict(levels=2, steps=2, hidden_channels=8, coupling_scale="paper")
 
@@ -162,7 +163,6 @@ def _tiny_cfg(out_dir, *extra):
 @pytest.mark.parametrize("model,group", [("m0", "normal"), ("m1", "mixture")])
 def test_best_checkpoint_is_chosen_on_held_out_data_of_the_models_own_training_set(
         tmp_path, model, group):
-    from test_glow_training import FakeDM
 
     from experiments.train_glow import build_loaders
 
@@ -180,7 +180,6 @@ def test_best_checkpoint_is_chosen_on_held_out_data_of_the_models_own_training_s
 
 
 def test_rotation_copies_give_seven_rotations_within_2_degrees(tmp_path):
-    from test_glow_training import FakeDM
 
     from experiments.train_glow import RotatedCopies, build_loaders, rotate_in_plane
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from datamodules.base import ABNORMAL, NORMAL, Item, MedicalDataModule
+from datamodules.base import ABNORMAL, NORMAL
 from datamodules.patches import (
     PatchCell,
     extract_patches,
@@ -15,35 +14,7 @@ from datamodules.patches import (
     train_patch_dataset,
     val_patch_dataset,
 )
-
-
-class FakeCXR(MedicalDataModule):
-    """Deterministic phantom-like 2D images (a bright body, two darker lungs, noise); abnormal
-    images get a bright blob. Counts ``load`` calls to check the in-memory cache."""
-
-    def __init__(self, n_train=4, n_val=2, size=64):
-        super().__init__(OmegaConf.create({"image_size": size, "batch_size": 4, "num_workers": 0}))
-        self.n_train, self.n_val, self.size = n_train, n_val, size
-        self.n_loads = 0
-
-    def build_index(self):
-        idx = {("train", "normal"): [Item(f"train/n{i}.png", NORMAL) for i in range(self.n_train)]}
-        idx[("val", "normal")] = [Item(f"val/n{i}.png", NORMAL) for i in range(self.n_val)]
-        idx[("val", "abnormal")] = [Item(f"val/a{i}.png", ABNORMAL) for i in range(self.n_val)]
-        return idx
-
-    def load(self, item):
-        self.n_loads += 1
-        rng = np.random.default_rng(abs(hash(item.path)) % 2**32)
-        s = self.size
-        yy, xx = np.mgrid[0:s, 0:s] / s
-        img = 0.6 * (((xx - 0.5) / 0.45) ** 2 + ((yy - 0.5) / 0.48) ** 2 < 1)
-        for cx in (0.32, 0.68):
-            img -= 0.35 * (((xx - cx) / 0.15) ** 2 + ((yy - 0.5) / 0.3) ** 2 < 1)
-        if item.label == ABNORMAL:
-            img += 0.5 * np.exp(-(((xx - 0.3) ** 2 + (yy - 0.45) ** 2) / 0.005))
-        img += 0.03 * rng.standard_normal((s, s))
-        return np.clip(img, 0, 1).astype(np.float32)
+from tests.support import FakeCXR
 
 
 def test_grid_is_the_papers_non_overlapping_grid():

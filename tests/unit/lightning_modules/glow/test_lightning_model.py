@@ -8,72 +8,21 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.base import NORMAL, UNLABELED, Item, MedicalDataModule
 from experiments.config import ConfigError
 from experiments.train_glow import load, main, train
 from lightning_modules.glow import GlowModule, NonFiniteLossError, load_glow
+from tests.support import TINY_2D, FakeDM, glow_cfg
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and immune to oversubscribed CI cores
-    (2 spinning OpenMP threads on a loaded 2-core box were measured 50x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class FakeDM(MedicalDataModule):
-    """Smooth 'anatomy' (a bright disc on a dark background) plus a little texture, in the
-    data's bit depth; the ``nan`` group returns a NaN image (for the non-finite test)."""
-
-    def __init__(self, cfg, n=24, bits=8, nan_item=False):
-        super().__init__(cfg)
-        self.n, self.bits, self.nan_item = n, bits, nan_item
-
-    def build_index(self):
-        def items(split, group, n, label):
-            return [Item(f"fake/{split}/{group}/{i}", label) for i in range(n)]
-
-        index = {("train", "normal"): items("train", "normal", self.n, NORMAL),
-                 ("train", "mixture"): items("train", "mixture", self.n, UNLABELED),
-                 ("val", "normal"): items("val", "normal", 8, NORMAL)}
-        if self.nan_item:
-            index[("train", "normal")][3] = Item("fake/nan", NORMAL)
-        return index
-
-    def load(self, item):
-        if item.path == "fake/nan":
-            return np.full(self.shape, np.nan, np.float32)
-        rng = np.random.default_rng(abs(hash(item.path)) % 2**32)
-        grids = np.meshgrid(*[np.linspace(-1, 1, s) for s in self.shape], indexing="ij")
-        r = np.sqrt(sum(g**2 for g in grids))
-        img = 0.15 + 0.6 * (r < 0.6 + 0.1 * rng.random()) + 0.03 * rng.standard_normal(self.shape)
-        top = 2**self.bits - 1
-        return (np.round(np.clip(img, 0, 1) * top) / top).astype(np.float32)
-
-    @property
-    def shape(self):
-        if self.cfg.modality == "bct":
-            return tuple(self.cfg.volume_size)
-        return (self.cfg.image_size, self.cfg.image_size)
-
-
-def _cfg(out_dir, modality="cxr", extra=()):
-    return load([f"modality={modality}", "profile=cpu", f"out_dir={out_dir}", "logger=none",
-                 "trainer.progress_bar=false", *extra])
-
-
-TINY_2D = ["data.image_size=16", "glow.levels=2", "glow.steps=2", "glow.hidden_channels=16",
-           "data.batch_size=8", "glow.n_samples=4"]
 TINY_3D = ["data.volume_size=[8,8,8]", "glow.levels=2", "glow.steps=2", "glow.checkpointing=true",
            "glow.hidden_channels=8", "data.batch_size=4", "glow.n_samples=2"]
 
 
 @pytest.mark.parametrize("modality,extra", [("cxr", TINY_2D), ("bct", TINY_3D)])
 def test_train_writes_checkpoint_metrics_and_samples(out_dir, modality, extra):
-    cfg = _cfg(out_dir / modality, modality, [*extra, "trainer.max_epochs=2"])
+    cfg = glow_cfg(out_dir / modality, modality, [*extra, "trainer.max_epochs=2"])
     bits = 8 if modality == "cxr" else 7
     assert cfg.glow.n_bits == bits
     best = train(cfg, datamodule=FakeDM(cfg.data, n=16, bits=bits))
@@ -99,7 +48,7 @@ def test_train_writes_checkpoint_metrics_and_samples(out_dir, modality, extra):
 def test_trained_flow_prefers_training_data_over_noise(out_dir):
     # raw intensities: with the cpu profile's glow.intensity_norm=rank a uniform-noise image
     # becomes a permutation of ranks, as uniform as any image, so "noise" would mean nothing
-    cfg = _cfg(out_dir, "cxr", [*TINY_2D, "trainer.max_epochs=4", "glow.intensity_norm=none"])
+    cfg = glow_cfg(out_dir, "cxr", [*TINY_2D, "trainer.max_epochs=4", "glow.intensity_norm=none"])
     dm = FakeDM(cfg.data, n=32)
     module = load_glow(train(cfg, datamodule=dm))
     data = torch.stack([torch.from_numpy(dm.load(it)) for it in dm.items("val", "normal")])
@@ -113,11 +62,11 @@ def test_trained_flow_prefers_training_data_over_noise(out_dir):
 
 def test_resume_from_last_is_exact(out_dir):
     extra = [*TINY_2D, "data.batch_size=4"]
-    full = _cfg(out_dir / "full", "cxr", [*extra, "trainer.max_epochs=2"])
+    full = glow_cfg(out_dir / "full", "cxr", [*extra, "trainer.max_epochs=2"])
     train(full, datamodule=FakeDM(full.data, n=8))
-    first = _cfg(out_dir / "resumed", "cxr", [*extra, "trainer.max_epochs=1"])
+    first = glow_cfg(out_dir / "resumed", "cxr", [*extra, "trainer.max_epochs=1"])
     train(first, datamodule=FakeDM(first.data, n=8))
-    second = _cfg(out_dir / "resumed", "cxr", [*extra, "trainer.max_epochs=2", "ckpt_path=last"])
+    second = glow_cfg(out_dir / "resumed", "cxr", [*extra, "trainer.max_epochs=2", "ckpt_path=last"])
     train(second, datamodule=FakeDM(second.data, n=8))
     a = torch.load(out_dir / "full/checkpoints/last.ckpt", weights_only=True)
     b = torch.load(out_dir / "resumed/checkpoints/last.ckpt", weights_only=True)
@@ -127,7 +76,7 @@ def test_resume_from_last_is_exact(out_dir):
 
 
 def test_non_finite_loss_stops_with_clear_message(out_dir):
-    cfg = _cfg(out_dir, "cxr", [*TINY_2D, "data.batch_size=4", "trainer.max_epochs=1"])
+    cfg = glow_cfg(out_dir, "cxr", [*TINY_2D, "data.batch_size=4", "trainer.max_epochs=1"])
     dm = FakeDM(cfg.data, n=8, nan_item=True)
     with pytest.raises(NonFiniteLossError, match=r"global step \d+.*lower optim\.lr"):
         # shuffling puts the NaN image in one of the two batches; ActNorm init sees it too
@@ -157,20 +106,20 @@ def test_m1_trains_on_the_mixture(out_dir, monkeypatch):
 def test_init_ckpt_starts_from_those_weights(out_dir):
     """glow.m1_init=m0: M1 starts from M0's weights (with its ActNorms initialised), so with
     lr=0 it ends exactly where M0 ended; a different architecture is a clear error."""
-    m0 = _cfg(out_dir / "m0", "cxr", [*TINY_2D, "trainer.max_epochs=1"])
+    m0 = glow_cfg(out_dir / "m0", "cxr", [*TINY_2D, "trainer.max_epochs=1"])
     ckpt = train(m0, datamodule=FakeDM(m0.data, n=8))
-    m1 = _cfg(out_dir / "m1", "cxr", [*TINY_2D, "glow.model=m1", "trainer.max_epochs=1",
+    m1 = glow_cfg(out_dir / "m1", "cxr", [*TINY_2D, "glow.model=m1", "trainer.max_epochs=1",
                                       "optim.lr=0"])
     ckpt1 = train(m1, datamodule=FakeDM(m1.data, n=8), init_ckpt=ckpt)
     a = torch.load(ckpt, weights_only=True)["state_dict"]
     b = torch.load(ckpt1, weights_only=True)["state_dict"]
     for k, v in a.items():
         torch.testing.assert_close(b[k], v, msg=k)
-    fresh = _cfg(out_dir / "fresh", "cxr", [*TINY_2D, "glow.model=m1", "trainer.max_epochs=1",
+    fresh = glow_cfg(out_dir / "fresh", "cxr", [*TINY_2D, "glow.model=m1", "trainer.max_epochs=1",
                                             "optim.lr=0"])
     c = torch.load(train(fresh, datamodule=FakeDM(fresh.data, n=8)), weights_only=True)
     assert any(not torch.equal(c["state_dict"][k], v) for k, v in a.items())
-    wide = _cfg(out_dir / "wide", "cxr", [*TINY_2D, "glow.hidden_channels=8",
+    wide = glow_cfg(out_dir / "wide", "cxr", [*TINY_2D, "glow.hidden_channels=8",
                                           "trainer.max_epochs=1"])
     with pytest.raises(ConfigError, match="do not fit this Glow"):
         train(wide, datamodule=FakeDM(wide.data, n=8), init_ckpt=ckpt)
@@ -252,7 +201,7 @@ def test_effective_batch_is_split_over_devices_and_accumulation(out_dir):
 
 
 def test_accumulation_trains(out_dir):
-    cfg = _cfg(out_dir, "cxr", [*TINY_2D, "trainer.max_epochs=1",
+    cfg = glow_cfg(out_dir, "cxr", [*TINY_2D, "trainer.max_epochs=1",
                                 "glow.accumulate_grad_batches=2"])
     train(cfg, datamodule=FakeDM(cfg.data, n=8))
     ck = torch.load(out_dir / "checkpoints/last.ckpt", weights_only=True)

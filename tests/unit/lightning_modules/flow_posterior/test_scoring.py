@@ -18,7 +18,7 @@ from lightning_modules.flow_posterior.posterior import (
     position_statistics,
 )
 from lightning_modules.flow_posterior.scoring import score_batches
-from tests.test_flow_posterior import _auroc, _fit, _MapModel, phantom_set
+from tests.support import MapModel, auroc, fit_flow, phantom_set
 
 
 def test_unsmoothed_likelihood_map_sums_to_minus_log_p_m0():
@@ -138,7 +138,7 @@ def test_quality_guard_likelihood_map_z_per_position_detects_and_noise_does_not(
         s_normal, _ = phantom_set(rng, 128, 0)
         s_unknown, labels = phantom_set(rng, 64, 64)
         torch.manual_seed(0)
-        m0 = _fit(GlowModule({"levels": 2, "steps": 2, "hidden_channels": 16}, [1, 16, 16],
+        m0 = fit_flow(GlowModule({"levels": 2, "steps": 2, "hidden_channels": 16}, [1, 16, 16],
                              n_bits=8), s_normal, 150, gen)
         kw = {"score": "local", "map_sigma": 1.0, "map_top_fraction": 0.02,
               "map_source": "likelihood", "map_region": "interior"}
@@ -147,7 +147,7 @@ def test_quality_guard_likelihood_map_z_per_position_detects_and_noise_does_not(
         stats = position_statistics(ref)
         scores = score_batches(m0, m0, [s_unknown], progress=False, map_stats=stats, **kw)
         noise = torch.Generator().manual_seed(1)
-        n0 = _MapModel(lambda x: torch.randn(x.shape, generator=noise, dtype=torch.float64))
+        n0 = MapModel(lambda x: torch.randn(x.shape, generator=noise, dtype=torch.float64))
         nref = likelihood_map(n0.log_likelihood_map(s_normal).numpy(), 1.0)
         control = score_batches(n0, n0, [s_unknown], progress=False,
                                 map_stats=position_statistics(nref), **kw)
@@ -155,5 +155,5 @@ def test_quality_guard_likelihood_map_z_per_position_detects_and_noise_does_not(
         torch.set_num_threads(threads)
     # 0.74 at the time of writing (64 + 64 items: CI about +-0.09); the body's margin varies
     # from 1 to 4 px, so part of the z comes from edges that moved, not from the lesion
-    assert _auroc(scores.score, labels) > 0.65
-    assert 0.3 < _auroc(control.score, labels) < 0.7
+    assert auroc(scores.score, labels) > 0.65
+    assert 0.3 < auroc(control.score, labels) < 0.7

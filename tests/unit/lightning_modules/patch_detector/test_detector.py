@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from lightning_modules.patch_detector.anomaly_map import MapNormalizer
 from lightning_modules.patch_detector.detector import PatchAnomalyDetector
@@ -14,26 +13,14 @@ from lightning_modules.patch_detector.reference_db import (
     ReferenceDBMismatch,
     file_sha256,
 )
-
-
-class PoolEncoder(nn.Module):
-    """A fixed 'encoder': 4x4 average pooling (16-d features), like h of a trained net."""
-
-    def forward(self, x):  # (B, 1, s, s) -> (B, 16)
-        return nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
-
-
-def _images(n, size=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    base = torch.linspace(0, 1, size)[None, :] * torch.linspace(0.5, 1, size)[:, None]
-    return (base + 0.05 * torch.randn(n, 1, size, size, generator=g)).clamp(0, 1)
+from tests.support import PoolEncoder, random_images
 
 
 def _detector(stride_fraction=1.0):
     sizes = [8, 16]
     det = PatchAnomalyDetector({s: PoolEncoder() for s in sizes}, 32, sizes, [1, 0],
                                distance="euclidean", stride_fraction=stride_fraction)
-    ref = _images(20)
+    ref = random_images(20)
     feats = det.features(ref)
     for s in sizes:
         f = feats[s]
@@ -48,7 +35,7 @@ def _detector(stride_fraction=1.0):
 @pytest.mark.parametrize("stride_fraction", [1.0, 0.5])
 def test_planted_outlier_patch_gets_the_top_score(stride_fraction):
     det = _detector(stride_fraction)
-    q = _images(3, seed=1)
+    q = random_images(3, seed=1)
     q[1, 0, 8:16, 16:24] = 1.0  # a bright lesion filling the 8-px patch at row 1, col 2
     scores = det.patch_scores(det.features(q))
     grid = det.grid(8)
@@ -57,7 +44,7 @@ def test_planted_outlier_patch_gets_the_top_score(stride_fraction):
         (8 - 4 <= grid[top].y <= 8 + 4 and 16 - 4 <= grid[top].x <= 16 + 4)
     assert float(scores[8][1].max()) > 3 * float(scores[8][0].max())
     # fused: the image with the lesion scores highest, and its map peaks on the lesion
-    val = det.patch_scores(det.features(_images(4, seed=2)))
+    val = det.patch_scores(det.features(random_images(4, seed=2)))
     det.normalizer = MapNormalizer.fit_scales([val[s] for s in det.patch_sizes], det.patch_sizes,
                                               [1.0, 1.0], "geometric")
     det.normalizer.fit_calibration(det.raw_image_scores(val, det.normalizer).numpy(),
@@ -75,7 +62,7 @@ def test_extract_matches_the_shared_patch_grid():
     from datamodules.patches import extract_patches
 
     det = _detector(0.5)
-    img = _images(2)
+    img = random_images(2)
     mine = det.extract(img, 16)  # (2 * N, 1, 16, 16)
     theirs, cells = extract_patches(img[1, 0], 16, det.stride(16))
     n = len(cells)
@@ -111,7 +98,7 @@ def test_cell_normalize_divides_by_the_local_normal_spread():
     # elsewhere: raw distances put the maximum at the variable cell, normalised ones on the
     # lesion.
     def imgs(n, seed):
-        x = _images(n, seed=seed)
+        x = random_images(n, seed=seed)
         g = torch.Generator().manual_seed(seed + 100)
         x[:, :, :8, :8] = torch.rand(n, 1, 8, 8, generator=g)  # very variable tissue
         return x

@@ -11,6 +11,7 @@ from datamodules.base import Item
 from experiments import flow_models, pipeline_flow, report_flow
 from experiments.config import ConfigError
 from lightning_modules.flow_posterior import FlowScores
+from tests.support import write_folder_phantoms
 
 
 def _items(labels, findings=None):
@@ -88,40 +89,6 @@ def test_evaluate_needs_both_classes_in_test():
 
 # --- end to end on tiny phantoms (fast tier) ---------------------------------------------------
 
-def _phantom_volume_hu(rng: np.random.Generator, abnormal: bool, shape=(8, 16, 16)) -> np.ndarray:
-    """A head-CT-like volume in HU: brain (~30 HU) in air (-1000 HU, 0 after the brain window);
-    abnormal: more air around it and a hyperdense (~75 HU, haemorrhage-like) lesion."""
-    d, h, w = shape
-    m = int(rng.integers(3, 5) if abnormal else rng.integers(1, 3))
-    vol = np.full(shape, -1000.0, np.float32)
-    vol[1:d - 1, m:h - m, m:w - m] = rng.normal(30, 4, (d - 2, h - 2 * m, w - 2 * m))
-    if abnormal:
-        z, r, c = rng.integers(1, d - 3), *rng.integers(m, h - m - 3, size=2)
-        vol[z:z + 2, r:r + 3, c:c + 3] = 75.0
-    return vol.astype(np.int16)
-
-
-def write_folder_phantoms(root, modality: str, seed: int = 0, n_train: int = 32,
-                          n_eval: int = 8) -> None:
-    """The folder layout (README: "Your own images (folder layout)") with tiny 2D PNGs or 3D .npy HU volumes."""
-    from PIL import Image
-    from test_flow_posterior import phantom
-
-    rng = np.random.default_rng(seed)
-    groups = {("train", "normal"): [0] * n_train,
-              ("train", "mixture"): [0] * (n_train // 2) + [1] * (n_train // 2),
-              ("val", "normal"): [0] * n_eval, ("val", "abnormal"): [1] * n_eval,
-              ("test", "normal"): [0] * n_eval, ("test", "abnormal"): [1] * n_eval}
-    for (split, group), labels in groups.items():
-        folder = root / split / group
-        folder.mkdir(parents=True)
-        for i, y in enumerate(labels):
-            if modality == "cxr":
-                img = (phantom(rng, bool(y)) * 255).round().astype(np.uint8)
-                Image.fromarray(img).save(folder / f"{group}{i:03d}.png")
-            else:
-                np.save(folder / f"{group}{i:03d}.npy", _phantom_volume_hu(rng, bool(y)))
-
 
 TINY = {
     "cxr": ["data.image_size=16", "glow.levels=2"],
@@ -141,17 +108,6 @@ def _run(root, out, modality, *extra):
     from experiments.pipeline import main
 
     return main(_argv(root, out, modality, *extra))
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models: one thread is as fast and immune to CPU oversubscription (OpenMP spinning)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("modality", ["cxr", "bct"])

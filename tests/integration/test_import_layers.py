@@ -11,7 +11,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO_ROOT
+
+REPO = REPO_ROOT
 PACKAGES = ("datamodules", "lightning_modules", "experiments")
 RANK = {name: i for i, name in enumerate(PACKAGES)}  # may import only ranks <= its own
 

@@ -8,7 +8,7 @@ import torch
 from lightning_modules.flow_posterior.lightning_model import FlowPosteriorModule
 from lightning_modules.flow_posterior.scoring import score_batches
 from lightning_modules.thresholds import decision_threshold
-from tests.test_flow_posterior import VectorFlow
+from tests.support import VectorFlow
 
 
 def _loader(x, y=None, batch_size=4):

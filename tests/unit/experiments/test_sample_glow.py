@@ -5,17 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from experiments import sample_glow
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.support import write_folder_phantoms
 
 
 def test_bct_preset_is_the_papers_fictional_image_training():
@@ -32,7 +24,6 @@ def test_bct_preset_is_the_papers_fictional_image_training():
 
 
 def test_sample_glow_trains_on_tiny_phantoms_and_writes_the_grid(out_dir, monkeypatch, one_thread):
-    from test_pipeline_flow import write_folder_phantoms
 
     root, out = out_dir / "data", out_dir / "sample"
     write_folder_phantoms(root, "bct", n_train=4, n_eval=2)

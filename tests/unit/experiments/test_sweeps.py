@@ -1,5 +1,5 @@
 """Sweeps (fast tier): sweep files against our schema, the agent's command lines, the offline
-grid/random runner with a stand-in entry point (tests/sweep_stub.py), and the grid runner the
+grid/random runner with a stand-in entry point (tests/stubs/sweep_stub.py), and the grid runner the
 offline sweeps share with the ablations (experiments/grid.py)."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from experiments.sweep_offline import (
 )
 
 SWEEP_FILES = sorted((REPO_ROOT / "configs" / "sweeps").glob("*.yaml"))
-STUB = str(REPO_ROOT / "tests" / "sweep_stub.py")
+STUB = str(REPO_ROOT / "tests" / "stubs" / "sweep_stub.py")
 
 
 def _sweep(**kw) -> dict:
@@ -274,7 +274,7 @@ def test_distributions_have_the_right_shape():
 def _write_stub_sweep(tmp_path: Path, macro: str = "${args_no_hyphens}", **kw) -> Path:
     sweep = {
         "name": "stub",
-        "program": "tests/sweep_stub.py",
+        "program": "tests/stubs/sweep_stub.py",
         "method": "grid",
         "metric": {"name": "val/bpd", "goal": "minimize"},
         "parameters": {"optim.lr": {"values": [0.1, 0.001]}, "glow.steps": {"values": [2, 4]}},
