@@ -4,9 +4,8 @@
     make sweep SWEEP=configs/sweeps/glow_cxr.yaml [COUNT=n] [ARGS="data=padchest data.root=..."]
 
 Sweep files are in W&B's format (https://docs.wandb.ai/models/sweeps/sweep-config-keys); the
-agent appends the trial's values to ``command:`` as ``key=value`` (``${args_no_hyphens}``) or
-``--key=value`` (``${args}``), parsed by our entry point on every DDP rank. Only W&B's public API
-is used. :mod:`experiments.sweep_offline` runs the same files without a server.
+agent appends the trial's ``key=value`` (``${args_no_hyphens}``) or ``--key=value`` (``${args}``),
+parsed on every DDP rank. W&B's public API only; :mod:`experiments.sweep_offline` needs no server.
 """
 
 from __future__ import annotations
@@ -71,20 +70,18 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
     return sweep
 
 
-def sweep_name(sweep: dict, path: str | Path) -> str:
-    """The sweep's ``name:`` (or the file's stem), safe as a folder name."""
+def sweep_name(sweep: dict, path: str | Path) -> str:  # the name:, or the stem, as a folder
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(sweep.get("name") or Path(path).stem))
 
 
 def flat_parameters(sweep: dict, path: str | Path = "<sweep>") -> dict[str, dict]:
-    """``parameters:`` as {dotted config key: spec}."""
+    """``parameters:`` as {dotted config key: spec}; a SweepError if empty."""
     if not isinstance(params := sweep.get("parameters"), dict) or not params:
         raise SweepError(f"{path}: 'parameters' must be a non-empty mapping of config keys")
     return params
 
 
-def command_entry_point(command: list) -> str | None:
-    """The module run by ``python -m <module>`` in a sweep command, or None."""
+def command_entry_point(command: list) -> str | None:  # python -m <module>'s module, or None
     items = [str(c) for c in command]
     return items[items.index("-m") + 1] if "-m" in items[:-1] else None
 
@@ -173,8 +170,7 @@ def check_command(argv: list[str], path: str | Path) -> None:
 
 
 def check_wandb_access(path: str | Path = "<file>") -> None:
-    """Raise :class:`SweepError` unless W&B is online (``WANDB_MODE``, ``wandb offline``) and
-    has credentials."""
+    """Raise :class:`SweepError` unless W&B is online (``WANDB_MODE``, settings) with a login."""
     if not (mode := os.environ.get("WANDB_MODE", "").lower()):
         os.environ.pop("WANDB_MODE", None)  # wandb rejects an empty WANDB_MODE
     import wandb
@@ -199,8 +195,7 @@ def server_config(sweep: dict, name: str, overrides: list[str]) -> dict:
 
 def run_online(args: Any) -> str:
     """Create the sweep on W&B (or join ``--sweep-id``) and run an agent here; the sweep id."""
-    path, sweep = Path(args.sweep), load_sweep(args.sweep)
-    overrides = parse_overrides(args.overrides)
+    path, sweep, overrides = Path(args.sweep), load_sweep(args.sweep), parse_overrides(args.overrides)
     items = dict(o.split("=", 1) for o in overrides)
     if clash := sorted(set(items) & set(flat_parameters(sweep, path))):
         raise SweepError(f"{clash} set keys that {path} sweeps over; drop them or edit the sweep")
@@ -216,8 +211,7 @@ def run_online(args: Any) -> str:
     overrides += [f"logger.{k}={v}" for k, v in (("project", project), ("entity", entity))
                   if v and f"logger.{k}" not in items]
     check_wandb_access(path)
-    name = sweep_name(sweep, path)
-    cfg = server_config(sweep, name, overrides)
+    cfg = server_config(sweep, name := sweep_name(sweep, path), overrides)
     check_command(agent_command(cfg["command"], {}, cfg.get("program")), path)
     import requests
     import wandb
@@ -247,8 +241,8 @@ def main(argv: list[str] | None = None) -> str:
         "--sweep-id": dict(help="join an existing sweep (another machine's agent) instead"),
         "overrides": dict(nargs="*", help="key=value added to every run (e.g. data=padchest)"),
     }
-    return cli("python -m experiments.sweep", "Create a W&B sweep from a sweep YAML and start an "
-               "agent on this machine.", arguments, run_online, argv)
+    return cli("python -m experiments.sweep", "Create a W&B sweep from a sweep YAML and start "
+               "an agent here.", arguments, run_online, argv)
 
 
 if __name__ == "__main__":
