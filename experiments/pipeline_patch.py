@@ -94,7 +94,7 @@ def build_module(cfg: DictConfig, ckpts: dict[int, Path], image_ids: list[str]
     det = PatchAnomalyDetector(
         encoders, int(cfg.data.image_size), [int(s) for s in p.patch_sizes],
         [int(d) for d in p.locality], distance=p.distance, shrinkage=p.shrinkage,
-        stride_fraction=p.stride_fraction, chunk_size=p.chunk_size,
+        stride_fraction=p.stride_fraction, chunk_size=p.chunk_size, db_dtype=p.db_dtype,
         feature_batch_size=p.feature_batch_size, cell_normalize=p.cell_normalize,
         features=str(p.features), dense_layers=[str(x) for x in p.dense_layers],
         dense_pool=int(p.dense_pool), intensity_norm=str(p.intensity_norm),

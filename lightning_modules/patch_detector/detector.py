@@ -56,7 +56,7 @@ from lightning_modules.patch_detector.anomaly_map import (
     map_block,
     patch_scores_to_map,
 )
-from lightning_modules.patch_detector.config import FEATURE_MODES
+from lightning_modules.patch_detector.config import DB_DTYPES, FEATURE_MODES
 from lightning_modules.patch_detector.distances import fit_transform, prepare
 from lightning_modules.patch_detector.intensity import INTENSITY_NORMS, intensity_normalize
 from lightning_modules.patch_detector.locality import locality_nearest
@@ -83,8 +83,11 @@ class PatchAnomalyDetector(nn.Module):
                  feature_batch_size: int = 256, cell_normalize: bool = False,
                  features: str = "pooled", dense_layers: list[str] | None = None,
                  dense_pool: int = 3, intensity_norm: str = "none", cell_zscore: bool = False,
-                 reference_shift: float = 0.0):
+                 reference_shift: float = 0.0, db_dtype: str = "float32"):
         super().__init__()
+        if db_dtype not in DB_DTYPES:
+            raise ValueError(f"patch.db_dtype={db_dtype!r} is not one of {list(DB_DTYPES)}")
+        self.db_dtype = db_dtype
         if cell_zscore and cell_normalize:
             raise ValueError("patch.cell_zscore and patch.cell_normalize are two calibrations "
                              "of the same distances: choose one")
@@ -154,7 +157,7 @@ class PatchAnomalyDetector(nn.Module):
                 "cell_normalize": self.cell_normalize, "features": self.feature_mode,
                 "dense_layers": list(self.dense_layers), "dense_pool": self.dense_pool,
                 "intensity_norm": self.intensity_norm, "cell_zscore": self.cell_zscore,
-                "reference_shift": self.reference_shift}
+                "reference_shift": self.reference_shift, "db_dtype": self.db_dtype}
 
     # --- geometry -----------------------------------------------------------------------
     def stride(self, size: int) -> int:
@@ -310,7 +313,9 @@ class PatchAnomalyDetector(nn.Module):
                 raise RuntimeError(f"no reference database for patch size {size}")
             db = self.dbs[size]
             t = fit_transform(db.features, distance, self.shrinkage)
-            ref = prepare(db.features, t)
+            # db_dtype: the prepared database kept in half precision (half the memory; the
+            # search upcasts each block to float32, so only the stored values are rounded)
+            ref = prepare(db.features, t).to(getattr(torch, self.db_dtype))
             scale = (self.reference_scales(size, t, ref, db) if self.cell_normalize
                      else None)
             if self.cell_zscore:

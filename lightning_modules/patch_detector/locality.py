@@ -54,7 +54,8 @@ def locality_nearest(query: torch.Tensor, query_cells: torch.Tensor, ref: torch.
         index (Q,) long into ``ref`` (-1 where none).
     """
     device = ref.device
-    query, query_cells, ref_cells = query.to(device), query_cells.to(device), ref_cells.to(device)
+    query = query.to(device).float()  # a half-precision query (the database's own rows) too
+    query_cells, ref_cells = query_cells.to(device), ref_cells.to(device)
     n_q = query.shape[0]
     best = torch.full((n_q,), float("inf"), device=device)
     best_idx = torch.full((n_q,), -1, dtype=torch.long, device=device)

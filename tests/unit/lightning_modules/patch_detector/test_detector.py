@@ -16,10 +16,11 @@ from lightning_modules.patch_detector.reference_db import (
 from tests.support import PoolEncoder, random_images
 
 
-def _detector(stride_fraction=1.0):
+def _detector(stride_fraction=1.0, **kw):
     sizes = [8, 16]
+    kw.setdefault("distance", "euclidean")
     det = PatchAnomalyDetector({s: PoolEncoder() for s in sizes}, 32, sizes, [1, 0],
-                               distance="euclidean", stride_fraction=stride_fraction)
+                               stride_fraction=stride_fraction, **kw)
     ref = random_images(20)
     feats = det.features(ref)
     for s in sizes:
@@ -125,3 +126,26 @@ def test_cell_normalize_divides_by_the_local_normal_spread():
     scale = dets[True]._reference(8, "euclidean", torch.device("cpu"))[3]
     torch.testing.assert_close(norm, raw / scale)
     assert scale[0] > 3 * scale[1:].median()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("options", [{}, {"cell_zscore": True}, {"distance": "mahalanobis"}])
+def test_half_precision_database_changes_scores_by_its_rounding_only(dtype, options):
+    """patch.db_dtype: the prepared database is stored in half precision; every score stays
+    within the rounding of the stored values (relative 2**-8 for bfloat16's 8-bit mantissa,
+    2**-11 for float16, times a small factor for the squared distance)."""
+    full, half = _detector(**options), _detector(db_dtype=dtype, **options)
+    q = half.features(random_images(3, seed=5))
+    a, b = full.patch_scores(q), half.patch_scores(q)
+    _, ref, _, _ = half._reference(8, half.distance, torch.device("cpu"))
+    assert ref.dtype == getattr(torch, dtype)
+    assert half.settings()["db_dtype"] == dtype
+    tol = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}[dtype] * 8
+    for s in a:
+        if options.get("cell_zscore"):  # exp(z), z = (log d - mean_c) / sd_c: |dz| <= rel / sd
+            err = (a[s].log() - b[s].log()).abs().max() * full.cell_stats[s][1].min()
+        else:
+            err = ((a[s] - b[s]).abs() / a[s].abs().clamp_min(1e-6)).max()
+        assert 0 < err < tol if dtype == "bfloat16" else err < tol
+    with pytest.raises(ValueError, match="db_dtype"):
+        _detector(db_dtype="float64")
