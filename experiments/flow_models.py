@@ -121,7 +121,8 @@ def ensure_model(cfg: DictConfig, name: str, out: Path, dm, init_ckpt: Path | No
     if not items:
         raise ConfigError(
             f"{set_name} ({split}/{group}) is empty: {name.upper()} cannot be trained. For "
-            f"data=folder put the images in <data.root>/{split}/{group}/ (DESIGN.md §3).")
+            f"data=folder put the images in <data.root>/{split}/{group}/ (README: 'Your own "
+            "images (folder layout)').")
     from experiments.train_glow import train
 
     log.info("Training %s on %s (%s/%s, %d items) into %s%s%s%s", name.upper(), set_name, split,

@@ -12,7 +12,7 @@ test, write.
    threshold on **val** (Youden's J; never on test; without val, cross-fitted on test), test =
    log p(x|M0), log p(x|M1), log p(normal|x) (eq. 3; anomaly score -log p(normal|x)), the
    likelihood-only score -log p(x|M0) (Appendix A) and the anomaly maps;
-3. OUT/scores.csv, OUT/metrics.json, OUT/report.html (+ figures) (DESIGN.md §3;
+3. OUT/scores.csv, OUT/metrics.json, OUT/report.html (+ figures) (README "Evaluation outputs";
    :mod:`experiments.report_flow`) and OUT/flow_posterior.ckpt (M0, M1, thresholds).
 
 The base configuration is ``configs/glow_<modality>.yaml`` (the Glow of that modality) with

@@ -30,7 +30,7 @@ from .layers3d import Squeeze3d
 def quantize(x: torch.Tensor, n_bits: int) -> torch.Tensor:
     """x in [0, 1] (``MedicalDataModule.load``) -> integer levels k in {0, ..., 2^n - 1}.
 
-    8-bit radiographs are k/255, the 7-bit brain window is I/127 (DESIGN.md §1B), so
+    8-bit radiographs are k/255, the 7-bit brain window is I/127 (README "Glow (flow models M0 / M1)"), so
     k = round(x (2^n - 1)); resampled (non-integer) inputs are rounded to the nearest level.
     """
     top = 2**n_bits - 1

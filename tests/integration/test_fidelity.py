@@ -1,10 +1,10 @@
 """Paper fidelity: the paper presets resolve to the papers' published settings.
 
-Shibata et al., arXiv:2001.07847 (values as in /work/shared/DESIGN.md §1B): RSNA sets Table 1,
+Shibata et al., arXiv:2001.07847 (README "Fidelity" lists the values): RSNA sets Table 1,
 head-CT sets Table 3, head-CT epochs Table 4 ("Train 1" 30, "Train 2" 20; our reading: M0, M1),
 Glow sizes §3 / Appendix B, fictional images §4.1; optimiser: "the original Glow code"
 (openai/glow: Adamax, linear warm-up) with "learning rate in steady state" 1e-3 (CXR) / 1e-4
-(CT). Kim et al., Sci Rep 2023 (DESIGN.md §1A): patch sizes, ResNet-50, batch 256, 100 epochs,
+(CT). Kim et al., Sci Rep 2023 (README "Fidelity"): patch sizes, ResNet-50, batch 256, 100 epochs,
 LARS lr 4.8, weight decay 1e-6, locality d and the weights of eq. 6.
 """
 
