@@ -23,6 +23,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from experiments.cli import entry
 from experiments.common import setup_logging
 from experiments.config import ConfigError, load_job, parse_overrides, prepare_run_dir, resolve_job
 from experiments.train_glow import model_epochs, save_samples_png
@@ -82,4 +83,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

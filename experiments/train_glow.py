@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from experiments.cli import entry
 from experiments.common import build_trainer, make_logger, resolve_ckpt_path, setup_logging
 from experiments.config import ConfigError, load_job, prepare_run_dir, resolve_job
 from lightning_modules.checkpoint import read_checkpoint
@@ -297,4 +298,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)
