@@ -259,12 +259,6 @@ def middle_slice_montage(volume: Any, n: int = 6, ncols: int | None = None) -> n
     return out
 
 
-def middle_slice(volume: Any) -> np.ndarray:
-    """(D, H, W) -> the (H, W) slice at D // 2."""
-    v = _as_numpy(volume)
-    return v[v.shape[0] // 2]
-
-
 def _as_2d(img: Any, what: str, i: int) -> np.ndarray:
     a = _as_numpy(img).astype(np.float32)
     while a.ndim > 2 and a.shape[0] == 1:
@@ -272,7 +266,7 @@ def _as_2d(img: Any, what: str, i: int) -> np.ndarray:
     if a.ndim != 2:
         raise ValueError(
             f"{what}: item {i} has shape {a.shape}; pass 2D arrays (for 3D volumes use "
-            "middle_slice() or middle_slice_montage())"
+            "middle_slice_montage(), or one slice: volume[D // 2])"
         )
     return a
 
