@@ -66,6 +66,10 @@ def check_config(cfg: DictConfig) -> None:
         if v is not None and len(v) != len(p.patch_sizes):
             raise ConfigError(f"patch.{name} needs one value per patch size "
                               f"({len(p.patch_sizes)}), got {list(v)}")
+    for w in p.weight_candidates or []:
+        if len(w) != len(p.patch_sizes) or not all(x >= 0 for x in w) or not any(w):
+            raise ConfigError(f"patch.weight_candidates: {list(w)} needs one number >= 0 per "
+                              f"patch size ({len(p.patch_sizes)}), not all zero")
     if p.features == "dense" and p.stride_fraction != 1:
         raise ConfigError("patch.features=dense needs patch.stride_fraction=1")
     if p.cell_zscore and p.cell_normalize:
@@ -103,7 +107,10 @@ def build_module(cfg: DictConfig, ckpts: dict[int, Path], image_ids: list[str]
     return PatchDetectorModule(det, [float(w) for w in p.weights], str(p.fusion),
                                str(p.image_score), float(p.topk_fraction), float(p.threshold),
                                image_ids=image_ids,
-                               encoder_sha256={s: file_sha256(c) for s, c in ckpts.items()})
+                               encoder_sha256={s: file_sha256(c) for s, c in ckpts.items()},
+                               select_weights=bool(p.select_weights),
+                               weight_candidates=None if p.weight_candidates is None
+                               else [[float(x) for x in w] for w in p.weight_candidates])
 
 
 def scoring_trainer(cfg: DictConfig):

@@ -44,6 +44,7 @@ def evaluate(cfg: DictConfig, det, dm, val: SplitScores, test: SplitScores, val_
         metrics["pixel_auroc"] = ev.pixel_auroc(masks, list(maps))
         metrics["pixel_auroc_ci"] = list(ev.pixel_auroc_ci(masks, list(maps)))
     metrics["n_reference_images"] = len(dm.items("train", "normal"))
+    metrics["weights"] = list(det.normalizer.weights)  # patch.select_weights: the chosen ones
     return metrics
 
 
@@ -75,6 +76,10 @@ def write_outputs(cfg: DictConfig, out: Path, det, dm, val: SplitScores, test: S
     )
     rep.add_metrics(ev.flatten_metrics({k: v for k, v in metrics.items()
                                         if k != "per_finding"}), title="Test metrics")
+    if "weight_selection" in val.extra:
+        rep.add_table([{"weights": str(r["weights"]), "val_auroc": r["val_auroc"]}
+                       for r in val.extra["weight_selection"]],
+                      title="patch.select_weights: validation AUROC of each weight candidate")
     if "per_finding" in metrics:
         rep.add_table([{"finding": k, **v} for k, v in metrics["per_finding"].items()],
                       title="Per finding")

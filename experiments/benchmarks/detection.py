@@ -353,7 +353,7 @@ def write_outputs(out: Path, rows: list[Row], gates: dict, meta: dict) -> None:
 
 # --- main -----------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> float:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--sets", default="cxr,bct,digits")
     p.add_argument("--methods", default="patch,flow")
     p.add_argument("--seed", type=int, default=9001,

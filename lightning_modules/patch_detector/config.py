@@ -42,6 +42,11 @@ class PatchConfig:
     # none = raw intensities (paper) | percentile = each image's p1/p99 mapped to 0/1 |
     # rank = each pixel -> its mid-rank in its own image (histogram equalisation)
     intensity_norm: str = "none"
+    # Choose eq. 6's weights on the validation set (ours): among patch.weights and
+    # weight_candidates (null = each size alone, each two adjacent sizes, all sizes equally),
+    # the one whose raw image score has the highest validation AUROC; ties keep the earlier.
+    select_weights: bool = False
+    weight_candidates: list[list[float]] | None = None
     image_score: str = "max"  # max of A_final (paper) | topk = mean of its top topk_fraction
     topk_fraction: float = 0.01
     stride_fraction: float = 1.0  # 1.0 = paper's non-overlapping grid; 0.5 = overlapping

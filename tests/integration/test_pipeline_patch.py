@@ -168,10 +168,14 @@ def test_checkpoint_restores_rank_zscore_and_shift(run_dir, tmp_path):
 
     out = tmp_path / "run"
     opts = ["patch.intensity_norm=rank", "patch.cell_zscore=true", "patch.reference_shift=0.25",
+            "patch.select_weights=true", "patch.weight_candidates=[[0,0,1],[1,1,1]]",
             f"patch.encoder_dir={run_dir[0] / 'encoders'}"]  # reuse: no SimCLR training here
-    pipeline.main([*TINY, *opts, f"out_dir={out}"])
+    metrics = pipeline.main([*TINY, *opts, f"out_dir={out}"])
     module = PatchDetectorModule.load(out / "patch_detector.ckpt")
     det = module.detector
+    # the weights chosen in validation are the checkpoint's, and the ones the scores used
+    assert list(module.hparams.weights) == det.normalizer.weights == metrics["weights"]
+    assert metrics["weights"] in ([0.5, 1, 1], [0, 0, 1], [1, 1, 1])
     assert (det.intensity_norm, det.cell_zscore, det.reference_shift) == ("rank", True, 0.25)
     assert sorted(det.cell_stats) == [16, 32, 64] and len(det.dbs[16]) > 24 * 16
     stats = {s: tuple(v.clone() for v in det.cell_stats[s]) for s in det.cell_stats}
@@ -193,3 +197,5 @@ def test_bad_option_values_fail():
         pipeline.main([*TINY, "patch.features=sparse"])
     with pytest.raises(ConfigError, match="patch.image_score"):
         pipeline.main([*TINY, "patch.image_score=mean"])
+    with pytest.raises(ConfigError, match="patch.weight_candidates"):
+        pipeline.main([*TINY, "patch.weight_candidates=[[1,1]]"])
