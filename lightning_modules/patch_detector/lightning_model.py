@@ -35,6 +35,8 @@ from lightning_modules.patch_detector.reference_db import ReferenceDB
 
 log = logging.getLogger(__name__)
 
+MIN_SELECT_PER_CLASS = 10  # patch.select_weights: fewer validation images per class keep weights
+
 DB_FIELDS = ("features", "x", "y", "row", "col", "image_index")
 
 
@@ -83,7 +85,11 @@ def select_weights(det: PatchAnomalyDetector, val: SplitScores, sizes: list[int]
     on digits), and a fixed vector tuned on one kind of data costs the other up to 0.06 AUROC.
     Each candidate gets its own m_s on the validation normals (as ``fit_normalizer``); the
     validation AUROC of its raw image score decides, ties keep the earlier candidate (so put
-    the configured weights first). Returns ``(weights, [{"weights", "val_auroc"}, ...])``.
+    the configured weights first). A candidate that gives every validation image the same
+    score ranks nothing and is never chosen (a collapsed encoder does that). With fewer than
+    ``MIN_SELECT_PER_CLASS`` normal or abnormal validation images the choice would be noise:
+    the first candidate is kept and a warning says so. Returns
+    ``(weights, [{"weights", "val_auroc"}, ...])``.
     """
     from torchmetrics.functional.classification import binary_auroc
 
@@ -92,6 +98,11 @@ def select_weights(det: PatchAnomalyDetector, val: SplitScores, sizes: list[int]
         raise RuntimeError("patch.select_weights needs normal and abnormal validation images; "
                            "set patch.select_weights=false or label both in the val split.")
     normal = labels == 0
+    few = min(int(normal.sum()), int((~normal).sum())) < MIN_SELECT_PER_CLASS
+    if few:
+        log.warning("patch.select_weights: only %d normal / %d abnormal validation images "
+                    "(< %d each): keeping patch.weights %s", int(normal.sum()),
+                    int((~normal).sum()), MIN_SELECT_PER_CLASS, list(candidates[0]))
     table, best, best_auc = [], None, -1.0
     for w in candidates:
         if len(w) != len(sizes) or not any(x > 0 for x in w):
@@ -102,9 +113,9 @@ def select_weights(det: PatchAnomalyDetector, val: SplitScores, sizes: list[int]
         raw = det.raw_image_scores(val.patch_scores, norm).double()
         auc = float(binary_auroc(raw, labels))
         table.append({"weights": [float(x) for x in w], "val_auroc": auc})
-        if auc > best_auc + 1e-12:
+        if not few and raw.std() > 0 and auc > best_auc + 1e-12:
             best, best_auc = [float(x) for x in w], auc
-    return best, table
+    return best or [float(x) for x in candidates[0]], table
 
 
 def apply_normalizer(det: PatchAnomalyDetector, split: SplitScores, norm: MapNormalizer) -> None:
@@ -284,8 +295,7 @@ class PatchDetectorModule(pl.LightningModule):
             hp.weights, val.extra["weight_selection"] = select_weights(
                 self.detector, val, sizes, [list(hp.weights), *cands], hp.fusion,
                 hp.image_score, hp.topk_fraction)
-            log.info("patch.select_weights: weights %s (validation AUROC %.3f of %d candidates)",
-                     hp.weights, max(r["val_auroc"] for r in val.extra["weight_selection"]),
+            log.info("patch.select_weights: weights %s (%d candidates)", hp.weights,
                      len(val.extra["weight_selection"]))
         self.detector.normalizer = fit_normalizer(
             self.detector, val, self.detector.patch_sizes, hp.weights, hp.fusion,

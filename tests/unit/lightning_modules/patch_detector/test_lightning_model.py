@@ -64,6 +64,24 @@ def test_select_weights_ties_keep_the_earlier_candidate_and_bad_input_fails():
         select_weights(det, normal_only, [8, 16], [[1.0, 0.0]], "geometric")
 
 
+def test_select_weights_never_takes_a_constant_score_or_chooses_on_a_tiny_val_set():
+    det = _detector()
+    val = _val(16)
+    # size 16 gives every image the same score (a collapsed encoder): AUROC 0.5, which beats
+    # size 8's (below 0.5 here), but it ranks nothing
+    val.patch_scores[16] = torch.ones_like(val.patch_scores[16])
+    best, table = select_weights(det, val, [8, 16], [[1.0, 0.0], [0.0, 1.0]], "geometric")
+    assert table[1]["val_auroc"] == 0.5 > table[0]["val_auroc"] and best == [1.0, 0.0]
+    best, table = select_weights(det, val, [8, 16], [[0.0, 1.0], [1.0, 0.0]], "geometric")
+    assert best == [1.0, 0.0]  # not even as the first candidate
+    # 9 + 9 validation images: the first candidate stays, although the other is perfect
+    small = _val(16, n=9)
+    best, table = select_weights(det, small, [8, 16], [[1.0, 0.0], [0.0, 1.0]], "geometric")
+    assert table[1]["val_auroc"] == 1.0 and best == [1.0, 0.0]
+    assert select_weights(det, _val(16, n=10), [8, 16], [[1.0, 0.0], [0.0, 1.0]],
+                          "geometric")[0] == [0.0, 1.0]
+
+
 def test_default_candidates():
     assert default_weight_candidates(3) == [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0],
                                             [0, 1, 1], [1, 1, 1]]
