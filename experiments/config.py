@@ -265,6 +265,13 @@ class PrintConfig(Exception):  # noqa: N818 - a request, not an error
         self.yaml = OmegaConf.to_yaml(cfg) if yaml is None else yaml
 
 
+def print_config_requested(argv: list[str]) -> bool:
+    """Whether ``argv`` asks for ``print_config=true`` (the last one wins, as in a merge)."""
+    values = [a.lstrip("-").split("=", 1)[1] for a in argv
+              if a.lstrip("-").split("=", 1)[0] == "print_config" and "=" in a]
+    return bool(values) and values[-1].lower() in ("true", "1", "yes")
+
+
 def parse_overrides(argv: list[str]) -> list[str]:
     """Normalise command-line overrides to OmegaConf dotlist items.
 

@@ -3,7 +3,8 @@
 W&B is off (``logger=none``) to keep it fast; pass ``logger=wandb`` for offline runs.
 Runs the patch detector on phantom chest radiographs, then the flow posterior on phantom chest
 radiographs (2D Glow) and phantom head-CT volumes (3D Glow); prints each metrics table, the
-report paths and the wall time. Extra ``key=value`` arguments go to every pipeline run.
+report paths and the wall time. Extra ``key=value`` arguments go to every pipeline run;
+``print_config=true`` prints the three runs' resolved configurations and exits.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from experiments import pipeline
 from experiments.cli import entry
 from experiments.common import setup_logging
+from experiments.config import PrintConfig, print_config_requested
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,15 @@ RUNS = (
     ("flow_cxr", ["method=flow", "data=folder", "data.modality=cxr"]),
     ("flow_bct", ["method=flow", "data=folder", "data.modality=bct"]),
 )
+
+
+def config_yaml(argv: list[str]) -> str:
+    """The resolved configuration of one pipeline run (what ``print_config=true`` prints)."""
+    try:
+        pipeline.main([*argv, "print_config=true"])
+    except PrintConfig as request:
+        return request.yaml
+    raise RuntimeError("the pipeline ran instead of printing its configuration")
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
@@ -36,13 +47,18 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             out_root = Path(a.split("=", 1)[1])
         else:
             extra.append(a)
+
+    def run_argv(name: str, args: list[str]) -> list[str]:
+        return [*args, "profile=cpu", "logger=none", f"out_dir={out_root / name}", *extra]
+
+    if print_config_requested(extra):
+        raise PrintConfig(None, yaml="".join(f"# === {name} ===\n{config_yaml(run_argv(name, a))}"
+                                             for name, a in RUNS))
     results, times = {}, {}
     t_all = time.perf_counter()
     for name, args in RUNS:
         t0 = time.perf_counter()
-        results[name] = pipeline.main(
-            [*args, "profile=cpu", "logger=none", f"out_dir={out_root / name}", *extra]
-        )
+        results[name] = pipeline.main(run_argv(name, args))
         times[name] = time.perf_counter() - t0
     total = time.perf_counter() - t_all
 

@@ -2,6 +2,7 @@
 Sci Rep 2023) or the flow posterior (Shibata et al., arXiv:2001.07847).
 
     python -m experiments.detect_image IMAGE [IMAGE ...] run_dir=OUT [out=DIR] [threshold=T]
+        [device=auto|cpu|cuda] [print_config=true]
 
 ``run_dir`` is the ``out_dir`` of a ``python -m experiments.pipeline`` run. A patch run's
 ``patch_detector.ckpt`` holds the detector's settings, encoders, reference databases and the
@@ -31,7 +32,7 @@ from datamodules.errors import ImageReadError
 from datamodules.images import IMAGE_SUFFIXES
 from experiments.cli import entry
 from experiments.common import setup_logging
-from experiments.config import ConfigError
+from experiments.config import ConfigError, PrintConfig, print_config_requested
 from lightning_modules.devices import pick_device
 from lightning_modules.patch_detector.detector import PatchAnomalyDetector
 from lightning_modules.patch_detector.lightning_model import PatchDetectorModule
@@ -39,7 +40,7 @@ from lightning_modules.patch_detector.lightning_model import PatchDetectorModule
 log = logging.getLogger(__name__)
 CKPT_FILE = "patch_detector.ckpt"
 FLOW_CKPT_FILE = "flow_posterior.ckpt"
-KEYS = ("run_dir", "ckpt", "out", "threshold", "device")
+KEYS = ("run_dir", "ckpt", "out", "threshold", "device", "print_config")
 READ_SUFFIXES = (*IMAGE_SUFFIXES, ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")  # what read_2d takes
 
 
@@ -157,6 +158,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     setup_logging()
     paths, opts = parse_argv(sys.argv[1:] if argv is None else argv)
     run_dir = Path(opts.get("run_dir") or opts["ckpt"])
+    if print_config_requested([f"print_config={opts.get('print_config', 'false')}"]):
+        from omegaconf import OmegaConf
+
+        raise PrintConfig(OmegaConf.create({
+            "images": paths, "run_dir": str(run_dir), "device": opts.get("device", "auto"),
+            "threshold": float(opts["threshold"]) if "threshold" in opts else None,  # None: the run's
+            "out": opts.get("out") or str((run_dir if run_dir.is_dir() else run_dir.parent)
+                                          / "detections")}))
     device = pick_device(opts.get("device", "auto"))
     det, threshold, read, overlay_kw = load_run(run_dir, device)
     threshold = float(opts.get("threshold", threshold))

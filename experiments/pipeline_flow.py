@@ -146,7 +146,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         module.threshold = float(metrics["threshold"])
         module.threshold_source = str(metrics["threshold_source"])
         module.likelihood_threshold = float(metrics["likelihood"]["threshold"])
-    trainer.save_checkpoint(out / CKPT_FILE)  # M0, M1 and the thresholds in one file
+    # M0, M1 and the thresholds in one file; nothing is trained here, so no optimiser state
+    trainer.save_checkpoint(out / CKPT_FILE, weights_only=True)
     metrics["score"] = str(cfg.glow.score)
     metrics["map"] = {k: str(cfg.glow[k]) for k in ("map_source", "map_norm", "map_region")}
     masks = [dm.load_mask(it) for it in test_items]

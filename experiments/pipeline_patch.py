@@ -160,7 +160,7 @@ def run_single(cfg: DictConfig, dm=None) -> dict:
     record_splits(dm, out)  # OUT/splits.csv + its sha256 in run_info.json
     test_items = labelled(dm, "test")
     trainer.test(module, loader(dm, test_items), verbose=False)
-    trainer.save_checkpoint(out / CKPT_FILE)
+    trainer.save_checkpoint(out / CKPT_FILE, weights_only=True)  # no optimiser: model state only
     val, test = module.val_result, module.test_result
     val_all = labelled(dm, "val")
     val_items = [val_all[i] for i in val.index]

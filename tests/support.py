@@ -271,3 +271,25 @@ def random_images(n, size=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     base = torch.linspace(0, 1, size)[None, :] * torch.linspace(0.5, 1, size)[:, None]
     return (base + 0.05 * torch.randn(n, 1, size, size, generator=g)).clamp(0, 1)
+
+
+def toy_detector(stride_fraction=1.0, **kw):
+    """A patch detector on 32² images (sizes 8 and 16, PoolEncoder features) with reference
+    databases of 20 random_images."""
+    from lightning_modules.patch_detector.detector import PatchAnomalyDetector
+    from lightning_modules.patch_detector.reference_db import ReferenceDB
+
+    sizes = [8, 16]
+    kw.setdefault("distance", "euclidean")
+    det = PatchAnomalyDetector({s: PoolEncoder() for s in sizes}, 32, sizes, [1, 0],
+                               stride_fraction=stride_fraction, **kw)
+    ref = random_images(20)
+    feats = det.features(ref)
+    for s in sizes:
+        f = feats[s]
+        n_img, n, d = f.shape
+        ct = det.cell_tensors(s)
+        det.set_db(ReferenceDB(s, f.reshape(-1, d), **{k: v.repeat(n_img) for k, v in ct.items()},
+                               image_index=torch.arange(n_img).repeat_interleave(n).int(),
+                               config=det.patch_config(s)))
+    return det

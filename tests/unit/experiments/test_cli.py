@@ -100,3 +100,24 @@ def test_glow_entry_points_print_config_and_exit_0(module, capsys):
     out, err = capsys.readouterr()
     assert "Traceback" not in err
     assert "glow:" in out
+
+
+def test_demo_and_detect_image_print_config_and_exit_0(capsys, tmp_path):
+    from experiments import demo, detect_image
+
+    assert cli.run(demo.main, [f"out_dir={tmp_path}", "patch.distance=cosine",
+                               "print_config=true"]) == 0
+    out = capsys.readouterr().out
+    parts = {p.split(" ===\n", 1)[0]: p.split(" ===\n", 1)[1] for p in out.split("# === ")[1:]}
+    assert list(parts) == ["patch", "flow_cxr", "flow_bct"]
+    patch = yaml.safe_load(parts["patch"])
+    assert patch["patch"]["distance"] == "cosine" and patch["out_dir"] == str(tmp_path / "patch")
+    assert "modality: bct" in parts["flow_bct"] and "# --- M1 ---" in parts["flow_bct"]
+    assert cli.run(demo.main, [f"out_dir={tmp_path}", "print_config=false",
+                               "data.batch_size=0"]) == 2  # false: a run (here a config error)
+    capsys.readouterr()
+    assert cli.run(detect_image.main, ["a.png", f"run_dir={tmp_path}", "threshold=0.7",
+                                       "print_config=true"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg == {"images": ["a.png"], "run_dir": str(tmp_path), "device": "auto",
+                   "threshold": 0.7, "out": str(tmp_path / "detections")}

@@ -13,29 +13,12 @@ from lightning_modules.patch_detector.reference_db import (
     ReferenceDBMismatch,
     file_sha256,
 )
-from tests.support import PoolEncoder, random_images
-
-
-def _detector(stride_fraction=1.0, **kw):
-    sizes = [8, 16]
-    kw.setdefault("distance", "euclidean")
-    det = PatchAnomalyDetector({s: PoolEncoder() for s in sizes}, 32, sizes, [1, 0],
-                               stride_fraction=stride_fraction, **kw)
-    ref = random_images(20)
-    feats = det.features(ref)
-    for s in sizes:
-        f = feats[s]
-        n_img, n, d = f.shape
-        ct = det.cell_tensors(s)
-        det.set_db(ReferenceDB(s, f.reshape(-1, d), **{k: v.repeat(n_img) for k, v in ct.items()},
-                               image_index=torch.arange(n_img).repeat_interleave(n).int(),
-                               config=det.patch_config(s)))
-    return det
+from tests.support import PoolEncoder, random_images, toy_detector
 
 
 @pytest.mark.parametrize("stride_fraction", [1.0, 0.5])
 def test_planted_outlier_patch_gets_the_top_score(stride_fraction):
-    det = _detector(stride_fraction)
+    det = toy_detector(stride_fraction)
     q = random_images(3, seed=1)
     q[1, 0, 8:16, 16:24] = 1.0  # a bright lesion filling the 8-px patch at row 1, col 2
     scores = det.patch_scores(det.features(q))
@@ -62,7 +45,7 @@ def test_planted_outlier_patch_gets_the_top_score(stride_fraction):
 def test_extract_matches_the_shared_patch_grid():
     from datamodules.patches import extract_patches
 
-    det = _detector(0.5)
+    det = toy_detector(0.5)
     img = random_images(2)
     mine = det.extract(img, 16)  # (2 * N, 1, 16, 16)
     theirs, cells = extract_patches(img[1, 0], 16, det.stride(16))
@@ -72,7 +55,7 @@ def test_extract_matches_the_shared_patch_grid():
 
 
 def test_reference_db_round_trip_and_mismatch(tmp_path):
-    det = _detector()
+    det = toy_detector()
     db = det.dbs[8]
     ckpt = tmp_path / "enc.ckpt"
     ckpt.write_bytes(b"weights")
@@ -134,7 +117,7 @@ def test_half_precision_database_changes_scores_by_its_rounding_only(dtype, opti
     """patch.db_dtype: the prepared database is stored in half precision; every score stays
     within the rounding of the stored values (relative 2**-8 for bfloat16's 8-bit mantissa,
     2**-11 for float16, times a small factor for the squared distance)."""
-    full, half = _detector(**options), _detector(db_dtype=dtype, **options)
+    full, half = toy_detector(**options), toy_detector(db_dtype=dtype, **options)
     q = half.features(random_images(3, seed=5))
     a, b = full.patch_scores(q), half.patch_scores(q)
     _, ref, _, _ = half._reference(8, half.distance, torch.device("cpu"))
@@ -148,4 +131,4 @@ def test_half_precision_database_changes_scores_by_its_rounding_only(dtype, opti
             err = ((a[s] - b[s]).abs() / a[s].abs().clamp_min(1e-6)).max()
         assert 0 < err < tol if dtype == "bfloat16" else err < tol
     with pytest.raises(ValueError, match="db_dtype"):
-        _detector(db_dtype="float64")
+        toy_detector(db_dtype="float64")

@@ -11,7 +11,7 @@ from lightning_modules.patch_detector.lightning_model import (
     default_weight_candidates,
     select_weights,
 )
-from tests.unit.lightning_modules.patch_detector.test_detector import _detector
+from tests.support import toy_detector
 
 
 def _val(signal_size: int, n: int = 20, seed: int = 0) -> SplitScores:
@@ -32,7 +32,7 @@ def _val(signal_size: int, n: int = 20, seed: int = 0) -> SplitScores:
 
 @pytest.mark.parametrize("signal_size, expected", [(8, [1.0, 0.0]), (16, [0.0, 1.0])])
 def test_select_weights_picks_the_size_that_ranks_validation_best(signal_size, expected):
-    det = _detector()
+    det = toy_detector()
     val = _val(signal_size)
     cands = [[1.0, 1.0], [1.0, 0.0], [0.0, 1.0]]
     best, table = select_weights(det, val, [8, 16], cands, "geometric")
@@ -51,7 +51,7 @@ def test_select_weights_picks_the_size_that_ranks_validation_best(signal_size, e
 
 
 def test_select_weights_ties_keep_the_earlier_candidate_and_bad_input_fails():
-    det = _detector()
+    det = toy_detector()
     val = _val(8)
     # [2, 0] and [1, 0] give the same ranking (the exponent scales the log map): first wins
     assert select_weights(det, val, [8, 16], [[2.0, 0.0], [1.0, 0.0]], "geometric")[0] == [2, 0]
@@ -65,7 +65,7 @@ def test_select_weights_ties_keep_the_earlier_candidate_and_bad_input_fails():
 
 
 def test_select_weights_never_takes_a_constant_score_or_chooses_on_a_tiny_val_set():
-    det = _detector()
+    det = toy_detector()
     val = _val(16)
     # size 16 gives every image the same score (a collapsed encoder): AUROC 0.5, which beats
     # size 8's (below 0.5 here), but it ranks nothing
@@ -89,7 +89,7 @@ def test_default_candidates():
 
 @pytest.mark.parametrize("select", [True, False])
 def test_validation_stage_stores_the_chosen_weights(select):
-    det = _detector()
+    det = toy_detector()
     for s, enc in det.encoders.items():  # the settings the module records as hyper-parameters
         enc.patch_size, enc.input_size, enc.backbone_name = int(s), int(s), "pool"
     module = PatchDetectorModule(det, [1.0, 1.0], select_weights=select,
