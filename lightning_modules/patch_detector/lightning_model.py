@@ -81,14 +81,15 @@ def select_weights(det: PatchAnomalyDetector, val: SplitScores, sizes: list[int]
     """The weights of eq. 6 whose raw image score ranks the validation set best.
 
     Our choice, not in the paper (issue 11): which patch sizes carry the signal depends on the
-    data (on the benchmark's dev sets the two finest sizes win on chest phantoms and all four
+    data (on the benchmark's dev sets the finest sizes win on chest phantoms, the coarse ones
     on digits), and a fixed vector tuned on one kind of data costs the other up to 0.06 AUROC.
     Each candidate gets its own m_s on the validation normals (as ``fit_normalizer``); the
     validation AUROC of its raw image score decides, ties keep the earlier candidate (so put
     the configured weights first). A candidate that gives every validation image the same
     score ranks nothing and is never chosen (a collapsed encoder does that). With fewer than
     ``MIN_SELECT_PER_CLASS`` normal or abnormal validation images the choice would be noise:
-    the first candidate is kept and a warning says so. Returns
+    the first candidate is kept and a warning says so. ``fusion="product"`` takes positive
+    weights only, so candidates with a zero are left out there. Returns
     ``(weights, [{"weights", "val_auroc"}, ...])``.
     """
     from torchmetrics.functional.classification import binary_auroc
@@ -108,6 +109,8 @@ def select_weights(det: PatchAnomalyDetector, val: SplitScores, sizes: list[int]
         if len(w) != len(sizes) or not any(x > 0 for x in w):
             raise ValueError(f"weight candidate {list(w)} needs {len(sizes)} numbers >= 0, "
                              "not all zero (patch.weight_candidates)")
+        if fusion == "product" and min(w) <= 0:
+            continue  # a zero weight zeroes the product (anomaly_map.fuse_log_maps)
         norm = MapNormalizer.fit_scales([val.patch_scores[s][normal] for s in sizes], sizes,
                                         list(w), fusion, image_score, topk_fraction)
         raw = det.raw_image_scores(val.patch_scores, norm).double()

@@ -82,6 +82,13 @@ def test_select_weights_never_takes_a_constant_score_or_chooses_on_a_tiny_val_se
                           "geometric")[0] == [0.0, 1.0]
 
 
+def test_product_fusion_tries_positive_candidates_only():
+    det = toy_detector()
+    best, table = select_weights(det, _val(16), [8, 16], [[1.0, 1.0], [0.0, 1.0], [1.0, 2.0]],
+                                 "product")
+    assert [r["weights"] for r in table] == [[1.0, 1.0], [1.0, 2.0]] and best in ([1, 1], [1, 2])
+
+
 def test_default_candidates():
     assert default_weight_candidates(3) == [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0],
                                             [0, 1, 1], [1, 1, 1]]
