@@ -82,7 +82,8 @@ def build_module(cfg: DictConfig, ckpts: dict[str, Path]) -> FlowPosteriorModule
                                map_sigma=float(g.map_sigma),
                                map_top_fraction=float(g.map_top_fraction),
                                map_source=str(g.map_source), map_norm=str(g.map_norm),
-                               map_region=str(g.map_region))
+                               map_region=str(g.map_region),
+                               select_score=bool(g.select_score))
 
 
 def loader(cfg: DictConfig, dm, items: list) -> DataLoader:
@@ -148,7 +149,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         module.likelihood_threshold = float(metrics["likelihood"]["threshold"])
     # M0, M1 and the thresholds in one file; nothing is trained here, so no optimiser state
     trainer.save_checkpoint(out / CKPT_FILE, weights_only=True)
-    metrics["score"] = str(cfg.glow.score)
+    metrics["score"] = str(module.hparams.score)  # glow.select_score: the chosen one
+    if module.score_selection:
+        metrics["score_selection"] = {f"val_auroc_{k}": v for k, v in module.score_selection.items()}
     metrics["map"] = {k: str(cfg.glow[k]) for k in ("map_source", "map_norm", "map_region")}
     masks = [dm.load_mask(it) for it in test_items]
     if test.anomaly_map is not None and any(m is not None for m in masks):
@@ -159,6 +162,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics["n_train_normal"] = counts["S_normal (train/normal)"]
     metrics["n_train_mixture"] = counts["S_mixture (train/mixture)"]
     report = write_outputs(cfg, out, dm, test_items, test, metrics, module.m0, counts, masks)
+    if val is not None:  # as the patch pipeline: the validation scores the threshold came from
+        from experiments.evaluation import write_scores_csv
+
+        write_scores_csv(out / "val_scores.csv", [it.path for it in val_items], y_val, val.score,
+                         **val.columns())
     log_test_metrics(cfg, out, metrics, name="flow_pipeline")
     log.info("AUROC posterior %.3f, likelihood-only %.3f, val %.3f; report: %s",
              metrics["auroc"], metrics["auroc_likelihood"], metrics["val/auroc"], report)

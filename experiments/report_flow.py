@@ -143,8 +143,10 @@ def write_outputs(cfg: DictConfig, out: Path, dm, test_items, test,
                      finding=[it.finding for it in test_items], **test.columns())
     write_metrics_json(out / "metrics.json", metrics)
 
-    scores = {"-log p(normal|x) (posterior)": test.score,
+    scores = {"-log p(normal|x) (posterior)": test.score_global,
               "-log p(x|M0) (likelihood)": test.score_likelihood}
+    if metrics.get("score", "global") == "local":
+        scores["anomaly map, top part (the run's score)"] = test.score
     plots.plot_roc(fig / "roc.png", y, scores, title="S_unknown (test)")
     plots.plot_roc_per_finding(fig / "roc_per_finding.png", y, test.score, findings,
                                title="-log p(normal|x) per finding")
@@ -281,7 +283,7 @@ def write_outputs(cfg: DictConfig, out: Path, dm, test_items, test,
             "pixels each position covers (unsmoothed, they sum to -log p(normal|x)), smoothed "
             f"by a Gaussian of glow.map_sigma = {float(cfg.glow.map_sigma):g} px. Image score "
             f"with glow.score=local: the mean of the top {float(cfg.glow.map_top_fraction):g} "
-            f"of the map (this run: glow.score={cfg.glow.score}). Lesion masks in green."
+            f"of the map (this run: glow.score={metrics['score']}). Lesion masks in green."
             + (f" Pixel AUROC against the masks: {metrics['pixel_auroc']:.3f}."
                if "pixel_auroc" in metrics else ""))
         rep.add_figure(fig / "anomaly_maps.png", "Anomaly maps, one colour scale for all.")

@@ -36,7 +36,11 @@ class FlowPosteriorModule(pl.LightningModule):
     """Args:
         m0, m1: models with ``log_likelihood(x) -> (B,)`` (and ``log_likelihood_map`` for maps).
         n_bits: the data's bit depth (for the zero-pixel fraction).
-        score: ``global`` = -log p(normal|x) (paper) | ``local`` = the anomaly map's top part.
+        score: ``global`` = -log p(normal|x) (paper) | ``local`` = the anomaly map's top part |
+            ``likelihood`` = -log p(x|M0) (Appendix A).
+        select_score: choose the score in validation (``score`` first, then the others; the
+            rules of :mod:`lightning_modules.selection`); the chosen one replaces
+            ``hparams.score``, so test, predict and the checkpoint use it.
         maps: compute the anomaly maps (implied by ``score="local"``).
         map_source, map_norm, map_region (our options; the local score and the map only):
             ``posterior`` (l1 - l0) | ``likelihood`` (-l0) map; ``position``: z per position
@@ -47,11 +51,11 @@ class FlowPosteriorModule(pl.LightningModule):
     def __init__(self, m0, m1, n_bits: int = 8, score: str = "global", maps: bool = True,
                  map_sigma: float = 1.0, map_top_fraction: float = 0.01,
                  map_source: str = "posterior", map_norm: str = "none",
-                 map_region: str = "all"):
+                 map_region: str = "all", select_score: bool = False):
         super().__init__()
-        from lightning_modules.glow.config import MAP_NORMS, MAP_REGIONS, MAP_SOURCES
+        from lightning_modules.glow.config import IMAGE_SCORES, MAP_NORMS, MAP_REGIONS, MAP_SOURCES
 
-        for name, value, allowed in (("score", score, ("global", "local")),
+        for name, value, allowed in (("score", score, IMAGE_SCORES),
                                      ("map_source", map_source, MAP_SOURCES),
                                      ("map_norm", map_norm, MAP_NORMS),
                                      ("map_region", map_region, MAP_REGIONS)):
@@ -65,12 +69,14 @@ class FlowPosteriorModule(pl.LightningModule):
                                    "map_sigma": float(map_sigma),
                                    "map_top_fraction": float(map_top_fraction),
                                    "map_source": map_source, "map_norm": map_norm,
-                                   "map_region": map_region}, logger=False)
+                                   "map_region": map_region,
+                                   "select_score": bool(select_score)}, logger=False)
         self.map_mean: np.ndarray | None = None  # (*spatial) with map_norm="position"
         self.map_sd: np.ndarray | None = None
         self.threshold: float | None = None
         self.threshold_source = ""
         self.likelihood_threshold: float | None = None
+        self.score_selection: dict[str, float] = {}
         self._parts: list[dict] = []
         self._labels: list[torch.Tensor] = []
         self.val_result: FlowScores | None = None
@@ -158,12 +164,35 @@ class FlowPosteriorModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         val, labels = self._take()
+        if self.hparams.select_score:
+            self.select_score(val, labels)
         self.val_result, self.val_labels = val, labels
         self.threshold, self.threshold_source = decision_threshold(labels, val.score)
         self.likelihood_threshold, _ = decision_threshold(labels, val.score_likelihood)
         if "percentile" in self.threshold_source:
             log.warning("val has no abnormal images: threshold = %s (specificity 0.95 on val) "
                         "instead of Youden's J.", self.threshold_source)
+
+    def select_score(self, val: FlowScores, labels: np.ndarray) -> None:
+        """``glow.select_score``: the image score with the best validation AUROC becomes
+        ``hparams.score`` (and ``val``'s score); ``self.score_selection`` = each one's AUROC."""
+        from lightning_modules.glow.config import IMAGE_SCORES
+        from lightning_modules.selection import choose_on_validation
+
+        hp = self.hparams
+        names = [hp.score, *(n for n in IMAGE_SCORES if n != hp.score)]
+        if not hp.maps:
+            names.remove("local")
+        scores = []
+        for name in names:
+            val.use(name)
+            scores.append(val.score.copy())
+        best, aucs = choose_on_validation(labels, scores, "glow.select_score")
+        hp.score = names[best]
+        val.use(hp.score)
+        self.score_selection = dict(zip(names, aucs, strict=True))
+        log.info("glow.select_score: %s (validation AUROC %s)", hp.score,
+                 ", ".join(f"{n} {a:.3f}" for n, a in self.score_selection.items()))
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._step(batch)

@@ -30,7 +30,7 @@ from lightning_modules.flow_posterior.posterior import (
     preprocessing_signature,
     zero_fraction,
 )
-from lightning_modules.glow.config import MAP_REGIONS, MAP_SOURCES
+from lightning_modules.glow.config import IMAGE_SCORES, MAP_REGIONS, MAP_SOURCES
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ class FlowScores:
     # (``posterior.map_score``), which then is the anomaly score (glow.score=local).
     anomaly_map: np.ndarray | None = None
     local_score: np.ndarray | None = None
+    # glow.score=likelihood: the anomaly score is -log p(x|M0) (Appendix A's), not the posterior
+    likelihood_only: bool = False
 
     @property
     def log_posterior(self) -> np.ndarray:
@@ -62,8 +64,11 @@ class FlowScores:
     @property
     def score(self) -> np.ndarray:
         """The anomaly score, higher = more anomalous: the local score of the anomaly map when
-        maps were computed with ``score="local"``, else -log p(normal|x) (paper)."""
-        return self.local_score if self.local_score is not None else self.score_global
+        maps were computed with ``score="local"``, -log p(x|M0) with ``score="likelihood"``,
+        else -log p(normal|x) (paper)."""
+        if self.local_score is not None:
+            return self.local_score
+        return self.score_likelihood if self.likelihood_only else self.score_global
 
     @property
     def score_likelihood(self) -> np.ndarray:
@@ -82,9 +87,24 @@ class FlowScores:
             "score_likelihood": self.score_likelihood,
             "zero_fraction": self.zero_fraction,
         }
-        if self.local_score is not None:
+        if self.local_score is not None or self.likelihood_only:
             cols["score_global"] = self.score_global
+        if "local_score" in self.extra:  # maps drawn, another score: the map's score too
+            cols["score_local"] = self.extra["local_score"]
         return cols
+
+    def use(self, score: str) -> None:
+        """Make ``score`` (``IMAGE_SCORES``) the anomaly score (``glow.select_score``); the
+        local score needs the maps."""
+        local = self.local_score if self.local_score is not None else self.extra.get("local_score")
+        if score == "local" and local is None:
+            raise ValueError("score='local' needs the anomaly maps (maps=True)")
+        self.local_score = local if score == "local" else None
+        if local is not None and score != "local":
+            self.extra["local_score"] = local
+        else:
+            self.extra.pop("local_score", None)
+        self.likelihood_only = score == "likelihood"
 
 
 def model_hparams(model: Any) -> Mapping[str, Any]:
@@ -171,8 +191,8 @@ def gather_scores(parts: Sequence[Mapping[str, Any]], score: str = "global",
     ``map_stats``: (mean, sd) per position of normal images' maps (glow.map_norm=position):
     the map becomes its z per position before its top part is taken; a ``region`` in the
     parts restricts the top part to it."""
-    if score not in ("global", "local"):
-        raise ValueError(f"score={score!r} is not one of ('global', 'local')")
+    if score not in IMAGE_SCORES:
+        raise ValueError(f"score={score!r} is not one of {IMAGE_SCORES}")
     if not parts:
         empty = np.zeros(0, dtype=np.float64)
         return FlowScores(empty, empty.copy(), empty.copy())
@@ -191,6 +211,7 @@ def gather_scores(parts: Sequence[Mapping[str, Any]], score: str = "global",
             out.local_score = local
         else:
             out.extra["local_score"] = local
+    out.likelihood_only = score == "likelihood"
     return out
 
 
@@ -212,8 +233,8 @@ def score_batches(m0: Any, m1: Any, batches: Iterable[Any], *, device: torch.dev
     (``map_score`` with ``map_top_fraction``); with ``score="local"`` that is the anomaly score.
     ``map_source``, ``map_region``, ``map_stats``: see :func:`score_batch`, :func:`gather_scores`.
     """
-    if score not in ("global", "local"):
-        raise ValueError(f"score={score!r} is not one of ('global', 'local')")
+    if score not in IMAGE_SCORES:
+        raise ValueError(f"score={score!r} is not one of {IMAGE_SCORES}")
     maps = maps or score == "local"
     device = torch.device(device)
     for m in (m0, m1):

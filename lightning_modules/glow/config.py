@@ -9,7 +9,7 @@ M1_INITS = ("scratch", "m0")
 INTENSITY_NORMS = ("none", "rank")
 SCHEDULES = ("independent", "matched")
 MATCHED_STARTS = ("normal", "all")
-IMAGE_SCORES = ("global", "local")
+IMAGE_SCORES = ("global", "local", "likelihood")
 MAP_SOURCES = ("posterior", "likelihood")
 MAP_NORMS = ("none", "position")
 MAP_REGIONS = ("all", "interior")
@@ -79,8 +79,12 @@ class GlowConfig:
     matched_start: str = "normal"
     # Flow posterior image score: global (paper eq. 3: -log p(normal|x) of the whole image) |
     # local (the anomaly map, per-pixel contributions to log p(x|M1) - log p(x|M0), smoothed by
-    # a Gaussian of map_sigma pixels; image score = mean of its top map_top_fraction pixels).
+    # a Gaussian of map_sigma pixels; image score = mean of its top map_top_fraction pixels) |
+    # likelihood (-log p(x|M0) alone, the paper's Appendix A baseline).
     score: str = "global"
+    # ours: the image score chosen on the labelled validation set among `score` (tried first),
+    # global, local and likelihood, by validation AUROC (lightning_modules/selection.py).
+    select_score: bool = False
     map_sigma: float = 1.0
     map_top_fraction: float = 0.01
     # The map the local score (and the report's map) is made of: posterior (l1 - l0) |

@@ -35,8 +35,6 @@ from lightning_modules.patch_detector.reference_db import ReferenceDB
 
 log = logging.getLogger(__name__)
 
-MIN_SELECT_PER_CLASS = 10  # patch.select_weights: fewer validation images per class keep weights
-
 DB_FIELDS = ("features", "x", "y", "row", "col", "image_index")
 
 
@@ -78,33 +76,19 @@ def default_weight_candidates(n_sizes: int) -> list[list[float]]:
 def select_weights(det: PatchAnomalyDetector, val: SplitScores, sizes: list[int],
                    candidates: list[list[float]], fusion: str, image_score: str = "max",
                    topk_fraction: float = 0.01) -> tuple[list[float], list[dict]]:
-    """The weights of eq. 6 whose raw image score ranks the validation set best.
+    """The weights of eq. 6 whose raw image score ranks the validation set best
+    (``patch.select_weights``; the rules are :mod:`lightning_modules.selection`'s).
 
-    Our choice, not in the paper (issue 11): which patch sizes carry the signal depends on the
-    data (on the benchmark's dev sets the finest sizes win on chest phantoms, the coarse ones
-    on digits), and a fixed vector tuned on one kind of data costs the other up to 0.06 AUROC.
-    Each candidate gets its own m_s on the validation normals (as ``fit_normalizer``); the
-    validation AUROC of its raw image score decides, ties keep the earlier candidate (so put
-    the configured weights first). A candidate that gives every validation image the same
-    score ranks nothing and is never chosen (a collapsed encoder does that). With fewer than
-    ``MIN_SELECT_PER_CLASS`` normal or abnormal validation images the choice would be noise:
-    the first candidate is kept and a warning says so. ``fusion="product"`` takes positive
-    weights only, so candidates with a zero are left out there. Returns
-    ``(weights, [{"weights", "val_auroc"}, ...])``.
+    On the benchmark's dev sets the finest sizes win on chest phantoms and the coarse ones on
+    digits, and a fixed vector tuned on one kind of data costs the other up to 0.06 AUROC.
+    Each candidate gets its own m_s on the validation normals (as ``fit_normalizer``).
+    ``fusion="product"`` takes positive weights only, so candidates with a zero are left out
+    there. Returns ``(weights, [{"weights", "val_auroc"}, ...])``.
     """
-    from torchmetrics.functional.classification import binary_auroc
+    from lightning_modules.selection import choose_on_validation
 
-    labels = torch.from_numpy(np.asarray(val.labels).astype(np.int64))
-    if not ((labels == 0).any() and (labels == 1).any()):
-        raise RuntimeError("patch.select_weights needs normal and abnormal validation images; "
-                           "set patch.select_weights=false or label both in the val split.")
-    normal = labels == 0
-    few = min(int(normal.sum()), int((~normal).sum())) < MIN_SELECT_PER_CLASS
-    if few:
-        log.warning("patch.select_weights: only %d normal / %d abnormal validation images "
-                    "(< %d each): keeping patch.weights %s", int(normal.sum()),
-                    int((~normal).sum()), MIN_SELECT_PER_CLASS, list(candidates[0]))
-    table, best, best_auc = [], None, -1.0
+    normal = torch.from_numpy(np.asarray(val.labels) == 0)
+    kept, raws = [], []
     for w in candidates:
         if len(w) != len(sizes) or not any(x > 0 for x in w):
             raise ValueError(f"weight candidate {list(w)} needs {len(sizes)} numbers >= 0, "
@@ -113,12 +97,13 @@ def select_weights(det: PatchAnomalyDetector, val: SplitScores, sizes: list[int]
             continue  # a zero weight zeroes the product (anomaly_map.fuse_log_maps)
         norm = MapNormalizer.fit_scales([val.patch_scores[s][normal] for s in sizes], sizes,
                                         list(w), fusion, image_score, topk_fraction)
-        raw = det.raw_image_scores(val.patch_scores, norm).double()
-        auc = float(binary_auroc(raw, labels))
-        table.append({"weights": [float(x) for x in w], "val_auroc": auc})
-        if not few and raw.std() > 0 and auc > best_auc + 1e-12:
-            best, best_auc = [float(x) for x in w], auc
-    return best or [float(x) for x in candidates[0]], table
+        kept.append([float(x) for x in w])
+        raws.append(det.raw_image_scores(val.patch_scores, norm))
+    if not kept:
+        raise ValueError("patch.select_weights: every weight candidate has a zero, which "
+                         "patch.fusion=product cannot take; give positive candidates")
+    best, aucs = choose_on_validation(val.labels, raws, "patch.select_weights")
+    return kept[best], [{"weights": w, "val_auroc": a} for w, a in zip(kept, aucs)]
 
 
 def apply_normalizer(det: PatchAnomalyDetector, split: SplitScores, norm: MapNormalizer) -> None:

@@ -145,6 +145,13 @@ def test_pipeline_end_to_end(out_dir, modality, monkeypatch, one_thread):
         assert float(r["log_posterior"]) == pytest.approx(
             float(r["log_p_m0"]) - float(r["log_p_m1"]), rel=1e-9, abs=1e-6)
         assert float(r["score_likelihood"]) == pytest.approx(-float(r["log_p_m0"]))
+    # the map's image score is a column whichever score is the run's
+    assert ("score_local" if modality == "cxr" else "score") in rows[0]
+    # the validation scores the decision threshold was chosen on (as the patch pipeline writes)
+    with open(out / "val_scores.csv") as fh:
+        val = list(csv.DictReader(fh))
+    assert val and {"/val/" in r["path"] for r in val} == {True}
+    assert {"log_p_m0", "log_p_m1", "score_likelihood"} <= set(val[0])
     saved = json.loads((out / "metrics.json").read_text())
     for k in ("auroc", "accuracy", "precision", "sensitivity", "specificity", "threshold",
               "auroc_likelihood", "val/auroc", "per_finding", "auroc_ci", "sens_at_spec_0.90",

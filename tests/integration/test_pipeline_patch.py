@@ -174,7 +174,7 @@ def test_checkpoint_restores_rank_zscore_and_shift(run_dir, tmp_path):
     module = PatchDetectorModule.load(out / "patch_detector.ckpt")
     det = module.detector
     # the checkpoint holds the weights the scores used; with 3 + 3 validation images
-    # (< MIN_SELECT_PER_CLASS) select_weights keeps patch.weights
+    # (< selection.MIN_PER_CLASS) select_weights keeps patch.weights
     assert list(module.hparams.weights) == det.normalizer.weights == metrics["weights"]
     assert metrics["weights"] == [0.5, 1, 1] and module.hparams.select_weights
     assert (det.intensity_norm, det.cell_zscore, det.reference_shift) == ("rank", True, 0.25)

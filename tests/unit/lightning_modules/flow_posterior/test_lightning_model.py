@@ -53,3 +53,52 @@ def test_val_of_normals_only_uses_the_normal_quantile(caplog):
     _trainer().validate(module, _loader(x, torch.zeros(20, dtype=torch.long)), verbose=False)
     assert module.threshold == pytest.approx(np.quantile(module.val_result.score, 0.95))
     assert "no abnormal images" in caplog.text
+
+
+def _scores(n=12, seed=0):
+    """n normal + n abnormal: log p(x|M0) separates them, the posterior does not (M1 follows
+    M0), and the map's score separates them the other way round."""
+    from lightning_modules.flow_posterior.scoring import FlowScores
+
+    rng = np.random.default_rng(seed)
+    y = np.r_[np.zeros(n, int), np.ones(n, int)]
+    l0 = -1000.0 - 50.0 * y + rng.normal(0, 5, 2 * n)
+    l1 = l0 + rng.normal(0, 5, 2 * n)  # the posterior is noise
+    s = FlowScores(l0, l1, np.zeros(2 * n))
+    s.extra["local_score"] = -y + rng.normal(0, 0.1, 2 * n)  # anti-informative map
+    return s, y
+
+
+@pytest.mark.parametrize("maps", [False, True])
+def test_select_score_takes_the_best_validation_score(maps):
+    m0, m1 = VectorFlow(64, 0), VectorFlow(64, 1)
+    module = FlowPosteriorModule(m0, m1, maps=maps, select_score=True)
+    val, y = _scores()
+    if not maps:
+        val.extra.clear()
+    module.select_score(val, y)
+    assert module.hparams.score == "likelihood"
+    np.testing.assert_array_equal(val.score, val.score_likelihood)
+    assert list(module.score_selection) == (["global", "local", "likelihood"] if maps
+                                            else ["global", "likelihood"])
+    assert module.score_selection["likelihood"] == 1.0
+    if maps:
+        assert module.score_selection["local"] == 0.0
+        assert "score_local" in val.columns() and "score_global" in val.columns()
+    # the choice is a hyper-parameter: a module built from them scores the same way
+    again = FlowPosteriorModule(m0, m1, **{k: v for k, v in module.hparams.items()
+                                           if k != "glows"})
+    assert again.hparams.score == "likelihood"
+
+
+def test_select_score_keeps_the_configured_score_on_a_small_val_set():
+    module = FlowPosteriorModule(VectorFlow(64, 0), VectorFlow(64, 1), maps=True,
+                                 score="local", select_score=True)
+    val, y = _scores(n=9)
+    val.use("local")
+    module.select_score(val, y)
+    assert module.hparams.score == "local" and module.score_selection["likelihood"] == 1.0
+    np.testing.assert_array_equal(val.score, val.local_score)
+    val.use("global")  # and back: the map's score is kept as a column
+    np.testing.assert_array_equal(val.score, val.score_global)
+    assert val.local_score is None and "score_local" in val.columns()
