@@ -5,6 +5,7 @@
   ``MEDANOMALY_DEBUG=1`` re-raises it with the full traceback.
 - ``print_config=true`` prints the resolved configuration as YAML and exits 0.
 - Anything else is a bug: it propagates with its traceback (exit status 1).
+- A process group left by a DDP run is destroyed before the exit (:func:`end_distributed`).
 - torch's intra-op thread count is chosen from the cores this process may use and the load
   already on them (:func:`pick_threads`): on a 2-core machine shared with one other CPU-bound
   job, two OpenMP threads per process slow each other down by 10x or more, one does not.
@@ -79,6 +80,17 @@ def run(main: Callable, argv: list[str] | None = None) -> int:
     return 0
 
 
+def end_distributed() -> None:
+    """Destroy the default process group if a DDP run left one: with gloo, a rank that exits
+    with the group alive can abort ("terminate called without an active exception", exit -6)
+    after a successful run, which a sweep would count as a failed trial."""
+    dist = getattr(sys.modules.get("torch"), "distributed", None)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def entry(main: Callable) -> None:
     configure_threads()  # an explicit OMP_NUM_THREADS is respected
-    sys.exit(run(main))
+    status = run(main)
+    end_distributed()
+    sys.exit(status)

@@ -47,6 +47,10 @@ def main() -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     if rank == 0:
         (out / "metrics.json").write_text(json.dumps({"val/loss": cfg.optim.lr}))
+    # gloo's threads must stop before the interpreter does: left to exit, a rank can abort
+    # ("terminate called without an active exception", exit -6; seen once in make test-slow)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
