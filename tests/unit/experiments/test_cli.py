@@ -123,13 +123,12 @@ def test_demo_and_detect_image_print_config_and_exit_0(capsys, tmp_path):
                    "threshold": 0.7, "out": str(tmp_path / "detections")}
 
 
-def test_entry_destroys_a_process_group_the_run_left(monkeypatch):
+def test_entry_destroys_a_process_group_the_run_left(monkeypatch, tmp_path):
     import torch.distributed as dist
 
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", "29517")
     monkeypatch.setattr(cli, "configure_threads", lambda: 1)  # this process keeps its threads
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)  # a file store: no port to collide on
     with pytest.raises(SystemExit) as stop:
         cli.entry(lambda argv: None)
     assert stop.value.code == 0 and not dist.is_initialized()
