@@ -265,11 +265,16 @@ class PrintConfig(Exception):  # noqa: N818 - a request, not an error
         self.yaml = OmegaConf.to_yaml(cfg) if yaml is None else yaml
 
 
+def is_true(value: str) -> bool:
+    """A command-line flag's value: ``true``, ``1`` or ``yes`` (any case)."""
+    return value.lower() in ("true", "1", "yes")
+
+
 def print_config_requested(argv: list[str]) -> bool:
     """Whether ``argv`` asks for ``print_config=true`` (the last one wins, as in a merge)."""
     values = [a.lstrip("-").split("=", 1)[1] for a in argv
               if a.lstrip("-").split("=", 1)[0] == "print_config" and "=" in a]
-    return bool(values) and values[-1].lower() in ("true", "1", "yes")
+    return bool(values) and is_true(values[-1])
 
 
 def parse_overrides(argv: list[str]) -> list[str]:
@@ -449,7 +454,7 @@ def load_config(job: str | list[str], argv: list[str] | None = None,
     for item in overrides:
         key, value = item.split("=", 1)
         if key == "print_config":
-            print_config = value.lower() in ("true", "1", "yes")
+            print_config = is_true(value)
         elif key in _FILE_SELECTORS:
             selectors[key] = value
         else:

@@ -32,7 +32,7 @@ from datamodules.errors import ImageReadError
 from datamodules.images import IMAGE_SUFFIXES
 from experiments.cli import entry
 from experiments.common import setup_logging
-from experiments.config import ConfigError, PrintConfig, print_config_requested
+from experiments.config import ConfigError, PrintConfig, is_true
 from lightning_modules.devices import pick_device
 from lightning_modules.patch_detector.detector import PatchAnomalyDetector
 from lightning_modules.patch_detector.lightning_model import PatchDetectorModule
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     setup_logging()
     paths, opts = parse_argv(sys.argv[1:] if argv is None else argv)
     run_dir = Path(opts.get("run_dir") or opts["ckpt"])
-    if print_config_requested([f"print_config={opts.get('print_config', 'false')}"]):
+    if is_true(opts.get("print_config", "false")):
         from omegaconf import OmegaConf
 
         raise PrintConfig(OmegaConf.create({

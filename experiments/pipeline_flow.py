@@ -161,12 +161,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics["pixel_auroc_ci"] = list(pixel_auroc_ci(masks, list(test.anomaly_map)))
     metrics["n_train_normal"] = counts["S_normal (train/normal)"]
     metrics["n_train_mixture"] = counts["S_mixture (train/mixture)"]
-    report = write_outputs(cfg, out, dm, test_items, test, metrics, module.m0, counts, masks)
-    if val is not None:  # as the patch pipeline: the validation scores the threshold came from
-        from experiments.evaluation import write_scores_csv
-
-        write_scores_csv(out / "val_scores.csv", [it.path for it in val_items], y_val, val.score,
-                         **val.columns())
+    report = write_outputs(cfg, out, dm, test_items, test, metrics, module.m0, counts, masks,
+                           val, val_items)
     log_test_metrics(cfg, out, metrics, name="flow_pipeline")
     log.info("AUROC posterior %.3f, likelihood-only %.3f, val %.3f; report: %s",
              metrics["auroc"], metrics["auroc_likelihood"], metrics["val/auroc"], report)

@@ -128,7 +128,8 @@ def _caption(item, score: float) -> str:
 
 
 def write_outputs(cfg: DictConfig, out: Path, dm, test_items, test,
-                  metrics: dict, m0, counts: dict[str, int], masks: list | None = None) -> Path:
+                  metrics: dict, m0, counts: dict[str, int], masks: list | None = None,
+                  val=None, val_items: list | None = None) -> Path:
     from experiments import plots
     from experiments.evaluation import write_metrics_json, write_scores_csv
     from experiments.report import Report
@@ -141,6 +142,9 @@ def write_outputs(cfg: DictConfig, out: Path, dm, test_items, test,
 
     write_scores_csv(out / "scores.csv", [it.path for it in test_items], y, test.score,
                      finding=[it.finding for it in test_items], **test.columns())
+    if val is not None:  # the validation scores the threshold came from (as the patch run)
+        write_scores_csv(out / "val_scores.csv", [it.path for it in val_items],
+                         [it.label for it in val_items], val.score, **val.columns())
     write_metrics_json(out / "metrics.json", metrics)
 
     scores = {"-log p(normal|x) (posterior)": test.score_global,

@@ -38,14 +38,15 @@ def choose_on_validation(labels: np.ndarray, scores: Sequence[np.ndarray | torch
     if not (n_normal and n_abnormal):
         raise RuntimeError(f"{what} needs normal and abnormal validation images; set "
                            f"{what}=false or label both in the val split.")
-    aucs = [float(binary_auroc(_unit_interval(s), y)) for s in scores]
+    units = [_unit_interval(s) for s in scores]
+    aucs = [float(binary_auroc(u, y)) for u in units]
     if min(n_normal, n_abnormal) < MIN_PER_CLASS:
         log.warning("%s: only %d normal / %d abnormal validation images (< %d each): keeping "
                     "the configured choice", what, n_normal, n_abnormal, MIN_PER_CLASS)
         return 0, aucs
     best, best_auc = 0, -1.0
-    for i, (s, auc) in enumerate(zip(scores, aucs, strict=True)):
-        if torch.as_tensor(s).double().std() > 0 and auc > best_auc + 1e-12:
+    for i, (u, auc) in enumerate(zip(units, aucs, strict=True)):
+        if u.max() > 0 and auc > best_auc + 1e-12:  # a constant score maps to all zeros
             best, best_auc = i, auc
     return best, aucs
 

@@ -180,14 +180,11 @@ class FlowPosteriorModule(pl.LightningModule):
         from lightning_modules.selection import choose_on_validation
 
         hp = self.hparams
-        names = [hp.score, *(n for n in IMAGE_SCORES if n != hp.score)]
-        if not hp.maps:
-            names.remove("local")
-        scores = []
-        for name in names:
-            val.use(name)
-            scores.append(val.score.copy())
-        best, aucs = choose_on_validation(labels, scores, "glow.select_score")
+        every = {"global": val.score_global, "local": val.map_image_score,
+                 "likelihood": val.score_likelihood}
+        names = [n for n in (hp.score, *IMAGE_SCORES) if every[n] is not None]
+        names = list(dict.fromkeys(names))  # the configured score first, once
+        best, aucs = choose_on_validation(labels, [every[n] for n in names], "glow.select_score")
         hp.score = names[best]
         val.use(hp.score)
         self.score_selection = dict(zip(names, aucs, strict=True))

@@ -45,11 +45,11 @@ class FlowScores:
     log_prior_normal: float = 0.0
     extra: dict[str, np.ndarray] = field(default_factory=dict)
     # With maps: the anomaly map (B, *spatial) (``posterior.anomaly_map``) and its image score
-    # (``posterior.map_score``), which then is the anomaly score (glow.score=local).
+    # (``posterior.map_score``).
     anomaly_map: np.ndarray | None = None
-    local_score: np.ndarray | None = None
-    # glow.score=likelihood: the anomaly score is -log p(x|M0) (Appendix A's), not the posterior
-    likelihood_only: bool = False
+    map_image_score: np.ndarray | None = None
+    # Which image score is the anomaly score: global (paper) | local (the map's) | likelihood
+    kind: str = "global"
 
     @property
     def log_posterior(self) -> np.ndarray:
@@ -62,13 +62,17 @@ class FlowScores:
         return posterior_score(self.log_posterior)
 
     @property
+    def local_score(self) -> np.ndarray | None:
+        """The map's image score when it is the anomaly score (``kind="local"``), else None."""
+        return self.map_image_score if self.kind == "local" else None
+
+    @property
     def score(self) -> np.ndarray:
-        """The anomaly score, higher = more anomalous: the local score of the anomaly map when
-        maps were computed with ``score="local"``, -log p(x|M0) with ``score="likelihood"``,
-        else -log p(normal|x) (paper)."""
-        if self.local_score is not None:
-            return self.local_score
-        return self.score_likelihood if self.likelihood_only else self.score_global
+        """The anomaly score, higher = more anomalous: by ``kind``, the local score of the
+        anomaly map, -log p(x|M0), or -log p(normal|x) (paper)."""
+        if self.kind == "local":
+            return self.map_image_score
+        return self.score_likelihood if self.kind == "likelihood" else self.score_global
 
     @property
     def score_likelihood(self) -> np.ndarray:
@@ -87,24 +91,20 @@ class FlowScores:
             "score_likelihood": self.score_likelihood,
             "zero_fraction": self.zero_fraction,
         }
-        if self.local_score is not None or self.likelihood_only:
+        if self.kind != "global":
             cols["score_global"] = self.score_global
-        if "local_score" in self.extra:  # maps drawn, another score: the map's score too
-            cols["score_local"] = self.extra["local_score"]
+        if self.map_image_score is not None and self.kind != "local":  # the map's score too
+            cols["score_local"] = self.map_image_score
         return cols
 
     def use(self, score: str) -> None:
         """Make ``score`` (``IMAGE_SCORES``) the anomaly score (``glow.select_score``); the
         local score needs the maps."""
-        local = self.local_score if self.local_score is not None else self.extra.get("local_score")
-        if score == "local" and local is None:
+        if score not in IMAGE_SCORES:
+            raise ValueError(f"score={score!r} is not one of {IMAGE_SCORES}")
+        if score == "local" and self.map_image_score is None:
             raise ValueError("score='local' needs the anomaly maps (maps=True)")
-        self.local_score = local if score == "local" else None
-        if local is not None and score != "local":
-            self.extra["local_score"] = local
-        else:
-            self.extra.pop("local_score", None)
-        self.likelihood_only = score == "likelihood"
+        self.kind = score
 
 
 def model_hparams(model: Any) -> Mapping[str, Any]:
@@ -207,11 +207,9 @@ def gather_scores(parts: Sequence[Mapping[str, Any]], score: str = "global",
         region = np.concatenate([p["region"] for p in parts]) if "region" in parts[0] else None
         local = map_score(out.anomaly_map, map_top_fraction, region)
         _check_finite("The anomaly map", local)
-        if score == "local":
-            out.local_score = local
-        else:
-            out.extra["local_score"] = local
-    out.likelihood_only = score == "likelihood"
+        out.map_image_score = local
+    # without maps, score="local" falls back to the global score (as before)
+    out.kind = score if score != "local" or out.map_image_score is not None else "global"
     return out
 
 

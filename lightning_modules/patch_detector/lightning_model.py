@@ -81,13 +81,19 @@ def select_weights(det: PatchAnomalyDetector, val: SplitScores, sizes: list[int]
 
     On the benchmark's dev sets the finest sizes win on chest phantoms and the coarse ones on
     digits, and a fixed vector tuned on one kind of data costs the other up to 0.06 AUROC.
-    Each candidate gets its own m_s on the validation normals (as ``fit_normalizer``).
+    The candidates share m_s, fitted on the validation normals as ``fit_normalizer`` does.
     ``fusion="product"`` takes positive weights only, so candidates with a zero are left out
     there. Returns ``(weights, [{"weights", "val_auroc"}, ...])``.
     """
+    from dataclasses import replace
+
     from lightning_modules.selection import choose_on_validation
 
     normal = torch.from_numpy(np.asarray(val.labels) == 0)
+    # m_s and the per-size maps do not depend on the weights: fitted / built once
+    base = MapNormalizer.fit_scales([val.patch_scores[s][normal] for s in sizes], sizes,
+                                    [1.0] * len(sizes), fusion, image_score, topk_fraction)
+    maps = det.size_maps(val.patch_scores, sizes)
     kept, raws = [], []
     for w in candidates:
         if len(w) != len(sizes) or not any(x > 0 for x in w):
@@ -95,10 +101,9 @@ def select_weights(det: PatchAnomalyDetector, val: SplitScores, sizes: list[int]
                              "not all zero (patch.weight_candidates)")
         if fusion == "product" and min(w) <= 0:
             continue  # a zero weight zeroes the product (anomaly_map.fuse_log_maps)
-        norm = MapNormalizer.fit_scales([val.patch_scores[s][normal] for s in sizes], sizes,
-                                        list(w), fusion, image_score, topk_fraction)
-        kept.append([float(x) for x in w])
-        raws.append(det.raw_image_scores(val.patch_scores, norm))
+        norm = replace(base, weights=[float(x) for x in w])
+        kept.append(norm.weights)
+        raws.append(norm.image_raw(norm.fused_log_map(maps)))
     if not kept:
         raise ValueError("patch.select_weights: every weight candidate has a zero, which "
                          "patch.fusion=product cannot take; give positive candidates")

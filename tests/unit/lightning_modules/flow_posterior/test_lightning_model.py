@@ -65,7 +65,7 @@ def _scores(n=12, seed=0):
     l0 = -1000.0 - 50.0 * y + rng.normal(0, 5, 2 * n)
     l1 = l0 + rng.normal(0, 5, 2 * n)  # the posterior is noise
     s = FlowScores(l0, l1, np.zeros(2 * n))
-    s.extra["local_score"] = -y + rng.normal(0, 0.1, 2 * n)  # anti-informative map
+    s.map_image_score = -y + rng.normal(0, 0.1, 2 * n)  # anti-informative map
     return s, y
 
 
@@ -75,7 +75,7 @@ def test_select_score_takes_the_best_validation_score(maps):
     module = FlowPosteriorModule(m0, m1, maps=maps, select_score=True)
     val, y = _scores()
     if not maps:
-        val.extra.clear()
+        val.map_image_score = None
     module.select_score(val, y)
     assert module.hparams.score == "likelihood"
     np.testing.assert_array_equal(val.score, val.score_likelihood)
