@@ -167,7 +167,8 @@ def test_checkpoint_restores_rank_zscore_and_shift(run_dir, tmp_path):
     from lightning_modules.patch_detector.lightning_model import PatchDetectorModule
 
     out = tmp_path / "run"
-    opts = ["patch.intensity_norm=rank", "patch.cell_zscore=true", "patch.reference_shift=0.25",
+    opts = ["patch.features=pooled",  # the shifted references need pooled features
+            "patch.intensity_norm=rank", "patch.cell_zscore=true", "patch.reference_shift=0.25",
             "patch.select_weights=true", "patch.weight_candidates=[[0,0,1],[1,1,1]]",
             f"patch.encoder_dir={run_dir[0] / 'encoders'}"]  # reuse: no SimCLR training here
     metrics = pipeline.main([*TINY, *opts, f"out_dir={out}"])
