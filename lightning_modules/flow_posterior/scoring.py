@@ -168,18 +168,25 @@ def score_batch(m0: Any, m1: Any, x: torch.Tensor, n_bits: int = 8, maps: bool =
         raise ValueError(f"glow.map_source={map_source!r} is not one of {MAP_SOURCES}")
     if map_region not in MAP_REGIONS:
         raise ValueError(f"glow.map_region={map_region!r} is not one of {MAP_REGIONS}")
-    out = {"log_p_m0": m0.log_likelihood(x).float().reshape(-1).cpu(),  # (B,)
-           "log_p_m1": m1.log_likelihood(x).float().reshape(-1).cpu(),  # (B,)
-           "zero_fraction": zero_fraction(x, n_bits).cpu()}  # (B,)
-    if maps:
-        a0 = m0.log_likelihood_map(x).double().cpu().numpy()  # (B, *spatial)
-        if map_source == "likelihood":
-            out["anomaly_map"] = likelihood_map(a0, map_sigma)
-        else:
-            a1 = m1.log_likelihood_map(x).double().cpu().numpy()
-            out["anomaly_map"] = anomaly_map(a0, a1, map_sigma)
-        if map_region == "interior":
-            out["region"] = interior_mask(x.cpu(), n_bits)  # (B, *spatial) bool
+    out = {"zero_fraction": zero_fraction(x, n_bits).cpu()}  # (B,)
+    if not maps:
+        out["log_p_m0"] = m0.log_likelihood(x).float().reshape(-1).cpu()  # (B,)
+        out["log_p_m1"] = m1.log_likelihood(x).float().reshape(-1).cpu()  # (B,)
+        return out
+    # A model's map sums to its log-likelihood (GlowModule.log_likelihood_map), so log p(x|M)
+    # is the map's sum (in float64) rather than a second pass through the flow: each model
+    # runs once per batch.
+    a0 = m0.log_likelihood_map(x).double().cpu()  # (B, *spatial)
+    out["log_p_m0"] = a0.flatten(1).sum(1).float()
+    if map_source == "likelihood":
+        out["log_p_m1"] = m1.log_likelihood(x).float().reshape(-1).cpu()
+        out["anomaly_map"] = likelihood_map(a0.numpy(), map_sigma)
+    else:
+        a1 = m1.log_likelihood_map(x).double().cpu()
+        out["log_p_m1"] = a1.flatten(1).sum(1).float()
+        out["anomaly_map"] = anomaly_map(a0.numpy(), a1.numpy(), map_sigma)
+    if map_region == "interior":
+        out["region"] = interior_mask(x.cpu(), n_bits)  # (B, *spatial) bool
     return out
 
 

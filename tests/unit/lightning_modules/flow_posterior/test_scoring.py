@@ -157,3 +157,33 @@ def test_quality_guard_likelihood_map_z_per_position_detects_and_noise_does_not(
     # from 1 to 4 px, so part of the z comes from edges that moved, not from the lesion
     assert auroc(scores.score, labels) > 0.65
     assert 0.3 < auroc(control.score, labels) < 0.7
+
+
+@pytest.mark.parametrize("source", ["posterior", "likelihood"])
+def test_maps_give_the_log_likelihoods_with_one_pass_per_model(source):
+    """With maps, log p(x|M) is the map's sum: the flow runs once per model and batch, and
+    the global scores equal those of a run without maps."""
+    from lightning_modules.flow_posterior.scoring import score_batch
+
+    calls = {"map": 0, "sum": 0}
+
+    class Counted(MapModel):
+        def log_likelihood_map(self, x):
+            calls["map"] += 1
+            return super().log_likelihood_map(x)
+
+        def log_likelihood(self, x):
+            calls["sum"] += 1
+            return super().log_likelihood(x)
+
+    m0 = Counted(lambda x: -0.5 * (x - 0.4) ** 2 / 0.01)
+    m1 = Counted(lambda x: -0.5 * (x - 0.6) ** 2 / 0.04)
+    x = torch.rand(5, 1, 6, 6)
+    plain = score_batch(m0, m1, x)
+    assert calls == {"map": 0, "sum": 2}
+    with_maps = score_batch(m0, m1, x, maps=True, map_source=source)
+    want = {"map": 2, "sum": 2} if source == "posterior" else {"map": 1, "sum": 3}
+    assert calls == want  # no model runs twice on the batch
+    for k in ("log_p_m0", "log_p_m1"):
+        torch.testing.assert_close(with_maps[k], plain[k])
+        assert with_maps[k].dtype == torch.float32 and with_maps[k].shape == (5,)
