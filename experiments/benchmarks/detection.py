@@ -31,8 +31,12 @@ Table columns: ``auroc [ci]`` of the method, of the z-score and of the CNN basel
 ``margin`` = method AUROC − max(baseline AUROCs); ``p`` = paired DeLong test of the method
 against the better baseline; ``time`` = wall seconds of the method's whole run (train, score,
 evaluate, report; budget 300 s at profile=cpu). A phantom set *counts* only if the z-score
-baseline's AUROC is ≤ 0.65 on it (else it is too easy to tell anything). Writes
-``OUT/detection.json`` and ``OUT/detection.csv``; the last line printed is
+baseline's AUROC is ≤ 0.65 on it (else it is too easy to tell anything). A second table
+gives, per finding (phantoms: nodule, consolidation, effusion, cardiomegaly; bleed, infarct;
+digits: the digit shown), the AUROC of the test abnormals with that finding against all test
+normals, for each method and reference: which kind of abnormality a method misses. Writes
+``OUT/detection.json``, ``OUT/detection.csv`` and ``OUT/detection_findings.csv``; the last
+line printed is
 ``min_margin_over_baselines=<x>`` (the minimum over every method row; nan if a run failed).
 """
 
@@ -54,7 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments import baselines
-from experiments.evaluation import delong_ci, delong_test
+from experiments.evaluation import auroc, delong_ci, delong_test
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +126,9 @@ class Row:
     p_vs_best_baseline: float = float("nan")
     time_s: float = float("nan")
     error: str = ""
+    # finding -> {"n": abnormal test images with it, "auroc", "zscore_auroc", "cnn_auroc"}:
+    # those images against all test normals (phantom findings; digits: the digit shown)
+    by_finding: dict[str, dict] = field(default_factory=dict)
 
 
 # --- data -----------------------------------------------------------------------------------
@@ -245,6 +252,27 @@ class Scored:
     keys: list[str]
     labels: np.ndarray
     scores: dict[str, np.ndarray]  # name -> (N,) aligned with keys
+    findings: list[str] | None = None  # aligned with keys, "" = normal (read_findings)
+
+
+def read_findings(root: Path, keys: list[str]) -> list[str] | None:
+    """What each test item shows, aligned with ``keys`` ("" for normals), from the set's
+    ground truth (``phantom_truth.csv``: the phantom's finding; ``digits_truth.csv``: the
+    digit); None when the set has neither."""
+    if (root / "phantom_truth.csv").is_file():
+        path, column = root / "phantom_truth.csv", "finding"
+    elif (root / "digits_truth.csv").is_file():
+        path, column = root / "digits_truth.csv", "digit"
+    else:
+        return None
+    with path.open(newline="") as f:
+        truth = {r["path"]: (r[column] if r["label"] == "1" else "") for r in csv.DictReader(f)}
+    missing = [k for k in keys if k not in truth]
+    if missing:
+        raise ValueError(f"{path}: no row for {len(missing)} test items (e.g. {missing[0]}); "
+                         f"delete {root} to have the set written again")
+    prefix = "digit " if column == "digit" else ""
+    return [prefix + truth[k] if truth[k] else "" for k in keys]
 
 
 def run_baselines(root: Path, is3d: bool, cnn_input: int) -> Scored:
@@ -254,7 +282,7 @@ def run_baselines(root: Path, is3d: bool, cnn_input: int) -> Scored:
     z, _ = baselines.zscore_scores(train, test)
     c, _ = baselines.cnn_nn_scores(train, test, input_size=cnn_input)
     log.info("baselines on %s: %.0f s", root.name, time.perf_counter() - t0)
-    return Scored(keys, y, {"z-score": z, "random-CNN": c})
+    return Scored(keys, y, {"z-score": z, "random-CNN": c}, read_findings(root, keys))
 
 
 def run_method(method: str, root: Path, modality: str, out: Path, extra: list[str]
@@ -281,13 +309,32 @@ def _auc_ci(y: np.ndarray, s: np.ndarray) -> tuple[float, list[float]]:
     return ci.auroc, [ci.low, ci.high]
 
 
+def by_finding(ref: Scored, s: np.ndarray | None) -> dict[str, dict]:
+    """AUROC of the abnormal test images of each finding against all test normals, for the
+    method's scores ``s`` (nan when None) and for both references."""
+    if ref.findings is None:
+        return {}
+    f = np.array(ref.findings)
+    out = {}
+    for name in sorted(set(ref.findings) - {""}):
+        keep = (ref.labels == 0) | (f == name)
+        y = ref.labels[keep]
+
+        def auc(x, keep=keep, y=y):
+            return float("nan") if x is None else float(auroc(y, x[keep]))
+        out[name] = {"n": int((f == name).sum()), "auroc": auc(s),
+                     "zscore_auroc": auc(ref.scores["z-score"]),
+                     "cnn_auroc": auc(ref.scores["random-CNN"])}
+    return out
+
+
 def method_row(set_name: str, data: str, method: str, ref: Scored,
                by_key: dict[str, float] | None, wall: float, error: str = "") -> Row:
     y = ref.labels
     (za, zci), (ca, cci) = (_auc_ci(y, ref.scores[k]) for k in ("z-score", "random-CNN"))
     row = Row(set_name, data, method, float("nan"), [float("nan")] * 2,
               f"{int((y == 0).sum())}+{int((y == 1).sum())}", za, zci, ca, cci,
-              time_s=wall, error=error)
+              time_s=wall, error=error, by_finding=by_finding(ref, None))
     if by_key is None:
         return row
     missing = [k for k in ref.keys if k not in by_key]
@@ -299,6 +346,7 @@ def method_row(set_name: str, data: str, method: str, ref: Scored,
     best = "z-score" if za >= ca else "random-CNN"
     row.margin = row.auroc - max(za, ca)
     row.p_vs_best_baseline = delong_test(y, s, ref.scores[best])
+    row.by_finding = by_finding(ref, s)
     return row
 
 
@@ -334,6 +382,44 @@ def print_table(rows: list[Row], gates: dict[str, dict]) -> None:
               f"{g['cnn_auroc']:.3f}")
 
 
+def finding_rows(rows: list[Row]) -> list[dict]:
+    """Long table of ``Row.by_finding``: one row per (data, method or reference, finding);
+    the references once per data."""
+    out, seen = [], set()
+    for r in rows:
+        for name, d in r.by_finding.items():
+            if r.method in ("patch", "flow"):
+                out.append({"set": r.set, "data": r.data, "method": r.method, "finding": name,
+                            "n_abnormal": d["n"], "auroc": d["auroc"]})
+            for ref, key in (("z-score", "zscore_auroc"), ("random-CNN", "cnn_auroc")):
+                if (r.data, ref, name) not in seen:
+                    seen.add((r.data, ref, name))
+                    out.append({"set": r.set, "data": r.data, "method": ref, "finding": name,
+                                "n_abnormal": d["n"], "auroc": d[key]})
+    return sorted(out, key=lambda x: (x["data"], x["method"] in ("z-score", "random-CNN")))
+
+
+def print_findings(rows: list[Row]) -> None:
+    """Per data: a column per finding, a row per method and reference."""
+    table = finding_rows(rows)
+    if not table:
+        return
+    print("\nPer finding: test AUROC of the abnormal images with that finding against all "
+          "test normals (n = how many)")
+    for data in dict.fromkeys(t["data"] for t in table):
+        part = [t for t in table if t["data"] == data]
+        names = list(dict.fromkeys(t["finding"] for t in part))
+        width = [max(len(n), 5) + 2 for n in names]
+        n = {t["finding"]: t["n_abnormal"] for t in part}
+        print(f"  {data:13s} {'':10s}" + "".join(f"{x:>{w}s}" for x, w in zip(names, width)))
+        print(f"  {'':13s} {'n':10s}" + "".join(f"{n[x]:>{w}d}" for x, w in zip(names, width)))
+        for method in dict.fromkeys(t["method"] for t in part):
+            a = {t["finding"]: t["auroc"] for t in part if t["method"] == method}
+            print(f"  {'':13s} {method:10s}" + "".join(
+                f"{a[x]:>{w}.3f}" if x in a and not math.isnan(a[x]) else f"{'n/a':>{w}s}"
+                for x, w in zip(names, width)))
+
+
 def write_outputs(out: Path, rows: list[Row], gates: dict, meta: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     from experiments.evaluation import write_metrics_json
@@ -342,13 +428,19 @@ def write_outputs(out: Path, rows: list[Row], gates: dict, meta: dict) -> None:
                        {"rows": [asdict(r) for r in rows], "gates": gates, **meta}, digits=4)
     with (out / "detection.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        cols = list(asdict(rows[0])) if rows else []
+        cols = [c for c in asdict(rows[0]) if c != "by_finding"] if rows else []
         w.writerow([c for c in cols if not c.endswith("ci")] +
                    [f"{c}_{b}" for c in cols if c.endswith("ci") for b in ("low", "high")])
         for r in rows:
             d = asdict(r)
             w.writerow([d[c] for c in cols if not c.endswith("ci")] +
                        [d[c][i] for c in cols if c.endswith("ci") for i in (0, 1)])
+    table = finding_rows(rows)
+    with (out / "detection_findings.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["set", "data", "method", "finding", "n_abnormal",
+                                          "auroc"])
+        w.writeheader()
+        w.writerows(table)
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -431,12 +523,13 @@ def main(argv: list[str] | None = None) -> float:
 
     print()
     print_table(rows, gates)
+    print_findings(rows)
     method_rows = [r for r in rows if r.method in ("patch", "flow")]
     failed = any(r.error or math.isnan(r.margin) for r in method_rows)
     margins = [r.margin for r in method_rows]
     min_margin = float("nan") if failed or not margins else min(margins)
     print(f"total wall time {total:.0f} s; written {out / 'detection.json'}, "
-          f"{out / 'detection.csv'}")
+          f"{out / 'detection.csv'}, {out / 'detection_findings.csv'}")
     write_outputs(out, rows, gates, {"seed": a.seed, "quick": a.quick, "total_s": total,
                                      "min_margin_over_baselines": min_margin,
                                      "patch_args": a.patch_args, "flow_args": a.flow_args})

@@ -62,6 +62,25 @@ def test_quick_benchmark_table_and_last_line(quick_run):
     assert set(d["gates"]) == {"bct 8x16x16"}
     rows = list(csv.DictReader((tmp / "out" / "detection.csv").open()))
     assert len(rows) == 3 and {"auroc_ci_low", "auroc_ci_high", "margin"} <= set(rows[0])
+    # per finding: each set's abnormal test images by what they show, each against all test
+    # normals, for every method and both references (bct: the phantom's lesions; digits: digit)
+    found = list(csv.DictReader((tmp / "out" / "detection_findings.csv").open()))
+    assert {r["method"] for r in found} == {"patch", "flow", "z-score", "random-CNN"}
+    for r in d["rows"]:
+        assert sum(v["n"] for v in r["by_finding"].values()) == 6, r["data"]
+    bct = {r["finding"] for r in found if r["set"] == "bct"}
+    assert bct and bct <= {"haemorrhage", "infarct"}, bct
+    assert all(r["finding"].startswith("digit ") and r["finding"] != "digit 3"
+               for r in found if r["set"] == "digits")
+    # the per-finding AUROC is the pooled one when a set has a single finding, so check the
+    # arithmetic on a made-up set: finding a's images score high, b's low
+    ref = detection.Scored(list("nnnab"), np.array([0, 0, 0, 1, 1]),
+                           {"z-score": np.array([0.0, 1, 2, 3, -1]),
+                            "random-CNN": np.array([0.0, 1, 2, 3, 4])}, ["", "", "", "a", "b"])
+    got = detection.by_finding(ref, np.array([0.0, 1, 2, 5, 1.5]))
+    assert got["a"] == {"n": 1, "auroc": 1.0, "zscore_auroc": 1.0, "cnn_auroc": 1.0}
+    assert got["b"]["auroc"] == pytest.approx(2 / 3) and got["b"]["zscore_auroc"] == 0.0
+    assert any(ln.startswith("Per finding") for ln in lines)
     # each method ran through the user's entry point and wrote its contracted outputs
     for run in ("bct_8x16x16_flow", "digits_8px_patch", "digits_8px_flow"):
         metrics = json.loads((tmp / "out" / "runs" / run / "metrics.json").read_text())
