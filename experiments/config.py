@@ -140,6 +140,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "glow.reuse_models": glow_config.REUSE_MODES,
     "patch.features": patch_config.FEATURE_MODES,
     "patch.intensity_norm": patch_config.INTENSITY_NORMS,
+    "patch.align": patch_config.ALIGN_MODES,
     "patch.db_dtype": patch_config.DB_DTYPES,
     "patch.image_score": patch_config.IMAGE_SCORES,
     "patch.reuse_encoders": patch_config.REUSE_MODES,

@@ -103,6 +103,7 @@ def build_module(cfg: DictConfig, ckpts: dict[int, Path], image_ids: list[str]
         features=str(p.features), dense_layers=[str(x) for x in p.dense_layers],
         dense_pool=int(p.dense_pool), intensity_norm=str(p.intensity_norm),
         cell_zscore=bool(p.cell_zscore), reference_shift=float(p.reference_shift),
+        align=str(p.align),
     ).eval()
     return PatchDetectorModule(det, [float(w) for w in p.weights], str(p.fusion),
                                str(p.image_score), float(p.topk_fraction), float(p.threshold),

@@ -40,7 +40,7 @@ def evaluate(cfg: DictConfig, det, dm, val: SplitScores, test: SplitScores, val_
         # normal test images count with all-negative masks (false alarms on them matter)
         masks = [np.zeros(shape, bool) if m is None and it.label == 0 else m
                  for m, it in zip(masks, test_items)]
-        maps = det.upsample(test.final_maps).numpy()
+        maps = det.upsample(test.final_maps, test.poses).numpy()
         metrics["pixel_auroc"] = ev.pixel_auroc(masks, list(maps))
         metrics["pixel_auroc_ci"] = list(ev.pixel_auroc_ci(masks, list(maps)))
     metrics["n_reference_images"] = len(dm.items("train", "normal"))
@@ -107,7 +107,9 @@ def write_outputs(cfg: DictConfig, out: Path, det, dm, val: SplitScores, test: S
             [caption(i) for i in idx], title=f"{k} {name} anomalous test images"))
     k = min(int(cfg.eval.n_overlays), len(order))
     idx = order[:k]
-    maps = det.upsample(test.final_maps[torch.from_numpy(idx.copy())]).numpy()
+    sel = torch.from_numpy(idx.copy())
+    maps = det.upsample(test.final_maps[sel],
+                        None if test.poses is None else test.poses[sel]).numpy()
     rep.add_figure(plots.plot_overlays(
         fig / "overlays.png", [dm.load(test_items[i]) for i in idx], list(maps),
         [caption(i) for i in idx], masks=[dm.load_mask(test_items[i]) for i in idx],

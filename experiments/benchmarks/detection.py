@@ -58,7 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments import baselines
-from experiments.evaluation import auroc, delong_ci, delong_test
+from experiments.evaluation import delong_ci, delong_test, per_finding_metrics
 
 log = logging.getLogger(__name__)
 
@@ -310,22 +310,19 @@ def _auc_ci(y: np.ndarray, s: np.ndarray) -> tuple[float, list[float]]:
 
 
 def by_finding(ref: Scored, s: np.ndarray | None) -> dict[str, dict]:
-    """AUROC of the abnormal test images of each finding against all test normals, for the
-    method's scores ``s`` (nan when None) and for both references."""
+    """AUROC of the abnormal test images of each finding against all test normals
+    (:func:`experiments.evaluation.per_finding_metrics`), for the method's scores ``s`` (nan
+    when None) and for both references."""
     if ref.findings is None:
         return {}
-    f = np.array(ref.findings)
-    out = {}
-    for name in sorted(set(ref.findings) - {""}):
-        keep = (ref.labels == 0) | (f == name)
-        y = ref.labels[keep]
-
-        def auc(x, keep=keep, y=y):
-            return float("nan") if x is None else float(auroc(y, x[keep]))
-        out[name] = {"n": int((f == name).sum()), "auroc": auc(s),
-                     "zscore_auroc": auc(ref.scores["z-score"]),
-                     "cnn_auroc": auc(ref.scores["random-CNN"])}
-    return out
+    per = {k: per_finding_metrics(ref.labels, v, ref.findings, sep=None)
+           for k, v in (("auroc", s), ("zscore_auroc", ref.scores["z-score"]),
+                        ("cnn_auroc", ref.scores["random-CNN"])) if v is not None}
+    names = per["zscore_auroc"]
+    return {name: {"n": names[name]["n"],
+                   **{k: float(per[k][name]["auroc"]) if k in per else float("nan")
+                      for k in ("auroc", "zscore_auroc", "cnn_auroc")}}
+            for name in names}
 
 
 def method_row(set_name: str, data: str, method: str, ref: Scored,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 # Allowed values of our options (validated with every config in experiments.config).
 FEATURE_MODES = ("pooled", "dense")
 INTENSITY_NORMS = ("none", "percentile", "rank")
+ALIGN_MODES = ("none", "similarity")
 IMAGE_SCORES = ("max", "topk")
 REUSE_MODES = ("check", "retrain", "force")
 DB_DTYPES = ("float32", "float16", "bfloat16")
@@ -33,6 +34,9 @@ class PatchConfig:
     # also store reference patches on the grid shifted by +-reference_shift x patch size
     # (8 neighbours; 0 = off, paper): pose robustness (not in the paper)
     reference_shift: float = 0.0
+    # none (paper) | similarity = each image resampled onto a pose template of the normal
+    # training images (rotation, scale, shift by NCC; see align.py) before the encoders
+    align: str = "none"
     # --- our options (not in the paper; profile=paper keeps the defaults) ---
     # pooled = one globally pooled h per patch (paper) | dense = every position of the encoder's
     # mid-level feature map is its own cell in the locality search (see detector.py)

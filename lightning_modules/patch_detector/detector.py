@@ -35,6 +35,11 @@ Options of ours, not in the paper (each off in ``profile=paper``):
   Unlike ``cell_normalize`` (a ratio to the median), a cell whose normal distances vary a lot
   needs a proportionally larger excess to score high. The statistics are stored in the
   checkpoint (``cell_stats``).
+- ``align="similarity"``: each image is resampled onto a pose template of the normal training
+  images (rotation, isotropic scale, shift maximising NCC; :mod:`.align`) after the intensity
+  normalisation, so a grid cell holds the same anatomy in every image; maps are mapped back
+  onto the image (:meth:`upsample` with the poses of :meth:`prepare`). The template is part of
+  the checkpoint.
 - ``reference_shift``: the database also holds every normal training patch on the grid shifted
   by ``±reference_shift * s`` pixels (8 neighbours, only those inside the image), filed under
   the cell it overlaps most, so a patient shift by a fraction of a patch finds its normal
@@ -51,6 +56,7 @@ import torch
 from torch import nn
 
 from datamodules.patches import patch_grid
+from lightning_modules.patch_detector.align import ALIGN_MODES, align_poses, fit_template, unwarp
 from lightning_modules.patch_detector.anomaly_map import (
     MapNormalizer,
     map_block,
@@ -83,8 +89,15 @@ class PatchAnomalyDetector(nn.Module):
                  feature_batch_size: int = 256, cell_normalize: bool = False,
                  features: str = "pooled", dense_layers: list[str] | None = None,
                  dense_pool: int = 3, intensity_norm: str = "none", cell_zscore: bool = False,
-                 reference_shift: float = 0.0, db_dtype: str = "float32"):
+                 reference_shift: float = 0.0, db_dtype: str = "float32",
+                 align: str = "none"):
         super().__init__()
+        if align not in ALIGN_MODES:
+            raise ValueError(f"patch.align={align!r} is not one of {list(ALIGN_MODES)}")
+        self.align_mode = align
+        # (1, 1, H, W) pose template of the normal training images (align="similarity"; set
+        # by fit_alignment, part of the checkpoint)
+        self.template: torch.Tensor | None = None
         if db_dtype not in DB_DTYPES:
             raise ValueError(f"patch.db_dtype={db_dtype!r} is not one of {list(DB_DTYPES)}")
         self.db_dtype = db_dtype
@@ -157,7 +170,8 @@ class PatchAnomalyDetector(nn.Module):
                 "cell_normalize": self.cell_normalize, "features": self.feature_mode,
                 "dense_layers": list(self.dense_layers), "dense_pool": self.dense_pool,
                 "intensity_norm": self.intensity_norm, "cell_zscore": self.cell_zscore,
-                "reference_shift": self.reference_shift, "db_dtype": self.db_dtype}
+                "reference_shift": self.reference_shift, "db_dtype": self.db_dtype,
+                "align": self.align_mode}
 
     # --- geometry -----------------------------------------------------------------------
     def stride(self, size: int) -> int:
@@ -239,10 +253,29 @@ class PatchAnomalyDetector(nn.Module):
                         out[k].append(int(v))
         return {k: torch.tensor(v, dtype=torch.int32) for k, v in out.items()}
 
+    # --- input: intensity normalisation and pose alignment ----------------------------------
+    @torch.no_grad()
+    def fit_alignment(self, images: torch.Tensor) -> None:
+        """``align="similarity"``: the pose template of normal training images (N, 1, H, W)."""
+        self.template = fit_template(intensity_normalize(images, self.intensity_norm)).cpu()
+
+    @torch.no_grad()
+    def prepare(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 1, H, W) -> (the encoders' input, the poses (B, 4) that aligned it, or None):
+        ``intensity_norm``, then with ``align="similarity"`` each image resampled onto the
+        template (:mod:`.align`)."""
+        images = intensity_normalize(images, self.intensity_norm)
+        if self.align_mode == "none":
+            return images, None
+        if self.template is None:
+            raise RuntimeError("patch.align=similarity needs fit_alignment(normal training "
+                               "images) before features are computed")
+        return align_poses(images, self.template.to(images.device))
+
     @torch.no_grad()
     def shifted_features(self, images: torch.Tensor, size: int) -> torch.Tensor:
         """Pooled features (B, M, D) of the shifted reference patches (``shifted_cells``)."""
-        images = intensity_normalize(images, self.intensity_norm)
+        images = self.prepare(images)[0]
         cells = self.shifted_cells(size)
         enc = self.encoders[str(size)]
         b = images.shape[0]
@@ -268,11 +301,13 @@ class PatchAnomalyDetector(nn.Module):
         return p.reshape(b * nr * nc, 1, size, size)
 
     @torch.no_grad()
-    def features(self, images: torch.Tensor, sizes: list[int] | None = None
-                 ) -> dict[int, torch.Tensor]:
+    def features(self, images: torch.Tensor, sizes: list[int] | None = None,
+                 prepared: bool = False) -> dict[int, torch.Tensor]:
         """Encoder features of every grid cell: ``{size: (B, N, D)}`` (on the images' device),
-        N in the row-major order of :meth:`grid`."""
-        images = intensity_normalize(images, self.intensity_norm)
+        N in the row-major order of :meth:`grid`. ``prepared``: ``images`` are already the
+        output of :meth:`prepare`."""
+        if not prepared:
+            images = self.prepare(images)[0]
         out = {}
         for s in sizes or self.patch_sizes:
             enc = self.encoders[str(s)]
@@ -423,10 +458,16 @@ class PatchAnomalyDetector(nn.Module):
                                             self.image_size, g))
         return maps
 
-    def upsample(self, block_map: torch.Tensor) -> torch.Tensor:
-        """(B, H/g, W/g) -> (B, H, W) (each block's value on its pixels)."""
+    def upsample(self, block_map: torch.Tensor, poses: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """(B, H/g, W/g) -> (B, H, W) (each block's value on its pixels). With the ``poses``
+        of :meth:`prepare` (``align="similarity"``) the map, computed in the template's frame,
+        is mapped back onto each image (0 where the image lies outside the template)."""
         g = self.block
-        return block_map.repeat_interleave(g, dim=-2).repeat_interleave(g, dim=-1)
+        full = block_map.repeat_interleave(g, dim=-2).repeat_interleave(g, dim=-1)
+        if poses is None:
+            return full
+        return unwarp(full[:, None], poses.to(full.device))[:, 0]
 
     def fuse(self, scores: dict[int, torch.Tensor], normalizer: MapNormalizer | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -447,7 +488,8 @@ class PatchAnomalyDetector(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, 1, H, W) in [0, 1] -> ``map`` (B, H, W) A_final in (0, 1), ``score`` (B,)."""
-        scores = self.patch_scores(self.features(images))
+        x, poses = self.prepare(images)
+        scores = self.patch_scores(self.features(x, prepared=True))
         final, image_scores = self.fuse(scores)
-        return {"map": self.upsample(final), "score": image_scores,
+        return {"map": self.upsample(final, poses), "score": image_scores,
                 "patch_scores": scores}

@@ -49,6 +49,7 @@ class SplitScores:
     scores: np.ndarray | None = None  # (n,) image scores in (0, 1)
     raw: np.ndarray | None = None  # (n,) image score of the fused log map, before calibration
     extra: dict = field(default_factory=dict)
+    poses: torch.Tensor | None = None  # (n, 4) patch.align=similarity: for detector.upsample
 
 
 def fit_normalizer(det: PatchAnomalyDetector, val: SplitScores, sizes: list[int],
@@ -160,6 +161,7 @@ class PatchDetectorModule(pl.LightningModule):
         self._collected: dict[int, list[torch.Tensor]] = {}
         self._labels: list[torch.Tensor] = []
         self._index: list[torch.Tensor] = []
+        self._poses: list[torch.Tensor] = []
         self.val_result: SplitScores | None = None
         self.test_result: SplitScores | None = None
 
@@ -173,8 +175,9 @@ class PatchDetectorModule(pl.LightningModule):
         norm = self.detector.normalizer
         stats = {str(s): {"mean": m.contiguous(), "sd": sd.contiguous()}
                  for s, (m, sd) in self.detector.cell_stats.items()}
+        tpl = self.detector.template
         return {"dbs": dbs, "normalizer": None if norm is None else norm.to_dict(),
-                "cell_stats": stats}
+                "cell_stats": stats, "template": None if tpl is None else tpl.contiguous()}
 
     def set_extra_state(self, state: dict) -> None:
         for s, d in state["dbs"].items():
@@ -186,6 +189,7 @@ class PatchDetectorModule(pl.LightningModule):
         # after set_db, which drops the statistics of the database it replaces
         for s, d in state.get("cell_stats", {}).items():
             self.detector.cell_stats[int(s)] = (d["mean"], d["sd"])
+        self.detector.template = state.get("template")
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu"
@@ -215,6 +219,16 @@ class PatchDetectorModule(pl.LightningModule):
     # --- fit: the reference databases -----------------------------------------------------
     def configure_optimizers(self):
         return None
+
+    def on_train_start(self) -> None:
+        """``patch.align=similarity``: the pose template of the normal training images, before
+        their features enter the reference database (one extra pass over the loader)."""
+        det = self.detector
+        if det.align_mode != "none" and det.template is None:
+            loader = self.trainer.train_dataloader
+            images = torch.cat([b["image"] for b in loader]).to(self.device)
+            det.fit_alignment(images)
+            log.info("patch.align: pose template of %d normal training images", len(images))
 
     def on_train_epoch_start(self) -> None:
         self.detector.eval()  # fixed encoders: BatchNorm keeps its running statistics
@@ -261,8 +275,11 @@ class PatchDetectorModule(pl.LightningModule):
         keep = batch["label"] >= 0  # unlabeled items are not scored
         if not keep.any():
             return
-        for s, f in self.detector.features(batch["image"][keep]).items():  # {size: (B, N, D)}
+        x, poses = self.detector.prepare(batch["image"][keep])
+        for s, f in self.detector.features(x, prepared=True).items():  # {size: (B, N, D)}
             self._collected.setdefault(s, []).append(f)
+        if poses is not None:
+            self._poses.append(poses.cpu())
         self._labels.append(batch["label"][keep].cpu())
         self._index.append(batch["index"][keep].cpu())
 
@@ -272,8 +289,9 @@ class PatchDetectorModule(pl.LightningModule):
             raise RuntimeError(f"No labelled {stage} images.")
         scores = self.detector.patch_scores({s: torch.cat(v) for s, v in self._collected.items()})
         out = SplitScores(torch.cat(self._index).numpy(), torch.cat(self._labels).numpy(),
-                          {s: v.cpu() for s, v in scores.items()})
-        self._collected, self._labels, self._index = {}, [], []
+                          {s: v.cpu() for s, v in scores.items()},
+                          poses=torch.cat(self._poses) if self._poses else None)
+        self._collected, self._labels, self._index, self._poses = {}, [], [], []
         return out
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -194,6 +194,32 @@ def test_checkpoint_restores_rank_zscore_and_shift(run_dir, tmp_path):
     assert float(det(img)["score"][0]) != pytest.approx(before, abs=1e-6)
 
 
+def test_pose_alignment_template_travels_in_the_checkpoint(run_dir, tmp_path):
+    """patch.align=similarity: the template of the normal training images is fitted once,
+    saved in patch_detector.ckpt and used by detect_image (same scores; another template
+    gives other scores); the report's maps are mapped back onto each test image."""
+    from experiments import detect_image
+    from lightning_modules.patch_detector.lightning_model import PatchDetectorModule
+
+    out = tmp_path / "run"
+    metrics = pipeline.main([*TINY, "patch.align=similarity", f"out_dir={out}",
+                             f"patch.encoder_dir={run_dir[0] / 'encoders'}"])
+    assert 0.0 <= metrics["pixel_auroc"] <= 1.0
+    det = PatchDetectorModule.load(out / "patch_detector.ckpt").detector
+    assert det.align_mode == "similarity" and det.template.shape == (1, 1, 64, 64)
+    test = pd.read_csv(out / "scores.csv")
+    results = detect_image.main([*test.path[:3], f"run_dir={out}", f"out={tmp_path}"])
+    assert [r["score"] for r in results] == pytest.approx(list(test.score[:3]), abs=1e-5)
+    img = torch.from_numpy(detect_image.read_image(test.path[0], det.image_size))[None, None]
+    before = det(img)
+    det.template = torch.flip(det.template, dims=[-1, -2])
+    assert float(det(img)["score"][0]) != pytest.approx(float(before["score"][0]), abs=1e-6)
+    # without a template the aligned detector refuses to score rather than skip the alignment
+    det.template = None
+    with pytest.raises(RuntimeError, match="patch.align"):
+        det(img)
+
+
 def test_bad_option_values_fail():
     with pytest.raises(ConfigError, match="patch.features"):
         pipeline.main([*TINY, "patch.features=sparse"])

@@ -184,8 +184,8 @@ def test_quality_guard_noise_features_do_not(guard_data, monkeypatch, guard):
     det = _guard_detector(GUARDS[guard][0])
     real = det.features
     g = torch.Generator().manual_seed(0)
-    monkeypatch.setattr(det, "features", lambda x, sizes=None: {
-        s: torch.randn(f.shape, generator=g) for s, f in real(x, sizes).items()})
+    monkeypatch.setattr(det, "features", lambda x, sizes=None, prepared=False: {
+        s: torch.randn(f.shape, generator=g) for s, f in real(x, sizes, prepared).items()})
     _fit(det, train, vn, va)
     scores = det(torch.cat([tn, ta]))["score"].numpy()
     y = np.r_[np.zeros(len(tn)), np.ones(len(ta))]

@@ -1,0 +1,63 @@
+"""Pose alignment (patch.align=similarity): the registration undoes a known similarity
+transform, the inverse warp brings maps back, the template keeps the group's average pose."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules.phantoms import make_cxr
+from lightning_modules.patch_detector.align import (
+    align_poses,
+    estimate_pose,
+    fit_template,
+    ncc,
+    unwarp,
+    warp,
+)
+from lightning_modules.patch_detector.intensity import rank_normalize
+
+
+def _chest(seed: int, size: int = 64) -> torch.Tensor:
+    img = make_cxr(np.random.default_rng(seed), size, style="default")[0]
+    return rank_normalize(torch.from_numpy(np.ascontiguousarray(img)).float()[None, None])
+
+
+def _centre(x: torch.Tensor, margin: int = 12) -> torch.Tensor:
+    return x[..., margin:-margin, margin:-margin]
+
+
+@pytest.mark.parametrize("pose", [(0.09, 0.06, 0.12, -0.1), (-0.1, -0.08, -0.08, 0.14)])
+def test_registration_undoes_a_known_pose(pose):
+    x = _chest(3)
+    moved = warp(x, torch.tensor([pose]))  # rotated ~5 deg, scaled ~7 %, shifted ~5 %
+    aligned, p = align_poses(moved, x)
+    before, after = ncc(_centre(moved), _centre(x)).item(), ncc(_centre(aligned), _centre(x)).item()
+    assert after > 0.98 and after > before + 0.1, (before, after)
+    # the estimate is the inverse pose: angle and log-scale negated (to a few per cent)
+    assert p[0, 0].item() == pytest.approx(-pose[0], abs=0.02)
+    assert p[0, 1].item() == pytest.approx(-pose[1], abs=0.02)
+    # an image already at the template's pose stays (nearly) where it is
+    assert estimate_pose(x, x).abs().max().item() < 0.02
+
+
+def test_unwarp_inverts_warp():
+    torch.manual_seed(0)
+    m = torch.nn.functional.interpolate(torch.rand(2, 1, 8, 8), size=(64, 64), mode="bicubic")
+    p = torch.tensor([[0.1, 0.05, 0.1, -0.05], [-0.05, -0.1, -0.1, 0.1]])
+    back = unwarp(warp(m, p), p)
+    assert torch.allclose(_centre(back, 16), _centre(m, 16), atol=0.03)
+    assert not torch.allclose(_centre(warp(m, p), 16), _centre(m, 16), atol=0.03)
+
+
+def test_template_keeps_the_average_pose_of_the_group():
+    """Copies of one chest at symmetric shifts: the template is that chest where it was, not
+    the blurred mean and not moved to one copy's pose."""
+    x = _chest(5)
+    shifts = torch.tensor([[0.0, 0.0, d, e] for d in (-0.12, 0.12) for e in (-0.1, 0.1)])
+    group = warp(x.repeat(4, 1, 1, 1), shifts)
+    mean = group.mean(0, keepdim=True)
+    t = fit_template(group)
+    assert ncc(_centre(t), _centre(x)).item() > 0.97
+    assert ncc(_centre(t), _centre(x)).item() > ncc(_centre(mean), _centre(x)).item() + 0.05
