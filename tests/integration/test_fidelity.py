@@ -113,3 +113,21 @@ def test_chunk_sizes_of_the_paper_profile_fit_an_80_gb_gpu_with_margin(res, chun
     row, = memory_table("resnet50", 64, chunk, [res])  # 64 patches per GPU (256 / 4)
     assert row["full_GiB"] > 74.5  # one pass does not fit 80 GB = 74.5 GiB
     assert row["chunk_GiB"] < 0.6 * 74.5  # the chunked step leaves > 40 % for the rest
+
+
+def test_patch_paper_profile_is_the_published_method_with_every_option_of_ours_off():
+    """Kim et al.: sizes 128-1024 on 1024² images, d = (2, 1, 0, 0), eq. 6's weights
+    (0.1, 1.2, 1.2, 1.0), Mahalanobis, image score = max of A_final; none of our options (the
+    cpu profile's dense cells, rank normalisation, cell z-score, validation-chosen weights and
+    pose alignment) is on."""
+    from experiments import pipeline_patch
+
+    p = pipeline_patch.load(["profile=paper"]).patch
+    assert list(p.patch_sizes) == [128, 256, 512, 1024] and list(p.locality) == [2, 1, 0, 0]
+    assert list(p.weights) == [0.1, 1.2, 1.2, 1.0] and p.distance == "mahalanobis"
+    assert p.image_score == "max" and p.stride_fraction == 1.0
+    assert (p.features, p.intensity_norm, p.align) == ("pooled", "none", "none")
+    assert not (p.cell_zscore or p.cell_normalize or p.select_weights or p.reference_shift)
+    cpu = pipeline_patch.load(["profile=cpu"]).patch  # the options the cpu profile turns on
+    assert (cpu.features, cpu.intensity_norm, cpu.align) == ("dense", "rank", "similarity")
+    assert cpu.cell_zscore and cpu.select_weights
