@@ -98,11 +98,9 @@ def align_poses(images: torch.Tensor, template: torch.Tensor
 def unwarp(maps: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """The inverse of :func:`warp`: (B, C, H, W) in the template frame -> each image's frame
     (0 outside the template)."""
-    a, log_s, tx, ty = _clamp(p).unbind(1)
-    inv = (-log_s).exp()  # x_tpl = R(-a) (x_img - t) / s
-    c, si = a.cos() * inv, a.sin() * inv
-    m = torch.stack([torch.stack([c, si, -(c * tx + si * ty)], 1),
-                     torch.stack([-si, c, si * tx - c * ty], 1)], 1)
+    fwd = theta(p)  # (B, 2, 3); as a 3x3 homogeneous matrix it is inverted exactly
+    last = fwd.new_tensor([0.0, 0.0, 1.0]).expand(fwd.shape[0], 1, 3)
+    m = torch.linalg.inv(torch.cat([fwd, last], 1))[:, :2]
     grid = F.affine_grid(m.to(maps.dtype), list(maps.shape), align_corners=False)
     return F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 

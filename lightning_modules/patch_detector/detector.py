@@ -273,9 +273,12 @@ class PatchAnomalyDetector(nn.Module):
         return align_poses(images, self.template.to(images.device))
 
     @torch.no_grad()
-    def shifted_features(self, images: torch.Tensor, size: int) -> torch.Tensor:
-        """Pooled features (B, M, D) of the shifted reference patches (``shifted_cells``)."""
-        images = self.prepare(images)[0]
+    def shifted_features(self, images: torch.Tensor, size: int, prepared: bool = False
+                         ) -> torch.Tensor:
+        """Pooled features (B, M, D) of the shifted reference patches (``shifted_cells``);
+        ``prepared`` as in :meth:`features`."""
+        if not prepared:
+            images = self.prepare(images)[0]
         cells = self.shifted_cells(size)
         enc = self.encoders[str(size)]
         b = images.shape[0]

@@ -236,9 +236,10 @@ class PatchDetectorModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         if (batch["label"] != 0).any():
             raise ValueError("The reference database takes normal training images only.")
-        for s, f in self.detector.features(batch["image"]).items():  # {size: (B, N, D)}
+        x = self.detector.prepare(batch["image"])[0]  # once for every size (and shift)
+        for s, f in self.detector.features(x, prepared=True).items():  # {size: (B, N, D)}
             if self.detector.shifts(s):  # reference_shift: + the shifted grids' patches
-                f = torch.cat([f, self.detector.shifted_features(batch["image"], s)], 1)
+                f = torch.cat([f, self.detector.shifted_features(x, s, prepared=True)], 1)
             self._ref.setdefault(s, []).append(f.cpu())
 
     def build_reference_dbs(self) -> None:
