@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from datamodules.patches import patch_grid
-from lightning_modules.patch_detector.align import ALIGN_MODES, align_poses, fit_template, unwarp
+from lightning_modules.align import ALIGN_MODES, align_poses, fit_template, unwarp
 from lightning_modules.patch_detector.anomaly_map import (
     MapNormalizer,
     map_block,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from datamodules.phantoms import make_cxr
-from lightning_modules.patch_detector.align import (
+from lightning_modules.align import (
     align_poses,
     estimate_pose,
     fit_template,

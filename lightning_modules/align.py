@@ -1,5 +1,6 @@
-"""Pose alignment of radiographs to a template of the normal training images (not in Kim et
-al. 2023; ``patch.align=similarity``).
+"""Pose alignment of radiographs to a template of the normal training images (in neither
+paper; ``patch.align=similarity`` for the patch detector, ``glow.align=similarity`` for the 2D
+flow posterior).
 
 The paper compares a patch with the normal patches at the same grid position (within a small
 locality window), so it assumes every radiograph shows the patient in the same place. Real
@@ -7,7 +8,7 @@ positioning varies: rotation of a few degrees, shifts, magnification. The benchm
 chest phantoms (experiments/benchmarks/detection.py) carry exactly that variation, and with it
 switched off the patch detector's test AUROC on dev seed 100 rose from 0.73 to 0.92 (the
 enlarged heart from 0.54 to 0.86): pose, not the encoders, is what the score was mostly
-measuring. This module removes it the usual way of atlas-based pipelines: each image is mapped
+measuring. A flow trained on a few hundred images spends its capacity on the same nuisance. This module removes it the usual way of atlas-based pipelines: each image is mapped
 onto a template by the similarity transform (rotation, isotropic scale, translation) that
 maximises the normalised cross-correlation (NCC) with the template, found by gradient ascent
 from the identity, coarse to fine; the template is the mean of the normal training images after
