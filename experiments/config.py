@@ -129,6 +129,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "glow.coupling_scale": ("paper", "glow"),
     "glow.m1_init": glow_config.M1_INITS,
     "glow.intensity_norm": glow_config.INTENSITY_NORMS,
+    "glow.align": glow_config.ALIGN_MODES,
     "glow.schedule": glow_config.SCHEDULES,
     "glow.matched_start": glow_config.MATCHED_STARTS,
     "glow.score": glow_config.IMAGE_SCORES,
@@ -514,6 +515,9 @@ def validate(cfg: DictConfig) -> None:
     check_ranges(cfg)
     if cfg.data.fold < 0 or cfg.data.fold >= cfg.data.n_folds:
         raise ConfigError(f"data.fold={cfg.data.fold} must lie in 0..{cfg.data.n_folds - 1}")
+    if cfg.glow.align != "none" and cfg.data.modality == "bct":
+        raise ConfigError(f"glow.align={cfg.glow.align} registers 2D images only; head-CT "
+                          "volumes (data.modality=bct) need glow.align=none")
     p = cfg.patch
     if not (len(p.patch_sizes) == len(p.locality) == len(p.weights)):
         raise ConfigError(

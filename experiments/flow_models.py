@@ -13,6 +13,7 @@ is its own W&B run (``glow_<modality>_<name>``), grouped with the evaluation's.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -29,7 +30,7 @@ MODELS = {"m0": ("train", "normal", "S_normal"), "m1": ("train", "mixture", "S_m
           "start": ("train", "normal", "S_normal")}
 FINGERPRINT = "fingerprint.json"  # written after a finished training
 # glow.* keys that do not change a trained model (how it is scored or reused)
-SCORING_ONLY = ("reuse_models", "score", "map_sigma", "map_top_fraction", "map_source",
+SCORING_ONLY = ("reuse_models", "select_align", "score", "map_sigma", "map_top_fraction", "map_source",
                 "map_norm", "map_region", "n_samples", "sample_temperature")
 
 
@@ -63,9 +64,10 @@ def resolved_model_configs(cfg: DictConfig) -> dict[str, DictConfig]:
 
 
 def fingerprint(sub: DictConfig, items: list, init_ckpt: Path | None, max_steps: int | None,
-                select: str) -> dict:
+                select: str, template=None) -> dict:
     """What a trained model depends on (``ckpt_path``, ``out_dir`` and the data root excluded:
-    the item list stands for the data; a resumed training is the same training)."""
+    the item list stands for the data; a resumed training is the same training). ``template``:
+    the pose template (glow.align), which depends on S_normal even when M1 trains on S_mixture."""
 
     data = {k: v for k, v in OmegaConf.to_container(sub.data, resolve=True).items()
             if k not in ("num_workers", "root")}
@@ -77,6 +79,8 @@ def fingerprint(sub: DictConfig, items: list, init_ckpt: Path | None, max_steps:
     return {"items": json_digest([[str(it.path), it.label] for it in items]),
             "settings": json_digest(settings),
             "init": file_sha256(init_ckpt) if init_ckpt is not None else None,
+            "template": None if template is None else hashlib.sha256(
+                template.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest(),
             "code": git_commit()}
 
 
@@ -96,11 +100,12 @@ def reusable(cfg: DictConfig, folder: Path, fp: dict) -> Path | None:
 
 
 def ensure_model(cfg: DictConfig, name: str, out: Path, dm, init_ckpt: Path | None = None,
-                 max_steps: int | None = None) -> Path:
+                 max_steps: int | None = None, template=None) -> Path:
     """The checkpoint of ``name`` (m0 | m1 | start) under ``OUT/<name>``: reused when its
     fingerprint matches, else trained. ``init_ckpt``: start from these weights (M1 from M0 with
     ``glow.m1_init=m0``; M0 and M1 from the shared start with ``glow.schedule=matched``).
-    ``max_steps``: exactly this many optimiser steps, keeping the last checkpoint."""
+    ``max_steps``: exactly this many optimiser steps, keeping the last checkpoint.
+    ``template``: the pose template of S_normal (glow.align), the same for every model."""
     from experiments.common import finish_wandb
 
     folder = out / name
@@ -113,7 +118,7 @@ def ensure_model(cfg: DictConfig, name: str, out: Path, dm, init_ckpt: Path | No
         select = "last"
     elif name == "start":
         select = "last"  # the shared start: a fixed length
-    fp = fingerprint(sub, items, init_ckpt, max_steps, select)
+    fp = fingerprint(sub, items, init_ckpt, max_steps, select, template)
     ckpt = reusable(cfg, folder, fp)
     if ckpt is not None:
         log.info("Reusing %s = %s (same data, settings and code)", name.upper(), ckpt)
@@ -133,6 +138,8 @@ def ensure_model(cfg: DictConfig, name: str, out: Path, dm, init_ckpt: Path | No
              name.upper(), int(sub.trainer.max_epochs), sub.optim.name, float(sub.optim.lr),
              sub.optim.scheduler, float(sub.optim.warmup_epochs), select)
     kw = {"max_steps": max_steps} if max_steps else {}
+    if template is not None:
+        kw["template"] = template
     if select != "best":
         kw["select"] = select
     if group is None:
@@ -155,14 +162,20 @@ def train_models(cfg: DictConfig, out: Path, dm) -> dict[str, Path]:
     S_mixture together) for trainer.max_epochs (OUT/start), then M0
     continues on S_normal and M1 on S_mixture, each for exactly ``glow.matched_steps``
     optimiser steps (``glow.m1_init`` is then irrelevant: both start from the shared start).
+    glow.align=similarity: every model aligns to one pose template of S_normal, fitted here.
     """
+    from experiments.train_glow import fit_align_template
+
+    tpl = fit_align_template(cfg, dm)
     if cfg.glow.schedule == "matched":
-        start = ensure_model(cfg, "start", out, dm)
+        start = ensure_model(cfg, "start", out, dm, template=tpl)
         steps = int(cfg.glow.matched_steps)
         return {"start": start,
-                "m0": ensure_model(cfg, "m0", out, dm, init_ckpt=start, max_steps=steps),
-                "m1": ensure_model(cfg, "m1", out, dm, init_ckpt=start, max_steps=steps)}
-    ckpts = {"m0": ensure_model(cfg, "m0", out, dm)}
-    ckpts["m1"] = ensure_model(cfg, "m1", out, dm,
+                "m0": ensure_model(cfg, "m0", out, dm, init_ckpt=start, max_steps=steps,
+                                   template=tpl),
+                "m1": ensure_model(cfg, "m1", out, dm, init_ckpt=start, max_steps=steps,
+                                   template=tpl)}
+    ckpts = {"m0": ensure_model(cfg, "m0", out, dm, template=tpl)}
+    ckpts["m1"] = ensure_model(cfg, "m1", out, dm, template=tpl,
                                init_ckpt=ckpts["m0"] if cfg.glow.m1_init == "m0" else None)
     return ckpts

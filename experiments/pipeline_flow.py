@@ -12,6 +12,9 @@ test, write.
    threshold on **val** (Youden's J; never on test; without val, cross-fitted on test), test =
    log p(x|M0), log p(x|M1), log p(normal|x) (eq. 3; anomaly score -log p(normal|x)), the
    likelihood-only score -log p(x|M0) (Appendix A) and the anomaly maps;
+   With ``glow.select_align=true`` (ours) this is done twice, without pose alignment (OUT/m0,
+   OUT/m1) and with ``glow.align`` (OUT/align_<align>/), and the pair with the higher
+   validation AUROC is kept;
 3. OUT/scores.csv, OUT/metrics.json, OUT/report.html (+ figures) (README "Evaluation outputs";
    :mod:`experiments.report_flow`) and OUT/flow_posterior.ckpt (M0, M1, thresholds).
 
@@ -22,6 +25,7 @@ set compositions), then data/profile/command line as usual.
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 from pathlib import Path
@@ -104,6 +108,20 @@ def labelled(dm, split: str) -> list:
     return items
 
 
+def align_candidates(cfg: DictConfig, out: Path) -> list[tuple[str, DictConfig, Path]]:
+    """(glow.align, configuration, models' folder) of each pair of Glows to train: one, or with
+    glow.select_align and glow.align != none two, unaligned first (it wins a tie: the paper's
+    way) in OUT itself, as with glow.align=none, then aligned in OUT/align_<align>."""
+    if not cfg.glow.select_align or str(cfg.glow.align) == "none":
+        return [(str(cfg.glow.align), cfg, out)]
+    result = []
+    for mode in ("none", str(cfg.glow.align)):
+        sub = copy.deepcopy(cfg)
+        sub.glow.align = mode
+        result.append((mode, sub, out if mode == "none" else out / f"align_{mode}"))
+    return result
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train (or reuse) M0 and M1, validate (threshold), test, write."""
     import torch
@@ -126,17 +144,41 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     log.info("Sets: %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
     test_items, val_items = labelled(dm, "test"), labelled(dm, "val")
 
-    module = build_module(cfg, train_models(cfg, out, dm))
-    check_models(module.m0, module.m1, cfg.data, cfg.glow.n_bits,
-                 (1, *np.shape(dm.load(test_items[0]))))
     device = pick_device(cfg.trainer.accelerator, "trainer.accelerator")
-    if module.hparams.map_norm == "position":  # fitted on the training normals, never test
-        module.to(device).eval().fit_map_statistics(loader(cfg, dm, dm.items("train", "normal")))
-    trainer = scoring_trainer(device, progress=bool(cfg.trainer.progress_bar))
-    log.info("Scoring %d val and %d test items on %s", len(val_items), len(test_items), device)
+    cands = align_candidates(cfg, out)
+    if len(cands) > 1 and not val_items:
+        raise ConfigError("glow.select_align=true chooses on the labelled validation set, "
+                          "which is empty here; set glow.select_align=false.")
+    fitted = []  # (align mode, module) per candidate, validated
+    for mode, c, folder in cands:
+        module = build_module(c, train_models(c, folder, dm))
+        check_models(module.m0, module.m1, cfg.data, cfg.glow.n_bits,
+                     (1, *np.shape(dm.load(test_items[0]))))
+        if module.hparams.map_norm == "position":  # fitted on the training normals, never test
+            module.to(device).eval().fit_map_statistics(
+                loader(cfg, dm, dm.items("train", "normal")))
+        trainer = scoring_trainer(device, progress=bool(cfg.trainer.progress_bar))
+        log.info("Scoring %d val and %d test items on %s%s", len(val_items), len(test_items),
+                 device, f" (glow.align={mode})" if len(cands) > 1 else "")
+        if val_items:
+            trainer.validate(module, loader(cfg, dm, val_items), verbose=False)
+        fitted.append((mode, module, trainer))
+    align_selection = {}
+    if len(fitted) > 1:
+        from lightning_modules.selection import choose_on_validation
+
+        y = fitted[0][1].val_labels
+        best, aucs = choose_on_validation(y, [m.val_result.score for _, m, _ in fitted],
+                                          "glow.select_align")
+        align_selection = {f"val_auroc_{mode}": a for (mode, _, _), a in zip(fitted, aucs,
+                                                                             strict=True)}
+        log.info("glow.select_align: glow.align=%s (validation AUROC %s)", fitted[best][0],
+                 ", ".join(f"{mode} {a:.3f}" for (mode, _, _), a in zip(fitted, aucs,
+                                                                         strict=True)))
+        fitted = [fitted[best]]
+    align, module, trainer = fitted[0]
     val, y_val = None, np.zeros(0, dtype=int)
     if val_items:
-        trainer.validate(module, loader(cfg, dm, val_items), verbose=False)
         val, y_val = module.val_result, module.val_labels
     trainer.test(module, loader(cfg, dm, test_items), verbose=False)
     test = module.test_result
@@ -153,6 +195,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if module.score_selection:
         metrics["score_selection"] = {f"val_auroc_{k}": v for k, v in module.score_selection.items()}
     metrics["map"] = {k: str(cfg.glow[k]) for k in ("map_source", "map_norm", "map_region")}
+    metrics["align"] = align  # glow.select_align: the chosen one
+    if align_selection:
+        metrics["align_selection"] = align_selection
     masks = [dm.load_mask(it) for it in test_items]
     if test.anomaly_map is not None and any(m is not None for m in masks):
         from experiments.evaluation import pixel_auroc, pixel_auroc_ci

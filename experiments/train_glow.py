@@ -22,7 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from experiments.cli import entry
-from experiments.common import build_trainer, make_logger, resolve_ckpt_path, setup_logging
+from experiments.common import (
+    build_trainer,
+    make_logger,
+    resolve_ckpt_path,
+    setup_logging,
+    track,
+)
 from experiments.config import ConfigError, load_job, prepare_run_dir, resolve_job
 from lightning_modules.checkpoint import read_checkpoint
 
@@ -128,13 +134,74 @@ class RotatedCopies(torch.utils.data.Dataset):
         return out
 
 
-def build_loaders(cfg: DictConfig, dm, select: str = "best", group: str | None = None
+def refuse_non_finite(images: torch.Tensor, items: list, start: int = 0) -> None:
+    """ConfigError naming the first item of ``items[start:]`` whose image (a row of the batch
+    ``images``) holds NaN or inf: glow.align cannot register it."""
+    bad = (~torch.isfinite(images.flatten(1)).all(1)).nonzero().flatten().tolist()
+    if bad:
+        raise ConfigError(f"{items[start + bad[0]].path}: non-finite pixel values, so "
+                          "glow.align cannot register it; fix or remove the file (or set "
+                          "glow.align=none)")
+
+
+class PoseAligned(torch.utils.data.Dataset):
+    """Each item of ``base`` resampled onto the pose ``template`` (glow.align=similarity). The
+    poses are estimated once, in batches, when the dataset is made (a few hundred gradient
+    steps of registration per batch would otherwise be paid again every epoch)."""
+
+    def __init__(self, base, template: torch.Tensor, batch_size: int = 64, what: str = "items"):
+        from lightning_modules.align import estimate_pose
+
+        self.base = base
+        loader = DataLoader(base, batch_size=batch_size, shuffle=False)
+        items = getattr(base, "items", None)  # an ItemDataset names its files in errors
+        poses = []
+        for k, b in enumerate(track(loader, f"glow.align: registering {len(base)} {what}",
+                                    total=len(loader))):
+            if items is not None:
+                refuse_non_finite(b["image"], items, k * batch_size)
+            poses.append(estimate_pose(b["image"].float(), template))
+        self.poses = torch.cat(poses) if poses else torch.zeros(0, 4)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict:
+        from lightning_modules.glow.lightning_model import warp_to_template
+
+        out = dict(self.base[i])
+        out["image"] = warp_to_template(out["image"][None], self.poses[i:i + 1])[0]
+        return out
+
+
+def fit_align_template(cfg: DictConfig, dm) -> torch.Tensor | None:
+    """glow.align=similarity: the pose template (1, 1, H, W) of S_normal (every train/normal
+    item: M0's own set, whichever model is trained, so M0 and M1 share it); None otherwise."""
+    if str(cfg.glow.align) == "none":
+        return None
+    from datamodules.base import ItemDataset
+    from lightning_modules.align import fit_template
+
+    items = dm.items("train", "normal")
+    if len(items) < 2:
+        raise ConfigError(f"glow.align={cfg.glow.align} fits its pose template on S_normal "
+                          f"(train/normal), which has {len(items)} item(s); it needs >= 2")
+    loader = DataLoader(ItemDataset(dm, items), batch_size=64, shuffle=False)
+    images = torch.cat([b["image"].float() for b in loader])
+    refuse_non_finite(images, items)
+    log.info("glow.align: pose template of %d S_normal images", len(images))
+    return fit_template(images)
+
+
+def build_loaders(cfg: DictConfig, dm, select: str = "best", group: str | None = None,
+                  template: torch.Tensor | None = None
                   ) -> tuple[DataLoader, DataLoader | None]:
     """M0 trains on train/normal, M1 on train/mixture (``group``: another train group, or
     "all" = every training item: the matched schedule's shared start with
     glow.matched_start=all). Validation (only for select=best, to pick the best val/bpd): a
     held-out glow.val_fraction of the model's own training set, so M0 is validated on held-out
-    normals and M1 on held-out mixture, never on the labelled val/test images."""
+    normals and M1 on held-out mixture, never on the labelled val/test images. ``template``
+    (glow.align): both sets aligned to it (:class:`PoseAligned`), before rotated copies."""
     group = group or TRAIN_GROUP[cfg.glow.model]
     train_items = dm.items("train", None if group == "all" else group)
     if not train_items:
@@ -150,6 +217,8 @@ def build_loaders(cfg: DictConfig, dm, select: str = "best", group: str | None =
 
     bs, nw = per_device_batch_size(cfg), cfg.data.num_workers
     train_ds = ItemDataset(dm, train_items)
+    if template is not None:
+        train_ds = PoseAligned(train_ds, template, what="training items")
     if int(cfg.glow.rotation_copies) > 1:
         train_ds = RotatedCopies(train_ds, int(cfg.glow.rotation_copies),
                                  float(cfg.glow.rotation_deg))
@@ -158,7 +227,10 @@ def build_loaders(cfg: DictConfig, dm, select: str = "best", group: str | None =
                        num_workers=nw, drop_last=False, persistent_workers=nw > 0)
     val = None
     if val_items:
-        val = DataLoader(ItemDataset(dm, val_items), batch_size=bs, shuffle=False,
+        val_ds = ItemDataset(dm, val_items)
+        if template is not None:
+            val_ds = PoseAligned(val_ds, template, what="held-out items")
+        val = DataLoader(val_ds, batch_size=bs, shuffle=False,
                          num_workers=nw, persistent_workers=nw > 0)
     log.info("Glow %s: %d training items (train/%s, x%d rotated copies), %d held out for "
              "val/bpd (select=%s)", cfg.glow.model, len(train_items), group,
@@ -219,7 +291,7 @@ def save_samples_png(path: Path, samples: torch.Tensor, n_slices: int = 8) -> Pa
 
 def train(cfg: DictConfig, datamodule=None, init_ckpt: str | Path | None = None,
           max_steps: int | None = None, select: str | None = None,
-          group: str | None = None) -> Path:
+          group: str | None = None, template: torch.Tensor | None = None) -> Path:
     """Train Glow per ``cfg`` for trainer.max_epochs; returns the checkpoint ``select`` picks
     (default glow.select): "best" = the lowest val/bpd on the held-out part of the model's own
     training set (last if there is none), "last" = the last epoch (the papers' fixed training
@@ -229,7 +301,9 @@ def train(cfg: DictConfig, datamodule=None, init_ckpt: str | Path | None = None,
     checkpoint instead of a fresh initialisation; it must have the same architecture and input
     shape. Optimiser state and epoch count start afresh. A resumed run (``ckpt_path``) restores
     its own weights over these. ``max_steps``: stop after this many optimiser steps instead of
-    ``trainer.max_epochs`` epochs. ``group``: the training items (see :func:`build_loaders`)."""
+    ``trainer.max_epochs`` epochs. ``group``: the training items (see :func:`build_loaders`).
+    ``template``: the pose template with glow.align=similarity (default: fitted on S_normal
+    here, :func:`fit_align_template`)."""
     import pytorch_lightning as pl
 
     from lightning_modules.glow import GlowModule
@@ -241,7 +315,9 @@ def train(cfg: DictConfig, datamodule=None, init_ckpt: str | Path | None = None,
 
         datamodule = build_datamodule(cfg.data)
     select = str(cfg.glow.select) if select is None else select
-    train_loader, val_loader = build_loaders(cfg, datamodule, select, group)
+    if template is None:
+        template = fit_align_template(cfg, datamodule)
+    train_loader, val_loader = build_loaders(cfg, datamodule, select, group, template)
     module = GlowModule(
         glow=OmegaConf.to_container(cfg.glow, resolve=True),
         input_shape=input_shape(cfg.data),
@@ -252,6 +328,8 @@ def train(cfg: DictConfig, datamodule=None, init_ckpt: str | Path | None = None,
     )
     if init_ckpt is not None:
         init_weights(module, init_ckpt)
+    if template is not None:
+        module.set_template(template)
     monitor = "val/bpd" if val_loader is not None else "train/bpd"
     logger = make_logger(cfg, out, name=f"glow_{cfg.data.modality}_{cfg.glow.model}")
     trainer = build_trainer(

@@ -51,12 +51,13 @@ def theta(p: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.stack([c, -si, tx], 1), torch.stack([si, c, ty], 1)], 1)
 
 
-def warp(images: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+def warp(images: torch.Tensor, p: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
     """(B, C, H, W) resampled onto the template frame by the poses ``p`` (B, 4); outside the
-    image the border values are repeated."""
+    image the border values are repeated. ``mode``: ``grid_sample``'s interpolation; bicubic
+    keeps small images sharper (bilinear blurs by an amount that depends on each image's
+    sub-pixel shift) but may overshoot the input's range slightly."""
     grid = F.affine_grid(theta(p).to(images.dtype), list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border",
-                         align_corners=False)
+    return F.grid_sample(images, grid, mode=mode, padding_mode="border", align_corners=False)
 
 
 def ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -69,7 +70,14 @@ def ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def estimate_pose(images: torch.Tensor, template: torch.Tensor, lr: float = 0.03
                   ) -> torch.Tensor:
     """Similarity poses (B, 4) that map each of ``images`` (B, 1, H, W) onto ``template``
-    (1, 1, H', W'): NCC ascent (Adam) from the identity, at 32² then 64² (area-downsampled)."""
+    (1, 1, H', W'): NCC ascent (Adam) from the identity, at 32² then 64² (area-downsampled).
+    Non-finite pixels are refused (ValueError): they have no pose, and grid_sample's backward
+    on them can crash the process rather than raise."""
+    bad = ~torch.isfinite(images.flatten(1)).all(1)
+    if bad.any() or not torch.isfinite(template).all():
+        where = "the template" if not bad.any() else \
+            f"image(s) {bad.nonzero().flatten().tolist()} of the batch"
+        raise ValueError(f"estimate_pose: non-finite pixel values in {where}")
     # Lightning scores under inference mode, which enable_grad alone does not lift; the
     # inputs are cloned out of it so autograd may save them
     with torch.inference_mode(False), torch.enable_grad():
@@ -88,12 +96,12 @@ def estimate_pose(images: torch.Tensor, template: torch.Tensor, lr: float = 0.03
     return _clamp(p.detach())
 
 
-def align_poses(images: torch.Tensor, template: torch.Tensor
+def align_poses(images: torch.Tensor, template: torch.Tensor, mode: str = "bilinear"
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``images`` (B, 1, H, W) aligned to ``template`` at their own resolution, and the poses
-    (B, 4) that did it (for :func:`unwarp`)."""
+    """``images`` (B, 1, H, W) aligned to ``template`` at their own resolution (interpolated
+    by ``mode``, see :func:`warp`), and the poses (B, 4) that did it (for :func:`unwarp`)."""
     p = estimate_pose(images, template)
-    return warp(images.float(), p).to(images.dtype), p
+    return warp(images.float(), p, mode).to(images.dtype), p
 
 
 def unwarp(maps: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 # Allowed values of the options below (validated with every config in experiments.config).
 M1_INITS = ("scratch", "m0")
 INTENSITY_NORMS = ("none", "rank")
+ALIGN_MODES = ("none", "similarity")  # the registration of patch.align
 SCHEDULES = ("independent", "matched")
 MATCHED_STARTS = ("normal", "all")
 IMAGE_SCORES = ("global", "local", "likelihood")
@@ -65,6 +66,15 @@ class GlowConfig:
     # Per-image intensity normalisation before dequantisation: none (paper) | rank (each pixel
     # -> its mid-rank in its own image; invariant to exposure gain / gamma).
     intensity_norm: str = "none"
+    # Pose alignment before the flow (2D only): none (paper) | similarity (each image resampled
+    # onto a template of S_normal by the rotation / scale / shift maximising its NCC with it,
+    # lightning_modules/align.py, before intensity_norm). M0 and M1 share the template (fitted
+    # on S_normal, stored in each checkpoint); per-pixel maps are mapped back onto each image.
+    align: str = "none"
+    # Flow pipeline only, with align != none: M0 and M1 trained both ways, unaligned (OUT/m0,
+    # OUT/m1) and aligned (OUT/align_<align>/), and the pair with the higher validation AUROC
+    # kept (lightning_modules/selection.py; the unaligned pair wins ties).
+    select_align: bool = False
     # Flow posterior: how M0 and M1 are trained. independent (paper): each for
     # trainer.max_epochs on its own set (M1's start: m1_init). matched: a shared start (a Glow
     # trained on S_normal for trainer.max_epochs), then M0 continues on S_normal and M1 on

@@ -56,8 +56,8 @@ def test_flow_paper_presets_resolve_m0_and_m1_to_the_papers_tables(preset):
         # fixed training length: the last epoch, every training image trained on
         assert g.select == "last" and g.val_fraction == 0.0
         # the published method: independent models, M1 from scratch, global posterior score
-        assert (g.schedule, g.m1_init, g.score, g.intensity_norm) == (
-            "independent", "scratch", "global", "none")
+        assert (g.schedule, g.m1_init, g.score, g.intensity_norm, g.align) == (
+            "independent", "scratch", "global", "none", "none")
     assert subs["m0"].glow.model == "m0" and subs["m1"].glow.model == "m1"
 
 
@@ -78,6 +78,9 @@ def test_cpu_profile_keeps_todays_recipe():
                 "adam", "none", 50.0)
             assert sub.glow.coupling_net == "normflows" and sub.glow.select == "best"
             assert sub.trainer.max_epochs == (30 if modality == "cxr" else 12)
+            # pose alignment (ours) for 2D chest images only; align.py registers 2D images
+            assert sub.glow.align == ("similarity" if modality == "cxr" else "none")
+            assert sub.glow.select_align == (modality == "cxr")
 
 
 def test_fictional_image_preset_is_section_4_1():

@@ -194,16 +194,24 @@ def test_pipeline_end_to_end(out_dir, modality, monkeypatch, one_thread):
         raise AssertionError("M0/M1 should have been reused, not retrained")
 
     monkeypatch.setattr("experiments.train_glow.train", no_training)
-    ckpt = flow_models.train_models(cfg, out, dm)["m0"]
-    fp = json.loads((out / "m0" / "fingerprint.json").read_text())
-    assert not Path(fp["ckpt"]).is_absolute() and ckpt == out / "m0" / fp["ckpt"]
+    # (cxr, cpu: glow.select_align trains an unaligned pair in OUT and an aligned one below it)
+    cands = pipeline_flow.align_candidates(cfg, out)
+    assert [m for m, _, _ in cands] == (["none", "similarity"] if modality == "cxr" else ["none"])
+    assert saved["align"] in {m for m, _, _ in cands}
+    for _, c, folder in cands:
+        ckpt = flow_models.train_models(c, folder, dm)["m0"]
+        fp = json.loads((folder / "m0" / "fingerprint.json").read_text())
+        assert not Path(fp["ckpt"]).is_absolute() and ckpt == folder / "m0" / fp["ckpt"]
     # ... a copied run folder uses its own files, not the original's ...
     import shutil
 
     copy = out_dir / "copy"
     shutil.copytree(out, copy)
-    assert flow_models.train_models(pipeline_flow.load(_argv(root, copy, modality)), copy,
-                                    dm)["m0"] == copy / "m0" / fp["ckpt"]
+    for _, c, folder in pipeline_flow.align_candidates(
+            pipeline_flow.load(_argv(root, copy, modality)), copy):
+        fp = json.loads((folder / "m0" / "fingerprint.json").read_text())
+        assert flow_models.train_models(c, folder, dm)["m0"] == folder / "m0" / fp["ckpt"]
+        assert folder.is_relative_to(copy)
     # ... other settings are refused with the way out named ...
     other = ["data.image_size=32"] if modality == "cxr" else ["data.volume_size=[16,16,16]"]
     with pytest.raises(ConfigError, match="reuse_models=retrain"):
@@ -355,8 +363,8 @@ def test_matched_schedule_trains_m0_and_m1_for_equal_steps_from_a_shared_start(o
         return path
 
     monkeypatch.setattr("experiments.train_glow.train", fake_train)
-    cfg = pipeline_flow.load(["data=folder", "profile=cpu", "glow.schedule=matched",
-                              "glow.matched_steps=7", "trainer.max_epochs=5"])
+    cfg = pipeline_flow.load(["data=folder", "profile=cpu", "glow.schedule=matched",  # fake
+                              "glow.matched_steps=7", "trainer.max_epochs=5", "glow.align=none"])
     ckpts = flow_models.train_models(cfg, out_dir, _fake_dm(4))
     start = ckpts["start"]
     assert calls == [("start", "m0", None, None, "last", 5),
@@ -385,8 +393,8 @@ def test_matched_start_all_trains_the_shared_start_on_every_training_item(out_di
     monkeypatch.setattr("experiments.train_glow.train", fake_train)
     with pytest.raises(ConfigError, match="glow.matched_start"):
         pipeline_flow.load(["data=folder", "glow.matched_start=mixture"])
-    cfg = pipeline_flow.load(["data=folder", "profile=cpu", "glow.schedule=matched",
-                              "glow.matched_start=all", "glow.matched_steps=3"])
+    cfg = pipeline_flow.load(["data=folder", "profile=cpu", "glow.schedule=matched",  # fake
+                              "glow.matched_start=all", "glow.matched_steps=3", "glow.align=none"])
     groups = {"normal": ["n0.png", "n1.png"], "mixture": ["x0.png", "x1.png", "x2.png"]}
 
     def items(split, group=None):

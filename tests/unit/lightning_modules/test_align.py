@@ -61,3 +61,12 @@ def test_template_keeps_the_average_pose_of_the_group():
     t = fit_template(group)
     assert ncc(_centre(t), _centre(x)).item() > 0.97
     assert ncc(_centre(t), _centre(x)).item() > ncc(_centre(mean), _centre(x)).item() + 0.05
+
+
+def test_estimate_pose_refuses_non_finite_pixels_instead_of_crashing():
+    x = torch.rand(3, 1, 32, 32)
+    x[1, 0, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"image\(s\) \[1\]"):
+        estimate_pose(x, torch.rand(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="template"):
+        estimate_pose(torch.rand(2, 1, 32, 32), torch.full((1, 1, 32, 32), float("inf")))

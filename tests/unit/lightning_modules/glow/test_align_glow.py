@@ -1,0 +1,116 @@
+"""glow.align=similarity (ours): the pose template of S_normal travels in every Glow
+checkpoint, M0 and M1 share it, per-pixel maps come back in each image's own frame, and the
+posterior refuses two models aligned to different templates."""
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules.phantoms import make_cxr
+from experiments.config import ConfigError
+from experiments.flow_models import fingerprint
+from experiments.train_glow import PoseAligned, fit_align_template, train
+from lightning_modules.align import fit_template, warp
+from lightning_modules.flow_posterior import PreprocessingMismatch, check_models
+from lightning_modules.glow import GlowModule, load_glow
+from tests.support import TINY_2D, FakeDM, glow_cfg
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ALIGN = [*TINY_2D, "glow.align=similarity", "trainer.max_epochs=1"]
+
+
+def _glow(size: int = 32, align: str = "similarity") -> GlowModule:
+    cfg = {"levels": 2, "steps": 2, "hidden_channels": 16, "align": align}
+    return GlowModule(glow=cfg, input_shape=[1, size, size], n_bits=8)
+
+
+def _chest(seed: int, size: int = 32) -> torch.Tensor:
+    img = make_cxr(np.random.default_rng(seed), size, style="default")[0]
+    return torch.from_numpy(np.ascontiguousarray(img)).float()[None, None]
+
+
+def test_m0_and_m1_share_the_template_of_s_normal_and_keep_it_in_their_checkpoints(out_dir):
+    m0 = glow_cfg(out_dir / "m0", "cxr", ALIGN)
+    dm = FakeDM(m0.data, n=8)
+    template = fit_align_template(m0, dm)
+    normals = torch.stack([torch.from_numpy(dm.load(it)) for it in dm.items("train", "normal")])
+    torch.testing.assert_close(template, fit_template(normals[:, None]))
+    g0 = load_glow(train(m0, datamodule=dm))
+    m1 = glow_cfg(out_dir / "m1", "cxr", [*ALIGN, "glow.model=m1"])
+    g1 = load_glow(train(m1, datamodule=dm))  # trains on train/mixture, aligns to S_normal
+    for g in (g0, g1):
+        assert g.has_template
+        torch.testing.assert_close(g.align_template, template)
+    check_models(g0, g1)  # same template: accepted
+
+
+def test_training_items_are_aligned_exactly_as_the_scorer_aligns_them():
+    """PoseAligned (training, poses estimated once) and GlowModule.align_input (scoring) must
+    give the flow the same image, or M0 would be scored on inputs unlike its training set."""
+    g = _glow()
+    g.set_template(_chest(0))
+    images = [warp(_chest(s), torch.tensor([[0.05 * s, 0.0, 0.1, -0.1]])) for s in range(1, 4)]
+    base = [{"image": x[0], "label": 0} for x in images]
+    aligned = PoseAligned(base, g.align_template, batch_size=2)
+    scored, _ = g.align_input(torch.cat(images))
+    for i in range(len(base)):
+        torch.testing.assert_close(aligned[i]["image"], scored[i], atol=1e-4, rtol=0)
+        assert not torch.allclose(aligned[i]["image"], images[i][0], atol=1e-2)
+    assert 0.0 <= scored.min() and scored.max() <= 1.0
+
+
+def test_posterior_refuses_models_aligned_to_different_templates():
+    a, b, plain = _glow(), _glow(), _glow(align="none")
+    a.set_template(_chest(1))
+    b.set_template(_chest(2))
+    with pytest.raises(PreprocessingMismatch, match="different pose templates"):
+        check_models(a, b)
+    with pytest.raises(PreprocessingMismatch, match="align"):
+        check_models(a, plain)  # one aligned, one not: the signatures differ
+    b.set_template(_chest(1))
+    check_models(a, b)
+
+
+def test_an_aligned_glow_without_a_template_refuses_to_score():
+    with pytest.raises(RuntimeError, match="no pose template"):
+        _glow().log_likelihood(torch.rand(2, 1, 32, 32))
+
+
+def test_the_likelihood_map_of_a_moved_image_moves_with_it():
+    """The map is computed on the aligned image and resampled back: for an image moved by a
+    pose p the map is (nearly) the original map moved by p, not the original map itself (as
+    it would be if the map stayed in the template's frame)."""
+    g = _glow()
+    x = _chest(0)
+    g.set_template(x)
+    g.model.initialize_actnorm(g._flow_input(torch.cat([_chest(s) for s in range(8)]), True))
+    p = torch.tensor([[0.1, 0.05, 0.3, -0.2]])  # 6 degrees, x1.05, shifts of 15 % / 10 %
+    moved = warp(x, p)
+    m_x, m_moved = g.log_likelihood_map(torch.cat([x, moved]))
+    expected = warp(m_x[None, None], p)[0, 0]
+    inner = (slice(6, -6), slice(6, -6))
+
+    def corr(a, b):
+        return float(np.corrcoef(a[inner].flatten(), b[inner].flatten())[0, 1])
+
+    assert corr(m_moved, expected) > 0.8
+    assert corr(m_moved, expected) > corr(m_moved, m_x) + 0.2
+
+
+def test_align_is_2d_only():
+    with pytest.raises(ValueError, match="2D images only"):
+        GlowModule(glow={"levels": 1, "steps": 1, "hidden_channels": 4, "align": "similarity"},
+                   input_shape=[1, 8, 8, 8], n_bits=7)
+    with pytest.raises(ConfigError, match="glow.align=similarity registers 2D images only"):
+        glow_cfg("/tmp/unused", "bct", ["glow.align=similarity"])
+
+
+def test_the_model_fingerprint_follows_the_template(out_dir):
+    cfg = glow_cfg(out_dir, "cxr", ALIGN)
+    items = FakeDM(cfg.data, n=4).items("train", "mixture")
+    a, b = _chest(1), _chest(2)
+    fa = fingerprint(cfg, items, None, None, "best", a)
+    assert fa == fingerprint(cfg, items, None, None, "best", a.clone())
+    assert fa["template"] != fingerprint(cfg, items, None, None, "best", b)["template"]
+    assert fingerprint(cfg, items, None, None, "best")["template"] is None
