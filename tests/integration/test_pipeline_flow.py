@@ -197,7 +197,16 @@ def test_pipeline_end_to_end(out_dir, modality, monkeypatch, one_thread):
     # (cxr, cpu: glow.select_align trains an unaligned pair in OUT and an aligned one below it)
     cands = pipeline_flow.align_candidates(cfg, out)
     assert [m for m, _, _ in cands] == (["none", "similarity"] if modality == "cxr" else ["none"])
-    assert saved["align"] in {m for m, _, _ in cands}
+    if len(cands) > 1:  # the pair with the higher validation AUROC; the unaligned one on a tie
+        from lightning_modules.selection import MIN_PER_CLASS  # or with too few to choose on
+
+        sel = saved["align_selection"]
+        assert set(sel) == {"val_auroc_none", "val_auroc_similarity"}
+        few = min(sum(r["label"] == k for r in val) for k in ("0", "1")) < MIN_PER_CLASS
+        assert saved["align"] == ("similarity" if sel["val_auroc_similarity"]
+                                  > sel["val_auroc_none"] and not few else "none")
+    else:
+        assert saved["align"] == "none" and "align_selection" not in saved
     for _, c, folder in cands:
         ckpt = flow_models.train_models(c, folder, dm)["m0"]
         fp = json.loads((folder / "m0" / "fingerprint.json").read_text())
