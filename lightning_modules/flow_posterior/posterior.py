@@ -29,7 +29,7 @@ ArrayLike = np.ndarray | torch.Tensor
 # Hyper-parameters that define what a model's input is. Two models whose log-likelihoods are
 # subtracted must agree on all of them; otherwise the difference compares different things.
 PREPROCESSING_KEYS: tuple[str, ...] = (
-    "input_shape", "n_bits", "modality", "image_size", "volume_size", "align",
+    "input_shape", "n_bits", "modality", "image_size", "volume_size", "align", "intensity_norm",
 )
 
 

@@ -109,6 +109,11 @@ def test_mismatched_models_fail_naming_the_keys():
     msg = str(e.value)
     assert "n_bits (M0: 8, M1: 7)" in msg and "image_size (M0: 8, M1: 16)" in msg
     assert "input_shape" not in msg and "modality" not in msg
+    # one Glow fed pixel ranks (glow.intensity_norm=rank), the other raw values: refused too
+    ranked = VectorFlow(64, 1, hparams={**HP, "glow": {"intensity_norm": "rank"}})
+    plain = VectorFlow(64, 0, hparams={**HP, "glow": {"intensity_norm": "none"}})
+    with pytest.raises(PreprocessingMismatch, match=r"intensity_norm \(M0: 'none', M1: 'rank'\)"):
+        check_models(plain, ranked)
 
 
 def test_models_must_match_the_data_config():
