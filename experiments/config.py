@@ -129,7 +129,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "glow.coupling_scale": ("paper", "glow"),
     "glow.m1_init": glow_config.M1_INITS,
     "glow.intensity_norm": glow_config.INTENSITY_NORMS,
-    "glow.align": glow_config.ALIGN_MODES,
+    "glow.align": patch_config.ALIGN_MODES,  # one registration (lightning_modules/align.py)
     "glow.schedule": glow_config.SCHEDULES,
     "glow.matched_start": glow_config.MATCHED_STARTS,
     "glow.score": glow_config.IMAGE_SCORES,

@@ -149,11 +149,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if len(cands) > 1 and not val_items:
         raise ConfigError("glow.select_align=true chooses on the labelled validation set, "
                           "which is empty here; set glow.select_align=false.")
-    fitted = []  # (align mode, module) per candidate, validated
+    fitted = []  # (align mode, module, trainer) per candidate, validated
+    shape = (1, *np.shape(dm.load(test_items[0])))  # what the models will be given
     for mode, c, folder in cands:
         module = build_module(c, train_models(c, folder, dm))
-        check_models(module.m0, module.m1, cfg.data, cfg.glow.n_bits,
-                     (1, *np.shape(dm.load(test_items[0]))))
+        check_models(module.m0, module.m1, cfg.data, cfg.glow.n_bits, shape)
         if module.hparams.map_norm == "position":  # fitted on the training normals, never test
             module.to(device).eval().fit_map_statistics(
                 loader(cfg, dm, dm.items("train", "normal")))

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 # Allowed values of the options below (validated with every config in experiments.config).
 M1_INITS = ("scratch", "m0")
 INTENSITY_NORMS = ("none", "rank")
-ALIGN_MODES = ("none", "similarity")  # the registration of patch.align
 SCHEDULES = ("independent", "matched")
 MATCHED_STARTS = ("normal", "all")
 IMAGE_SCORES = ("global", "local", "likelihood")
