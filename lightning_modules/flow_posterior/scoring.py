@@ -163,6 +163,20 @@ def _check_finite(name: str, values: np.ndarray) -> None:
 
 
 
+def likelihood_and_map(m: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(x|m) (B,) float32, its map (B, *spatial) float64) on the CPU, from one pass of
+    the model. A model's map sums to its log-likelihood, so log p(x|m) is the map's sum (float64)
+    rather than a second pass through the flow; a model whose map is resampled after the flow
+    (GlowModule with glow.align) gives both itself (``log_likelihood_and_map``), the sum taken
+    before the resampling."""
+    both = getattr(m, "log_likelihood_and_map", None)
+    if both is not None:
+        lp, a = both(x)
+        return lp.float().reshape(-1).cpu(), a.double().cpu()
+    a = m.log_likelihood_map(x).double().cpu()
+    return a.flatten(1).sum(1).float(), a
+
+
 @torch.no_grad()
 def score_batch(m0: Any, m1: Any, x: torch.Tensor, n_bits: int = 8, maps: bool = False,
                 map_sigma: float = 1.0, map_source: str = "posterior",
@@ -181,17 +195,12 @@ def score_batch(m0: Any, m1: Any, x: torch.Tensor, n_bits: int = 8, maps: bool =
         out["log_p_m0"] = m0.log_likelihood(x).float().reshape(-1).cpu()  # (B,)
         out["log_p_m1"] = m1.log_likelihood(x).float().reshape(-1).cpu()  # (B,)
         return out
-    # A model's map sums to its log-likelihood (GlowModule.log_likelihood_map), so log p(x|M)
-    # is the map's sum (in float64) rather than a second pass through the flow: each model
-    # runs once per batch.
-    a0 = m0.log_likelihood_map(x).double().cpu()  # (B, *spatial)
-    out["log_p_m0"] = a0.flatten(1).sum(1).float()
+    out["log_p_m0"], a0 = likelihood_and_map(m0, x)
     if map_source == "likelihood":
         out["log_p_m1"] = m1.log_likelihood(x).float().reshape(-1).cpu()
         out["anomaly_map"] = likelihood_map(a0.numpy(), map_sigma)
     else:
-        a1 = m1.log_likelihood_map(x).double().cpu()
-        out["log_p_m1"] = a1.flatten(1).sum(1).float()
+        out["log_p_m1"], a1 = likelihood_and_map(m1, x)
         out["anomaly_map"] = anomaly_map(a0.numpy(), a1.numpy(), map_sigma)
     if map_region == "interior":
         out["region"] = interior_mask(x.cpu(), n_bits)  # (B, *spatial) bool

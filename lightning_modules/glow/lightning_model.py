@@ -136,18 +136,26 @@ class GlowModule(pl.LightningModule):
 
         x: (B, C, ...) or (B, ...) (channel added) in [0, 1] as ``MedicalDataModule.load``.
         """
-        return self._evaluate(x, per_position=False)
+        return self._evaluate(x, per_position=False)[0]
 
     @torch.no_grad()
     def log_likelihood_map(self, x: torch.Tensor) -> torch.Tensor:
         """Per-pixel (per-voxel) contributions to :meth:`log_likelihood`, (B, *spatial) float32,
         summing to it (``Glow.log_prob_map`` minus n_bits log 2 per pixel for the bins). With
         ``glow.align`` the map is computed in the template's frame and resampled back onto each
-        image (0 where the template does not reach), so it sums to log p(x) only up to that
-        resampling."""
+        image (0 where the template does not reach), so it no longer sums to log p(x): use
+        :meth:`log_likelihood_and_map` for both."""
+        return self._evaluate(x, per_position=True)[1]
+
+    @torch.no_grad()
+    def log_likelihood_and_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(:meth:`log_likelihood`, :meth:`log_likelihood_map`) from one pass through the flow:
+        log p(x) is the map's sum taken in the frame the flow saw, before any resampling."""
         return self._evaluate(x, per_position=True)
 
-    def _evaluate(self, x: torch.Tensor, per_position: bool) -> torch.Tensor:
+    def _evaluate(self, x: torch.Tensor, per_position: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log p(x) (B,), the per-position map or None) in float32."""
         if x.dim() == len(self.hparams.input_shape):
             x = x.unsqueeze(1)
         if tuple(x.shape[1:]) != tuple(self.hparams.input_shape):
@@ -160,15 +168,18 @@ class GlowModule(pl.LightningModule):
         p = next(self.model.parameters())
         x = x.to(device=p.device, dtype=p.dtype)
         x, poses = self.align_input(x)
+        lp_map = None
         if per_position:
-            lp = self.model.log_prob_map(self._flow_input(x, noise=False))
-            lp = lp - self.n_bits * math.log(2.0)  # (B, *spatial)
+            lp_map = self.model.log_prob_map(self._flow_input(x, noise=False))
+            lp_map = lp_map - self.n_bits * math.log(2.0)  # (B, *spatial)
+            lp = lp_map.double().flatten(1).sum(1)
             if poses is not None:
-                lp = unwarp(lp.unsqueeze(1), poses).squeeze(1)
+                lp_map = unwarp(lp_map.unsqueeze(1), poses).squeeze(1)
+            lp_map = lp_map.float()
         else:
             lp = self._log_p_discrete(x, noise=False)
         self.train(was_training)
-        return lp.float()
+        return lp.float(), lp_map
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 0.7) -> torch.Tensor:
