@@ -149,8 +149,9 @@ class PoseAligned(torch.utils.data.Dataset):
     poses are estimated once, in batches, when the dataset is made (a few hundred gradient
     steps of registration per batch would otherwise be paid again every epoch)."""
 
-    def __init__(self, base, template: torch.Tensor, batch_size: int = 64, what: str = "items"):
-        from lightning_modules.align import estimate_pose
+    def __init__(self, base, template: torch.Tensor, batch_size: int = 64, what: str = "items",
+                 mode: str = "similarity"):
+        from lightning_modules.align import N_PARAMS, estimate_pose
 
         self.base = base
         loader = DataLoader(base, batch_size=batch_size, shuffle=False)
@@ -160,8 +161,8 @@ class PoseAligned(torch.utils.data.Dataset):
                                     total=len(loader))):
             if items is not None:
                 refuse_non_finite(b["image"], items, k * batch_size)
-            poses.append(estimate_pose(b["image"].float(), template))
-        self.poses = torch.cat(poses) if poses else torch.zeros(0, 4)
+            poses.append(estimate_pose(b["image"].float(), template, mode=mode))
+        self.poses = torch.cat(poses) if poses else torch.zeros(0, N_PARAMS[mode])
 
     def __len__(self) -> int:
         return len(self.base)
@@ -190,7 +191,7 @@ def fit_align_template(cfg: DictConfig, dm) -> torch.Tensor | None:
     images = torch.cat([b["image"].float() for b in loader])
     refuse_non_finite(images, items)
     log.info("glow.align: pose template of %d S_normal images", len(images))
-    return fit_template(images)
+    return fit_template(images, mode=str(cfg.glow.align))
 
 
 def build_loaders(cfg: DictConfig, dm, select: str = "best", group: str | None = None,
@@ -218,7 +219,8 @@ def build_loaders(cfg: DictConfig, dm, select: str = "best", group: str | None =
     bs, nw = per_device_batch_size(cfg), cfg.data.num_workers
     train_ds = ItemDataset(dm, train_items)
     if template is not None:
-        train_ds = PoseAligned(train_ds, template, what="training items")
+        train_ds = PoseAligned(train_ds, template, what="training items",
+                               mode=str(cfg.glow.align))
     if int(cfg.glow.rotation_copies) > 1:
         train_ds = RotatedCopies(train_ds, int(cfg.glow.rotation_copies),
                                  float(cfg.glow.rotation_deg))
@@ -229,7 +231,8 @@ def build_loaders(cfg: DictConfig, dm, select: str = "best", group: str | None =
     if val_items:
         val_ds = ItemDataset(dm, val_items)
         if template is not None:
-            val_ds = PoseAligned(val_ds, template, what="held-out items")
+            val_ds = PoseAligned(val_ds, template, what="held-out items",
+                                 mode=str(cfg.glow.align))
         val = DataLoader(val_ds, batch_size=bs, shuffle=False,
                          num_workers=nw, persistent_workers=nw > 0)
     log.info("Glow %s: %d training items (train/%s, x%d rotated copies), %d held out for "

@@ -19,6 +19,11 @@ torch only (``affine_grid`` / ``grid_sample``): neither torchvision nor the fiel
 here offer intensity-based registration, and a similarity transform of a few hundred small
 images needs nothing more. It is written for anatomy that fills most of the image (radiographs);
 a transform is limited to ±20°, scale 0.75–1.33 and shifts of ±25 % of the image.
+
+``mode="affine"`` (``patch.align=affine`` / ``glow.align=affine``) adds the two remaining degrees
+of freedom of a 2D affine map, an aspect ratio (log, ±log 1.25) and a shear (±0.25), so body
+habitus (a wider or narrower thorax at the same height) is normalised as well; the pose vector
+is then (B, 6), the similarity's four followed by the two.
 """
 
 from __future__ import annotations
@@ -34,25 +39,36 @@ __all__ = ["ALIGN_MODES", "align_poses", "estimate_pose", "fit_template", "ncc",
 _MAX_ANGLE = math.radians(20.0)
 _MAX_LOG_SCALE = math.log(4.0 / 3.0)
 _MAX_SHIFT = 0.5  # in affine_grid units ([-1, 1] spans the image): 25 % of the side
+_MAX_LOG_ASPECT = math.log(1.25)  # mode="affine" only
+_MAX_SHEAR = 0.25
 _LEVELS = ((32, 60), (64, 40))  # (registration side, gradient steps), coarse to fine
+N_PARAMS = {"similarity": 4, "affine": 6}  # pose vector length per mode
 
 
 def _clamp(p: torch.Tensor) -> torch.Tensor:
-    lim = p.new_tensor([_MAX_ANGLE, _MAX_LOG_SCALE, _MAX_SHIFT, _MAX_SHIFT])
+    lim = p.new_tensor([_MAX_ANGLE, _MAX_LOG_SCALE, _MAX_SHIFT, _MAX_SHIFT, _MAX_LOG_ASPECT,
+                        _MAX_SHEAR][:p.shape[1]])
     return torch.maximum(torch.minimum(p, lim), -lim)
 
 
 def theta(p: torch.Tensor) -> torch.Tensor:
-    """(B, 4) (angle, log scale, tx, ty) -> (B, 2, 3) ``affine_grid`` matrices. The matrix maps
-    template (output) coordinates to image (input) coordinates: x_img = s R(a) x_tpl + t."""
-    a, log_s, tx, ty = _clamp(p).unbind(1)
+    """(B, 4) (angle, log scale, tx, ty) or (B, 6) (..., log aspect k, shear h) -> (B, 2, 3)
+    ``affine_grid`` matrices. The matrix maps template (output) coordinates to image (input)
+    coordinates: x_img = s R(a) [[e^k, h], [0, e^-k]] x_tpl + t (k = h = 0 for four values)."""
+    p = _clamp(p)
+    a, log_s, tx, ty = p[:, :4].unbind(1)
     s = log_s.exp()
     c, si = a.cos() * s, a.sin() * s
-    return torch.stack([torch.stack([c, -si, tx], 1), torch.stack([si, c, ty], 1)], 1)
+    if p.shape[1] == 4:
+        return torch.stack([torch.stack([c, -si, tx], 1), torch.stack([si, c, ty], 1)], 1)
+    k, h = p[:, 4].exp(), p[:, 5]
+    ik = 1.0 / k  # s R(a) @ [[k, h], [0, 1/k]]
+    return torch.stack([torch.stack([c * k, c * h - si * ik, tx], 1),
+                        torch.stack([si * k, si * h + c * ik, ty], 1)], 1)
 
 
 def warp(images: torch.Tensor, p: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
-    """(B, C, H, W) resampled onto the template frame by the poses ``p`` (B, 4); outside the
+    """(B, C, H, W) resampled onto the template frame by the poses ``p`` (B, 4 or 6); outside the
     image the border values are repeated. ``mode``: ``grid_sample``'s interpolation; bicubic
     keeps small images sharper (bilinear blurs by an amount that depends on each image's
     sub-pixel shift) but may overshoot the input's range slightly."""
@@ -67,10 +83,11 @@ def ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
 
 
-def estimate_pose(images: torch.Tensor, template: torch.Tensor, lr: float = 0.03
-                  ) -> torch.Tensor:
-    """Similarity poses (B, 4) that map each of ``images`` (B, 1, H, W) onto ``template``
-    (1, 1, H', W'): NCC ascent (Adam) from the identity, at 32² then 64² (area-downsampled).
+def estimate_pose(images: torch.Tensor, template: torch.Tensor, lr: float = 0.03,
+                  mode: str = "similarity") -> torch.Tensor:
+    """Poses (B, 4) (``mode="similarity"``) or (B, 6) (``"affine"``) that map each of ``images``
+    (B, 1, H, W) onto ``template`` (1, 1, H', W'): NCC ascent (Adam) from the identity, at 32²
+    then 64² (area-downsampled).
     Non-finite pixels are refused (ValueError): they have no pose, and grid_sample's backward
     on them can crash the process rather than raise."""
     bad = ~torch.isfinite(images.flatten(1)).all(1)
@@ -82,7 +99,9 @@ def estimate_pose(images: torch.Tensor, template: torch.Tensor, lr: float = 0.03
     # inputs are cloned out of it so autograd may save them
     with torch.inference_mode(False), torch.enable_grad():
         images, template = images.clone(), template.clone()
-        p = images.new_zeros(images.shape[0], 4, dtype=torch.float32)
+        if mode not in N_PARAMS:
+            raise ValueError(f"estimate_pose: mode={mode!r} is not one of {list(N_PARAMS)}")
+        p = images.new_zeros(images.shape[0], N_PARAMS[mode], dtype=torch.float32)
         for side, steps in _LEVELS:
             x = F.interpolate(images.float(), size=(side, side), mode="area")
             t = F.interpolate(template.float(), size=(side, side), mode="area")
@@ -96,11 +115,12 @@ def estimate_pose(images: torch.Tensor, template: torch.Tensor, lr: float = 0.03
     return _clamp(p.detach())
 
 
-def align_poses(images: torch.Tensor, template: torch.Tensor, mode: str = "bilinear"
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def align_poses(images: torch.Tensor, template: torch.Tensor, mode: str = "bilinear",
+                transform: str = "similarity") -> tuple[torch.Tensor, torch.Tensor]:
     """``images`` (B, 1, H, W) aligned to ``template`` at their own resolution (interpolated
-    by ``mode``, see :func:`warp`), and the poses (B, 4) that did it (for :func:`unwarp`)."""
-    p = estimate_pose(images, template)
+    by ``mode``, see :func:`warp`) by a ``transform`` (similarity | affine), and the poses that
+    did it (for :func:`unwarp`)."""
+    p = estimate_pose(images, template, mode=transform)
     return warp(images.float(), p, mode).to(images.dtype), p
 
 
@@ -114,12 +134,14 @@ def unwarp(maps: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def fit_template(images: torch.Tensor, rounds: int = 3) -> torch.Tensor:
+def fit_template(images: torch.Tensor, rounds: int = 3, mode: str = "similarity"
+                 ) -> torch.Tensor:
     """Group-wise template (1, 1, H, W) of normal images (N, 1, H, W): the mean, then ``rounds``
-    times the mean of the images aligned to it, with the poses centred on their average so the
-    template keeps the group's average position and size rather than drifting."""
+    times the mean of the images aligned to it (by ``mode``'s transform), with the poses centred
+    on their average so the template keeps the group's average position, size and shape rather
+    than drifting."""
     t = images.float().mean(0, keepdim=True)
     for _ in range(rounds):
-        p = estimate_pose(images, t)
+        p = estimate_pose(images, t, mode=mode)
         t = warp(images.float(), p - p.mean(0, keepdim=True)).mean(0, keepdim=True)
     return t

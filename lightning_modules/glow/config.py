@@ -68,7 +68,8 @@ class GlowConfig:
     # Pose alignment before the flow (2D only): none (paper) | similarity (each image resampled
     # onto a template of S_normal by the rotation / scale / shift maximising its NCC with it,
     # lightning_modules/align.py, before intensity_norm). M0 and M1 share the template (fitted
-    # on S_normal, stored in each checkpoint); per-pixel maps are mapped back onto each image.
+    # on S_normal, stored in each checkpoint); per-pixel maps are mapped back onto each image |
+    # affine (the same with an aspect ratio and a shear as well).
     align: str = "none"
     # Flow pipeline only, with align != none: M0 and M1 trained both ways, unaligned (OUT/m0,
     # OUT/m1) and aligned (OUT/align_<align>/), and the pair with the higher validation AUROC

@@ -95,7 +95,7 @@ class GlowModule(pl.LightningModule):
         """The pose template (1, 1, H, W) of S_normal (``lightning_modules.align.fit_template``)
         that every input is aligned to; M0 and M1 must get the same one."""
         if self.align == "none":
-            raise ValueError("set_template needs glow.align=similarity")
+            raise ValueError("set_template needs glow.align=similarity or affine")
         shape = tuple(self.align_template.shape)
         if tuple(template.shape) != shape:
             raise ValueError(f"pose template of shape {tuple(template.shape)}, expected {shape}")
@@ -107,9 +107,9 @@ class GlowModule(pl.LightningModule):
         if self.align == "none":
             return x, None
         if not self.has_template:
-            raise RuntimeError("glow.align=similarity: this Glow has no pose template; "
+            raise RuntimeError(f"glow.align={self.align}: this Glow has no pose template; "
                                "experiments.train_glow fits one on S_normal before training")
-        poses = estimate_pose(x, self.align_template.to(x))
+        poses = estimate_pose(x, self.align_template.to(x), mode=self.align)
         return warp_to_template(x, poses), poses
 
     # --- likelihood ------------------------------------------------------------------------
@@ -218,7 +218,7 @@ class GlowModule(pl.LightningModule):
         wrap time, before this). Skipped when resuming (the flags are in the checkpoint).
         """
         if self.align != "none" and not self.has_template:
-            raise RuntimeError("glow.align=similarity: set_template(template of S_normal) "
+            raise RuntimeError(f"glow.align={self.align}: set_template(template of S_normal) "
                                "before training (experiments.train_glow does)")
         if self.model.initialized:
             return

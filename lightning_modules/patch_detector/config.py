@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 # Allowed values of our options (validated with every config in experiments.config).
 FEATURE_MODES = ("pooled", "dense")
 INTENSITY_NORMS = ("none", "percentile", "rank")
-ALIGN_MODES = ("none", "similarity")
+ALIGN_MODES = ("none", "similarity", "affine")
 IMAGE_SCORES = ("max", "topk")
 REUSE_MODES = ("check", "retrain", "force")
 DB_DTYPES = ("float32", "float16", "bfloat16")

@@ -39,7 +39,7 @@ Options of ours, not in the paper (each off in ``profile=paper``):
   images (rotation, isotropic scale, shift maximising NCC; :mod:`.align`) after the intensity
   normalisation, so a grid cell holds the same anatomy in every image; maps are mapped back
   onto the image (:meth:`upsample` with the poses of :meth:`prepare`). The template is part of
-  the checkpoint.
+  the checkpoint. ``align="affine"`` adds an aspect ratio and a shear (body habitus).
 - ``reference_shift``: the database also holds every normal training patch on the grid shifted
   by ``±reference_shift * s`` pixels (8 neighbours, only those inside the image), filed under
   the cell it overlaps most, so a patient shift by a fraction of a patch finds its normal
@@ -257,7 +257,8 @@ class PatchAnomalyDetector(nn.Module):
     @torch.no_grad()
     def fit_alignment(self, images: torch.Tensor) -> None:
         """``align="similarity"``: the pose template of normal training images (N, 1, H, W)."""
-        self.template = fit_template(intensity_normalize(images, self.intensity_norm)).cpu()
+        self.template = fit_template(intensity_normalize(images, self.intensity_norm),
+                                     mode=self.align_mode).cpu()
 
     @torch.no_grad()
     def prepare(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -268,9 +269,9 @@ class PatchAnomalyDetector(nn.Module):
         if self.align_mode == "none":
             return images, None
         if self.template is None:
-            raise RuntimeError("patch.align=similarity needs fit_alignment(normal training "
+            raise RuntimeError(f"patch.align={self.align_mode} needs fit_alignment(normal training "
                                "images) before features are computed")
-        return align_poses(images, self.template.to(images.device))
+        return align_poses(images, self.template.to(images.device), transform=self.align_mode)
 
     @torch.no_grad()
     def shifted_features(self, images: torch.Tensor, size: int, prepared: bool = False

@@ -3,6 +3,8 @@ transform, the inverse warp brings maps back, the template keeps the group's ave
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ from lightning_modules.align import (
     estimate_pose,
     fit_template,
     ncc,
+    theta,
     unwarp,
     warp,
 )
@@ -70,3 +73,31 @@ def test_estimate_pose_refuses_non_finite_pixels_instead_of_crashing():
         estimate_pose(x, torch.rand(1, 1, 32, 32))
     with pytest.raises(ValueError, match="template"):
         estimate_pose(torch.rand(2, 1, 32, 32), torch.full((1, 1, 32, 32), float("inf")))
+
+
+def test_affine_pose_with_no_aspect_or_shear_is_the_similarity():
+    p = torch.tensor([[0.1, 0.05, 0.1, -0.05], [-0.05, -0.1, -0.1, 0.1]])
+    six = torch.cat([p, torch.zeros(2, 2)], 1)
+    torch.testing.assert_close(theta(six), theta(p))
+    # aspect k stretches x by e^k and y by e^-k (before rotation and scale); shear adds h*y to x
+    m = theta(torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.2, 0.1]]))[0]
+    torch.testing.assert_close(m[:, :2], torch.tensor([[math.exp(0.2), 0.1],
+                                                       [0.0, math.exp(-0.2)]]))
+
+
+def test_affine_registration_undoes_a_wider_thorax_that_the_similarity_cannot():
+    """A chest stretched sideways (aspect e^0.15, shear 0.08: a wider habitus, not a larger
+    patient): the affine mode recovers it, the similarity mode only approximates it."""
+    x = _chest(4)
+    moved = warp(x, torch.tensor([[0.05, 0.03, 0.05, -0.04, 0.15, 0.08]]))
+    sim, _ = align_poses(moved, x, transform="similarity")
+    aff, p = align_poses(moved, x, transform="affine")
+    n_sim, n_aff = (ncc(_centre(a), _centre(x)).item() for a in (sim, aff))
+    assert p.shape == (1, 6)
+    assert n_aff > 0.98 and n_aff > n_sim + 0.1, (n_sim, n_aff)
+    assert p[0, 4].item() == pytest.approx(-0.15, abs=0.04)  # the inverse aspect
+
+
+def test_estimate_pose_refuses_an_unknown_mode():
+    with pytest.raises(ValueError, match="mode='rigid'"):
+        estimate_pose(torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32), mode="rigid")

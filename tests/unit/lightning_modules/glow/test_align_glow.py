@@ -45,15 +45,19 @@ def test_m0_and_m1_share_the_template_of_s_normal_and_keep_it_in_their_checkpoin
     check_models(g0, g1)  # same template: accepted
 
 
-def test_training_items_are_aligned_exactly_as_the_scorer_aligns_them():
+@pytest.mark.parametrize("mode", ["similarity", "affine"])
+def test_training_items_are_aligned_exactly_as_the_scorer_aligns_them(mode):
     """PoseAligned (training, poses estimated once) and GlowModule.align_input (scoring) must
     give the flow the same image, or M0 would be scored on inputs unlike its training set."""
-    g = _glow()
+    g = _glow(align=mode)
     g.set_template(_chest(0))
-    images = [warp(_chest(s), torch.tensor([[0.05 * s, 0.0, 0.1, -0.1]])) for s in range(1, 4)]
+    images = [warp(_chest(s), torch.tensor([[0.05 * s, 0.0, 0.1, -0.1, 0.05 * s, 0.0]]))
+              for s in range(1, 4)]
     base = [{"image": x[0], "label": 0} for x in images]
-    aligned = PoseAligned(base, g.align_template, batch_size=2)
-    scored, _ = g.align_input(torch.cat(images))
+    aligned = PoseAligned(base, g.align_template, batch_size=2, mode=mode)
+    scored, poses = g.align_input(torch.cat(images))
+    assert poses.shape == (3, 4 if mode == "similarity" else 6)
+    torch.testing.assert_close(aligned.poses, poses, atol=1e-4, rtol=0)
     for i in range(len(base)):
         torch.testing.assert_close(aligned[i]["image"], scored[i], atol=1e-4, rtol=0)
         assert not torch.allclose(aligned[i]["image"], images[i][0], atol=1e-2)
@@ -68,6 +72,10 @@ def test_posterior_refuses_models_aligned_to_different_templates():
         check_models(a, b)
     with pytest.raises(PreprocessingMismatch, match="align"):
         check_models(a, plain)  # one aligned, one not: the signatures differ
+    affine = _glow(align="affine")
+    affine.set_template(_chest(1))
+    with pytest.raises(PreprocessingMismatch, match="align"):
+        check_models(a, affine)  # same template, another transform
     b.set_template(_chest(1))
     check_models(a, b)
 
