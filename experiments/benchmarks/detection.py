@@ -106,7 +106,7 @@ QUICK_ARGS = {
     "flow": ["glow.steps=2", "glow.hidden_channels=16", "glow.levels=2", "data.batch_size=16",
              "trainer.max_epochs=2", "eval.n_extremes=4", "glow.n_samples=1"],
     "flow_cxr": ["data.image_size=16"],
-    "flow_bct": ["data.volume_size=[8,16,16]"],
+    "flow_bct": ["data.volume_size=[8,16,16]", "glow.m0_epochs=null"],
 }
 
 

@@ -92,7 +92,7 @@ def test_evaluate_needs_both_classes_in_test():
 
 TINY = {
     "cxr": ["data.image_size=16", "glow.levels=2"],
-    "bct": ["data.volume_size=[8,16,16]", "glow.levels=2"],
+    "bct": ["data.volume_size=[8,16,16]", "glow.levels=2", "glow.m0_epochs=null"],
 }
 
 

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY_3D = ["data.volume_size=[8,8,8]", "glow.levels=2", "glow.steps=2", "glow.checkpointing=true",
-           "glow.hidden_channels=8", "data.batch_size=4", "glow.n_samples=2"]
+           "glow.hidden_channels=8", "data.batch_size=4", "glow.n_samples=2",
+           "glow.m0_epochs=null"]
 
 
 @pytest.mark.parametrize("modality,extra", [("cxr", TINY_2D), ("bct", TINY_3D)])
