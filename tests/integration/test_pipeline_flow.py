@@ -299,11 +299,12 @@ def test_load_stacks_glow_of_the_modality_and_flow(modality):
     assert cfg.glow.n_bits == (8 if modality == "cxr" else 7)  # from glow_<modality>.yaml
     assert cfg.eval.n_extremes == 36  # from flow.yaml
     assert cfg.out_dir == f"outputs/flow/{modality}"
-    # the image score: the paper's for cxr; head CT's cpu default is M0's z map over the
-    # brain (our choice, glow_bct.yaml); profile=paper keeps the paper's global posterior
+    # the image score: the paper's for cxr (its map, a candidate of select_score, read as z per
+    # pixel); head CT's cpu default is M0's z map over the brain (our choice, glow_bct.yaml);
+    # profile=paper keeps the paper's global posterior
     g = cfg.glow
     want = (("local", "likelihood", "position", "interior") if modality == "bct"
-            else ("global", "posterior", "none", "all"))
+            else ("global", "posterior", "position", "all"))
     assert (g.score, g.map_source, g.map_norm, g.map_region) == want
     p = pipeline_flow.load(["data=folder", f"data.modality={modality}", "profile=paper"]).glow
     assert (p.score, p.map_source, p.map_norm, p.map_region, p.matched_start) == (
