@@ -162,7 +162,7 @@ def train_models(cfg: DictConfig, out: Path, dm) -> dict[str, Path]:
     S_mixture together) for trainer.max_epochs (OUT/start), then M0
     continues on S_normal and M1 on S_mixture, each for exactly ``glow.matched_steps``
     optimiser steps (``glow.m1_init`` is then irrelevant: both start from the shared start).
-    glow.align=similarity: every model aligns to one pose template of S_normal, fitted here.
+    glow.align != none: every model aligns to one pose template of S_normal, fitted here.
     """
     from experiments.train_glow import fit_align_template
 

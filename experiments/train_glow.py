@@ -145,7 +145,7 @@ def refuse_non_finite(images: torch.Tensor, items: list, start: int = 0) -> None
 
 
 class PoseAligned(torch.utils.data.Dataset):
-    """Each item of ``base`` resampled onto the pose ``template`` (glow.align=similarity). The
+    """Each item of ``base`` resampled onto the pose ``template`` (glow.align != none). The
     poses are estimated once, in batches, when the dataset is made (a few hundred gradient
     steps of registration per batch would otherwise be paid again every epoch)."""
 
@@ -176,7 +176,7 @@ class PoseAligned(torch.utils.data.Dataset):
 
 
 def fit_align_template(cfg: DictConfig, dm) -> torch.Tensor | None:
-    """glow.align=similarity: the pose template (1, 1, H, W) of S_normal (every train/normal
+    """glow.align != none: the pose template (1, 1, H, W) of S_normal (every train/normal
     item: M0's own set, whichever model is trained, so M0 and M1 share it); None otherwise."""
     if str(cfg.glow.align) == "none":
         return None
@@ -305,7 +305,7 @@ def train(cfg: DictConfig, datamodule=None, init_ckpt: str | Path | None = None,
     shape. Optimiser state and epoch count start afresh. A resumed run (``ckpt_path``) restores
     its own weights over these. ``max_steps``: stop after this many optimiser steps instead of
     ``trainer.max_epochs`` epochs. ``group``: the training items (see :func:`build_loaders`).
-    ``template``: the pose template with glow.align=similarity (default: fitted on S_normal
+    ``template``: the pose template with glow.align != none (default: fitted on S_normal
     here, :func:`fit_align_template`)."""
     import pytorch_lightning as pl
 

@@ -160,7 +160,7 @@ def anomaly_map(map_m0: ArrayLike, map_m1: ArrayLike, sigma: float = 0.0) -> np.
 
     ``map_m0`` / ``map_m1``: (B, *spatial) per-pixel (per-voxel) contributions to log p(x|M0)
     and log p(x|M1) (``GlowModule.log_likelihood_map``; each sums to the model's log p(x),
-    except after glow.align's resampling back onto the image)
+    except after glow.align's resampling back onto the image).
     Without smoothing (sigma = 0, no glow.align) A sums over the pixels to -log p(normal|x)
     (eq. 3, up to the constant), so a high value marks where the mixture model explains the image better than
     the normal model. ``sigma``: standard deviation in pixels of a Gaussian applied over the

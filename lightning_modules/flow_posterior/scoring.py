@@ -145,7 +145,7 @@ def check_models(m0: Any, m1: Any, data_cfg: Any = None, n_bits: int | None = No
     t0, t1 = (getattr(m, "align_template", None) for m in (m0, m1))
     if t0 is not None and t1 is not None and not torch.equal(t0.cpu(), t1.cpu()):
         raise PreprocessingMismatch(
-            "M0 and M1 were aligned to different pose templates (glow.align=similarity): the "
+            "M0 and M1 were aligned to different pose templates (glow.align): the "
             "posterior subtracts log-likelihoods of the same aligned input, so both must be "
             "trained with the template of the same S_normal (train them in one flow pipeline "
             "run, or delete OUT/m0 and OUT/m1 to retrain both).")

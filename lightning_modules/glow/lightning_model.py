@@ -44,7 +44,7 @@ ALIGN_INTERPOLATION = "bicubic"
 
 
 def warp_to_template(x: torch.Tensor, poses: torch.Tensor) -> torch.Tensor:
-    """(B, 1, H, W) in [0, 1] resampled onto the template by ``poses`` (B, 4), clamped back
+    """(B, 1, H, W) in [0, 1] resampled onto the template by ``poses`` (B, 4 or 6), clamped back
     into [0, 1] (bicubic overshoots a little at edges)."""
     return warp(x.float(), poses, ALIGN_INTERPOLATION).clamp(0.0, 1.0).to(x.dtype)
 
@@ -64,7 +64,7 @@ class GlowModule(pl.LightningModule):
         data: preprocessing the model was trained with (modality, image_size / volume_size,
             name); stored so that the posterior scorer can check that M0 and M1 match.
 
-    With ``glow.align=similarity`` (2D only) the module holds the pose template of S_normal
+    With ``glow.align`` != none (2D only) the module holds the pose template of S_normal
     (``align_template``, a buffer, so it travels in every checkpoint; :meth:`set_template`).
     :meth:`log_likelihood` and :meth:`log_likelihood_map` align their input to it themselves;
     training batches arrive aligned already (``experiments.train_glow.PoseAligned`` estimates
@@ -102,7 +102,7 @@ class GlowModule(pl.LightningModule):
         self.align_template.copy_(template.to(self.align_template))
 
     def align_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, 1, H, W) -> (x resampled onto the template, the poses (B, 4)); unchanged and
+        """(B, 1, H, W) -> (x resampled onto the template, the poses (B, 4 or 6)); unchanged and
         None with glow.align=none."""
         if self.align == "none":
             return x, None

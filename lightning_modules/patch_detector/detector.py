@@ -256,14 +256,14 @@ class PatchAnomalyDetector(nn.Module):
     # --- input: intensity normalisation and pose alignment ----------------------------------
     @torch.no_grad()
     def fit_alignment(self, images: torch.Tensor) -> None:
-        """``align="similarity"``: the pose template of normal training images (N, 1, H, W)."""
+        """``align`` != none: the pose template of normal training images (N, 1, H, W)."""
         self.template = fit_template(intensity_normalize(images, self.intensity_norm),
                                      mode=self.align_mode).cpu()
 
     @torch.no_grad()
     def prepare(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, 1, H, W) -> (the encoders' input, the poses (B, 4) that aligned it, or None):
-        ``intensity_norm``, then with ``align="similarity"`` each image resampled onto the
+        """(B, 1, H, W) -> (the encoders' input, the poses (B, 4 or 6) that aligned it, or None):
+        ``intensity_norm``, then with ``align`` != none each image resampled onto the
         template (:mod:`.align`)."""
         images = intensity_normalize(images, self.intensity_norm)
         if self.align_mode == "none":

@@ -49,7 +49,7 @@ class SplitScores:
     scores: np.ndarray | None = None  # (n,) image scores in (0, 1)
     raw: np.ndarray | None = None  # (n,) image score of the fused log map, before calibration
     extra: dict = field(default_factory=dict)
-    poses: torch.Tensor | None = None  # (n, 4) patch.align=similarity: for detector.upsample
+    poses: torch.Tensor | None = None  # (n, 4 or 6) with patch.align: for detector.upsample
 
 
 def fit_normalizer(det: PatchAnomalyDetector, val: SplitScores, sizes: list[int],
