@@ -136,6 +136,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "glow.map_source": glow_config.MAP_SOURCES,
     "glow.map_norm": glow_config.MAP_NORMS,
     "glow.map_region": glow_config.MAP_REGIONS,
+    "glow.map_frame": glow_config.MAP_FRAMES,
     "glow.coupling_net": glow_config.COUPLING_NETS,
     "glow.select": glow_config.SELECTS,
     "glow.reuse_models": glow_config.REUSE_MODES,
@@ -515,9 +516,10 @@ def validate(cfg: DictConfig) -> None:
     check_ranges(cfg)
     if cfg.data.fold < 0 or cfg.data.fold >= cfg.data.n_folds:
         raise ConfigError(f"data.fold={cfg.data.fold} must lie in 0..{cfg.data.n_folds - 1}")
-    if cfg.glow.align != "none" and cfg.data.modality == "bct":
-        raise ConfigError(f"glow.align={cfg.glow.align} registers 2D images only; head-CT "
-                          "volumes (data.modality=bct) need glow.align=none")
+    if cfg.glow.map_frame == "template" and cfg.glow.align == "none":
+        raise ConfigError("glow.map_frame=template scores the maps in the pose template's "
+                          "frame, which glow.align=none does not have; set glow.align=similarity "
+                          "(or glow.map_frame=image)")
     p = cfg.patch
     if not (len(p.patch_sizes) == len(p.locality) == len(p.weights)):
         raise ConfigError(

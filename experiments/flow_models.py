@@ -31,7 +31,7 @@ MODELS = {"m0": ("train", "normal", "S_normal"), "m1": ("train", "mixture", "S_m
 FINGERPRINT = "fingerprint.json"  # written after a finished training
 # glow.* keys that do not change a trained model (how it is scored or reused)
 SCORING_ONLY = ("reuse_models", "select_align", "score", "map_sigma", "map_top_fraction", "map_source",
-                "map_norm", "map_region", "n_samples", "sample_temperature")
+                "map_norm", "map_region", "map_frame", "n_samples", "sample_temperature")
 
 
 def model_set(cfg: DictConfig, name: str) -> tuple[str, str | None, str]:

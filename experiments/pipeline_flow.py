@@ -86,7 +86,7 @@ def build_module(cfg: DictConfig, ckpts: dict[str, Path]) -> FlowPosteriorModule
                                map_sigma=float(g.map_sigma),
                                map_top_fraction=float(g.map_top_fraction),
                                map_source=str(g.map_source), map_norm=str(g.map_norm),
-                               map_region=str(g.map_region),
+                               map_region=str(g.map_region), map_frame=str(g.map_frame),
                                select_score=bool(g.select_score))
 
 
@@ -194,7 +194,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics["score"] = str(module.hparams.score)  # glow.select_score: the chosen one
     if module.score_selection:
         metrics["score_selection"] = {f"val_auroc_{k}": v for k, v in module.score_selection.items()}
-    metrics["map"] = {k: str(cfg.glow[k]) for k in ("map_source", "map_norm", "map_region")}
+    metrics["map"] = {k: str(cfg.glow[k]) for k in ("map_source", "map_norm", "map_region",
+                                                    "map_frame")}
     metrics["align"] = align  # glow.select_align: the chosen one
     if align_selection:
         metrics["align_selection"] = align_selection

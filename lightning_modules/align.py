@@ -24,6 +24,11 @@ a transform is limited to ±20°, scale 0.75–1.33 and shifts of ±25 % of the 
 of freedom of a 2D affine map, an aspect ratio (log, ±log 1.25) and a shear (±0.25), so body
 habitus (a wider or narrower thorax at the same height) is normalised as well; the pose vector
 is then (B, 6), the similarity's four followed by the two.
+
+Volumes (B, C, D, H, W) (``glow.align`` for head CT, our choice) get one in-plane transform per
+volume, the same for every slice: their slices are registered together as the channels of one
+2D image. That is the head pose the axial acquisition varies most (rotation about the
+cranio-caudal axis, shift, size); a tilt out of the axial plane is not corrected.
 """
 
 from __future__ import annotations
@@ -67,13 +72,22 @@ def theta(p: torch.Tensor) -> torch.Tensor:
                         torch.stack([si * k, si * h + c * ik, ty], 1)], 1)
 
 
+def _planes(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) unchanged; a volume (B, C, D, H, W) as (B, C * D, H, W): its slices become
+    channels, so one in-plane transform moves them all."""
+    return x.flatten(1, -3) if x.dim() > 4 else x
+
+
 def warp(images: torch.Tensor, p: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
-    """(B, C, H, W) resampled onto the template frame by the poses ``p`` (B, 4 or 6); outside the
-    image the border values are repeated. ``mode``: ``grid_sample``'s interpolation; bicubic
-    keeps small images sharper (bilinear blurs by an amount that depends on each image's
-    sub-pixel shift) but may overshoot the input's range slightly."""
-    grid = F.affine_grid(theta(p).to(images.dtype), list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode=mode, padding_mode="border", align_corners=False)
+    """(B, C, H, W) or volumes (B, C, D, H, W) resampled onto the template frame by the poses
+    ``p`` (B, 4 or 6), in plane; outside the image the border values are repeated. ``mode``:
+    ``grid_sample``'s interpolation; bicubic keeps small images sharper (bilinear blurs by an
+    amount that depends on each image's sub-pixel shift) but may overshoot the input's range
+    slightly."""
+    x = _planes(images)
+    grid = F.affine_grid(theta(p).to(x.dtype), list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
+    return out.reshape(images.shape)
 
 
 def ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -87,7 +101,8 @@ def estimate_pose(images: torch.Tensor, template: torch.Tensor, lr: float = 0.03
                   mode: str = "similarity") -> torch.Tensor:
     """Poses (B, 4) (``mode="similarity"``) or (B, 6) (``"affine"``) that map each of ``images``
     (B, 1, H, W) onto ``template`` (1, 1, H', W'): NCC ascent (Adam) from the identity, at 32²
-    then 64² (area-downsampled).
+    then 64² (area-resampled). Volumes (B, 1, D, H, W) onto (1, 1, D, H, W): one in-plane pose
+    per volume, its slices registered together.
     Non-finite pixels are refused (ValueError): they have no pose, and grid_sample's backward
     on them can crash the process rather than raise."""
     bad = ~torch.isfinite(images.flatten(1)).all(1)
@@ -98,7 +113,7 @@ def estimate_pose(images: torch.Tensor, template: torch.Tensor, lr: float = 0.03
     # Lightning scores under inference mode, which enable_grad alone does not lift; the
     # inputs are cloned out of it so autograd may save them
     with torch.inference_mode(False), torch.enable_grad():
-        images, template = images.clone(), template.clone()
+        images, template = _planes(images).clone(), _planes(template).clone()
         if mode not in N_PARAMS:
             raise ValueError(f"estimate_pose: mode={mode!r} is not one of {list(N_PARAMS)}")
         p = images.new_zeros(images.shape[0], N_PARAMS[mode], dtype=torch.float32)
@@ -125,18 +140,21 @@ def align_poses(images: torch.Tensor, template: torch.Tensor, mode: str = "bilin
 
 
 def unwarp(maps: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`warp`: (B, C, H, W) in the template frame -> each image's frame
-    (0 outside the template)."""
+    """The inverse of :func:`warp`: (B, C, H, W) or (B, C, D, H, W) in the template frame ->
+    each image's frame (0 outside the template)."""
     fwd = theta(p)  # (B, 2, 3); as a 3x3 homogeneous matrix it is inverted exactly
     last = fwd.new_tensor([0.0, 0.0, 1.0]).expand(fwd.shape[0], 1, 3)
     m = torch.linalg.inv(torch.cat([fwd, last], 1))[:, :2]
-    grid = F.affine_grid(m.to(maps.dtype), list(maps.shape), align_corners=False)
-    return F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    x = _planes(maps)
+    grid = F.affine_grid(m.to(x.dtype), list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.reshape(maps.shape)
 
 
 def fit_template(images: torch.Tensor, rounds: int = 3, mode: str = "similarity"
                  ) -> torch.Tensor:
-    """Group-wise template (1, 1, H, W) of normal images (N, 1, H, W): the mean, then ``rounds``
+    """Group-wise template (1, 1, H, W) of normal images (N, 1, H, W) (or (1, 1, D, H, W) of
+    volumes (N, 1, D, H, W)): the mean, then ``rounds``
     times the mean of the images aligned to it (by ``mode``'s transform), with the poses centred
     on their average so the template keeps the group's average position, size and shape rather
     than drifting."""

@@ -45,20 +45,30 @@ class FlowPosteriorModule(pl.LightningModule):
         map_source, map_norm, map_region (our options; the local score and the map only):
             ``posterior`` (l1 - l0) | ``likelihood`` (-l0) map; ``position``: z per position
             against normal maps (:meth:`fit_map_statistics`); ``interior``: the top part only
-            over pixels inside the intensity window (``posterior.interior_mask``).
+            over pixels inside the intensity window (``posterior.interior_mask``); ``map_frame``
+            ``template``: maps normalised and scored in the Glows' pose-template frame
+            (``scoring.score_batch``).
     """
 
     def __init__(self, m0, m1, n_bits: int = 8, score: str = "global", maps: bool = True,
                  map_sigma: float = 1.0, map_top_fraction: float = 0.01,
                  map_source: str = "posterior", map_norm: str = "none",
-                 map_region: str = "all", select_score: bool = False):
+                 map_region: str = "all", select_score: bool = False,
+                 map_frame: str = "image"):
         super().__init__()
-        from lightning_modules.glow.config import IMAGE_SCORES, MAP_NORMS, MAP_REGIONS, MAP_SOURCES
+        from lightning_modules.glow.config import (
+            IMAGE_SCORES,
+            MAP_FRAMES,
+            MAP_NORMS,
+            MAP_REGIONS,
+            MAP_SOURCES,
+        )
 
         for name, value, allowed in (("score", score, IMAGE_SCORES),
                                      ("map_source", map_source, MAP_SOURCES),
                                      ("map_norm", map_norm, MAP_NORMS),
-                                     ("map_region", map_region, MAP_REGIONS)):
+                                     ("map_region", map_region, MAP_REGIONS),
+                                     ("map_frame", map_frame, MAP_FRAMES)):
             if value not in allowed:
                 raise ValueError(f"glow.{name}={value!r} is not one of {allowed}")
         self.m0, self.m1 = m0, m1
@@ -69,7 +79,7 @@ class FlowPosteriorModule(pl.LightningModule):
                                    "map_sigma": float(map_sigma),
                                    "map_top_fraction": float(map_top_fraction),
                                    "map_source": map_source, "map_norm": map_norm,
-                                   "map_region": map_region,
+                                   "map_region": map_region, "map_frame": map_frame,
                                    "select_score": bool(select_score)}, logger=False)
         self.map_mean: np.ndarray | None = None  # (*spatial) with map_norm="position"
         self.map_sd: np.ndarray | None = None
@@ -127,7 +137,8 @@ class FlowPosteriorModule(pl.LightningModule):
             x = batch["image"] if isinstance(batch, dict) else batch
             x = x.to(self.device, dtype=torch.float32)
             maps.append(score_batch(self.m0, self.m1, x, hp.n_bits, True, hp.map_sigma,
-                                    hp.map_source)["anomaly_map"])
+                                    hp.map_source, map_frame=hp.get("map_frame", "image")
+                                    )["anomaly_map"])
         maps = np.concatenate(maps)  # (N, *spatial)
         self.map_mean, self.map_sd = position_statistics(maps)
         log.info("Anomaly map: per-position statistics of %d normal maps", len(maps))
@@ -139,7 +150,7 @@ class FlowPosteriorModule(pl.LightningModule):
         hp = self.hparams
         part = score_batch(self.m0, self.m1, batch["image"].float(), hp.n_bits, hp.maps,
                            hp.map_sigma, hp.map_source,
-                           hp.map_region)
+                           hp.map_region, hp.get("map_frame", "image"))
         self._parts.append(part)
         if "label" in batch:
             self._labels.append(torch.as_tensor(batch["label"]).cpu())

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from datamodules.progress import track
+from lightning_modules.align import unwarp
 from lightning_modules.flow_posterior.posterior import (
     PreprocessingMismatch,
     anomaly_map,
@@ -31,7 +32,7 @@ from lightning_modules.flow_posterior.posterior import (
     preprocessing_signature,
     zero_fraction,
 )
-from lightning_modules.glow.config import IMAGE_SCORES, MAP_REGIONS, MAP_SOURCES
+from lightning_modules.glow.config import IMAGE_SCORES, MAP_FRAMES, MAP_REGIONS, MAP_SOURCES
 
 log = logging.getLogger(__name__)
 
@@ -163,44 +164,66 @@ def _check_finite(name: str, values: np.ndarray) -> None:
 
 
 
-def likelihood_and_map(m: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def likelihood_and_map(m: Any, x: torch.Tensor, aligned: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(x|m) (B,) float32, its map (B, *spatial) float64) on the CPU, from one pass of
     the model. A model's map sums to its log-likelihood, so log p(x|m) is the map's sum (float64)
     rather than a second pass through the flow; a model whose map is resampled after the flow
     (GlowModule with glow.align) gives both itself (``log_likelihood_and_map``), the sum taken
-    before the resampling."""
+    before the resampling. ``aligned``: x is in the model's template frame already (see
+    :func:`score_batch`'s ``map_frame``)."""
     both = getattr(m, "log_likelihood_and_map", None)
     if both is not None:
-        lp, a = both(x)
+        lp, a = both(x, aligned=True) if aligned else both(x)
         return lp.float().reshape(-1).cpu(), a.double().cpu()
     a = m.log_likelihood_map(x).double().cpu()
     return a.flatten(1).sum(1).float(), a
 
 
+def _aligns(m: Any) -> bool:
+    """Whether ``m`` registers its input to a pose template (GlowModule with glow.align)."""
+    return getattr(m, "align", "none") != "none" and hasattr(m, "align_input")
+
+
 @torch.no_grad()
 def score_batch(m0: Any, m1: Any, x: torch.Tensor, n_bits: int = 8, maps: bool = False,
                 map_sigma: float = 1.0, map_source: str = "posterior",
-                map_region: str = "all") -> dict[str, Any]:
+                map_region: str = "all", map_frame: str = "image") -> dict[str, Any]:
     """One batch (B, C, ...) in [0, 1] on the models' device: ``log_p_m0``, ``log_p_m1``,
     ``zero_fraction`` (B,) float32 on the CPU and, with ``maps``, ``anomaly_map`` (numpy):
     the posterior map (``posterior.anomaly_map``) or with ``map_source="likelihood"`` M0's
     likelihood-only map (``posterior.likelihood_map``); with ``map_region="interior"`` also
-    ``region`` (``posterior.interior_mask``)."""
+    ``region`` (``posterior.interior_mask``).
+
+    ``map_frame="template"`` (our option; models with glow.align only, otherwise it is the
+    image's frame): the batch is registered once, with M0's template (M1 shares it,
+    :func:`check_models`), both models score the registered batch, and the map and region stay
+    in the template's frame, so that position statistics compare the same anatomy in every
+    image; ``poses`` (B, 4 or 6) are returned for :func:`gather_scores` to map the maps back
+    onto each image. ``"image"``: each model registers the batch itself and returns its map in
+    the image's frame."""
     if map_source not in MAP_SOURCES:
         raise ValueError(f"glow.map_source={map_source!r} is not one of {MAP_SOURCES}")
     if map_region not in MAP_REGIONS:
         raise ValueError(f"glow.map_region={map_region!r} is not one of {MAP_REGIONS}")
+    if map_frame not in MAP_FRAMES:
+        raise ValueError(f"glow.map_frame={map_frame!r} is not one of {MAP_FRAMES}")
     out = {"zero_fraction": zero_fraction(x, n_bits).cpu()}  # (B,)
     if not maps:
         out["log_p_m0"] = m0.log_likelihood(x).float().reshape(-1).cpu()  # (B,)
         out["log_p_m1"] = m1.log_likelihood(x).float().reshape(-1).cpu()  # (B,)
         return out
-    out["log_p_m0"], a0 = likelihood_and_map(m0, x)
+    aligned = map_frame == "template" and _aligns(m0) and _aligns(m1)
+    if aligned:
+        x, poses = m0.align_input(x)
+        out["poses"] = poses.cpu()
+    kw = {"aligned": True} if aligned else {}
+    out["log_p_m0"], a0 = likelihood_and_map(m0, x, aligned)
     if map_source == "likelihood":
-        out["log_p_m1"] = m1.log_likelihood(x).float().reshape(-1).cpu()
+        out["log_p_m1"] = m1.log_likelihood(x, **kw).float().reshape(-1).cpu()
         out["anomaly_map"] = likelihood_map(a0.numpy(), map_sigma)
     else:
-        out["log_p_m1"], a1 = likelihood_and_map(m1, x)
+        out["log_p_m1"], a1 = likelihood_and_map(m1, x, aligned)
         out["anomaly_map"] = anomaly_map(a0.numpy(), a1.numpy(), map_sigma)
     if map_region == "interior":
         out["region"] = interior_mask(x.cpu(), n_bits)  # (B, *spatial) bool
@@ -214,7 +237,9 @@ def gather_scores(parts: Sequence[Mapping[str, Any]], score: str = "global",
     finite; with maps, the image score of each map (the anomaly score for ``score="local"``).
     ``map_stats``: (mean, sd) per position of normal images' maps (glow.map_norm=position):
     the map becomes its z per position before its top part is taken; a ``region`` in the
-    parts restricts the top part to it."""
+    parts restricts the top part to it; ``poses`` in the parts (map_frame=template) map the
+    anomaly maps back onto each image after that (the scores are taken in the template's
+    frame)."""
     if score not in IMAGE_SCORES:
         raise ValueError(f"score={score!r} is not one of {IMAGE_SCORES}")
     if not parts:
@@ -232,6 +257,10 @@ def gather_scores(parts: Sequence[Mapping[str, Any]], score: str = "global",
         local = map_score(out.anomaly_map, map_top_fraction, region)
         _check_finite("The anomaly map", local)
         out.map_image_score = local
+        if "poses" in parts[0]:  # map_frame=template: scored there, shown on each image
+            poses = torch.cat([p["poses"] for p in parts])
+            out.anomaly_map = unwarp(torch.from_numpy(out.anomaly_map).unsqueeze(1),
+                                     poses.double()).squeeze(1).numpy()
     # without maps, score="local" falls back to the global score (as before)
     out.kind = score if score != "local" or out.map_image_score is not None else "global"
     return out
@@ -242,7 +271,7 @@ def score_batches(m0: Any, m1: Any, batches: Iterable[Any], *, device: torch.dev
                   description: str = "Scoring with M0 and M1", maps: bool = False,
                   score: str = "global", map_sigma: float = 1.0,
                   map_top_fraction: float = 0.01, map_source: str = "posterior",
-                  map_region: str = "all",
+                  map_region: str = "all", map_frame: str = "image",
                   map_stats: tuple[np.ndarray, np.ndarray] | None = None) -> FlowScores:
     """log p(x|M0), log p(x|M1) and the zero-pixel fraction of every image in ``batches``.
 
@@ -253,7 +282,8 @@ def score_batches(m0: Any, m1: Any, batches: Iterable[Any], *, device: torch.dev
     ``maps`` (implied by ``score="local"``; models need ``log_likelihood_map``): also the
     anomaly map of every image (``anomaly_map`` with ``map_sigma``) and its image score
     (``map_score`` with ``map_top_fraction``); with ``score="local"`` that is the anomaly score.
-    ``map_source``, ``map_region``, ``map_stats``: see :func:`score_batch`, :func:`gather_scores`.
+    ``map_source``, ``map_region``, ``map_frame``, ``map_stats``: see :func:`score_batch`,
+    :func:`gather_scores`.
     """
     if score not in IMAGE_SCORES:
         raise ValueError(f"score={score!r} is not one of {IMAGE_SCORES}")
@@ -266,5 +296,6 @@ def score_batches(m0: Any, m1: Any, batches: Iterable[Any], *, device: torch.dev
     for batch in track(batches, description, total=total, enabled=progress):
         x = batch["image"] if isinstance(batch, Mapping) else batch
         x = x.to(device, dtype=torch.float32, non_blocking=True)  # (B, C, H, W) | (B, C, D, H, W)
-        parts.append(score_batch(m0, m1, x, n_bits, maps, map_sigma, map_source, map_region))
+        parts.append(score_batch(m0, m1, x, n_bits, maps, map_sigma, map_source, map_region,
+                                 map_frame))
     return gather_scores(parts, score, map_top_fraction, map_stats)

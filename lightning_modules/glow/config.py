@@ -13,6 +13,7 @@ IMAGE_SCORES = ("global", "local", "likelihood")
 MAP_SOURCES = ("posterior", "likelihood")
 MAP_NORMS = ("none", "position")
 MAP_REGIONS = ("all", "interior")
+MAP_FRAMES = ("image", "template")
 COUPLING_NETS = ("normflows", "openai")
 SELECTS = ("best", "last")
 REUSE_MODES = ("check", "retrain", "force")
@@ -65,11 +66,12 @@ class GlowConfig:
     # Per-image intensity normalisation before dequantisation: none (paper) | rank (each pixel
     # -> its mid-rank in its own image; invariant to exposure gain / gamma).
     intensity_norm: str = "none"
-    # Pose alignment before the flow (2D only): none (paper) | similarity (each image resampled
-    # onto a template of S_normal by the rotation / scale / shift maximising its NCC with it,
-    # lightning_modules/align.py, before intensity_norm). M0 and M1 share the template (fitted
-    # on S_normal, stored in each checkpoint); per-pixel maps are mapped back onto each image |
-    # affine (the same with an aspect ratio and a shear as well).
+    # Pose alignment before the flow: none (paper) | similarity (each image resampled onto a
+    # template of S_normal by the rotation / scale / shift maximising its NCC with it,
+    # lightning_modules/align.py, before intensity_norm; volumes: one in-plane pose each, the
+    # same for every slice). M0 and M1 share the template (fitted on S_normal, stored in each
+    # checkpoint); per-pixel maps are mapped back onto each image | affine (the same with an
+    # aspect ratio and a shear as well).
     align: str = "none"
     # Flow pipeline only, with align != none: M0 and M1 trained both ways, unaligned (OUT/m0,
     # OUT/m1) and aligned (OUT/align_<align>/), and the pair with the higher validation AUROC
@@ -107,6 +109,10 @@ class GlowConfig:
     # all | interior: the top map_top_fraction only over pixels strictly inside the intensity
     # window, eroded by one pixel (head CT: brain and soft tissue, not background nor bone).
     map_region: str = "all"
+    # image | template (with align != none; ours): where the map is normalised and scored. image:
+    # each map resampled back onto its image first; template: in the template's frame, where a
+    # position holds the same anatomy in every image (then resampled back for display).
+    map_frame: str = "image"
     # Flow pipeline: a finished M0 / M1 in OUT/<m> is reused only when its fingerprint.json
     # matches (training items, resolved settings, start checkpoint, code version). check: reuse
     # on a match, stop with a message on a mismatch | retrain: always train | force: reuse anyway.

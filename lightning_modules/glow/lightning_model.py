@@ -64,7 +64,7 @@ class GlowModule(pl.LightningModule):
         data: preprocessing the model was trained with (modality, image_size / volume_size,
             name); stored so that the posterior scorer can check that M0 and M1 match.
 
-    With ``glow.align`` != none (2D only) the module holds the pose template of S_normal
+    With ``glow.align`` != none (volumes: one in-plane pose each) the module holds the pose template of S_normal
     (``align_template``, a buffer, so it travels in every checkpoint; :meth:`set_template`).
     :meth:`log_likelihood` and :meth:`log_likelihood_map` align their input to it themselves;
     training batches arrive aligned already (``experiments.train_glow.PoseAligned`` estimates
@@ -81,9 +81,9 @@ class GlowModule(pl.LightningModule):
         self.optim_cfg = dict(optim or {"name": "adam", "lr": 1e-3, "weight_decay": 0.0})
         self.align = str(glow.get("align", "none"))
         if self.align != "none":
-            if len(input_shape) != 3:
-                raise ValueError(f"glow.align={self.align} registers 2D images only; got input "
-                                 f"shape {tuple(input_shape)} (use glow.align=none for volumes)")
+            if len(input_shape) not in (3, 4):
+                raise ValueError(f"glow.align={self.align} registers (C, H, W) images or "
+                                 f"(C, D, H, W) volumes; got input shape {tuple(input_shape)}")
             self.register_buffer("align_template", torch.zeros(1, *input_shape))
 
     # --- pose alignment (glow.align) -------------------------------------------------------
@@ -102,8 +102,8 @@ class GlowModule(pl.LightningModule):
         self.align_template.copy_(template.to(self.align_template))
 
     def align_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, 1, H, W) -> (x resampled onto the template, the poses (B, 4 or 6)); unchanged and
-        None with glow.align=none."""
+        """(B, 1, H, W) or (B, 1, D, H, W) -> (x resampled onto the template, the poses (B, 4 or
+        6)); unchanged and None with glow.align=none."""
         if self.align == "none":
             return x, None
         if not self.has_template:
@@ -131,12 +131,14 @@ class GlowModule(pl.LightningModule):
         return discrete_log_likelihood(self.model.log_prob(y), self.n_dims, self.n_bits)
 
     @torch.no_grad()
-    def log_likelihood(self, x: torch.Tensor) -> torch.Tensor:
+    def log_likelihood(self, x: torch.Tensor, aligned: bool = False) -> torch.Tensor:
         """log p(x) in nats of the discretised data, (B,) float32; deterministic (bin centres).
 
         x: (B, C, ...) or (B, ...) (channel added) in [0, 1] as ``MedicalDataModule.load``.
+        ``aligned``: x is in the template's frame already (:meth:`align_input`), so it is not
+        registered again.
         """
-        return self._evaluate(x, per_position=False)[0]
+        return self._evaluate(x, per_position=False, aligned=aligned)[0]
 
     @torch.no_grad()
     def log_likelihood_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,12 +150,15 @@ class GlowModule(pl.LightningModule):
         return self._evaluate(x, per_position=True)[1]
 
     @torch.no_grad()
-    def log_likelihood_and_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def log_likelihood_and_map(self, x: torch.Tensor, aligned: bool = False
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
         """(:meth:`log_likelihood`, :meth:`log_likelihood_map`) from one pass through the flow:
-        log p(x) is the map's sum taken in the frame the flow saw, before any resampling."""
-        return self._evaluate(x, per_position=True)
+        log p(x) is the map's sum taken in the frame the flow saw, before any resampling.
+        ``aligned``: x is in the template's frame already (:meth:`align_input`); the map then
+        stays in that frame (it is not resampled back)."""
+        return self._evaluate(x, per_position=True, aligned=aligned)
 
-    def _evaluate(self, x: torch.Tensor, per_position: bool
+    def _evaluate(self, x: torch.Tensor, per_position: bool, aligned: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(log p(x) (B,), the per-position map or None) in float32."""
         if x.dim() == len(self.hparams.input_shape):
@@ -167,7 +172,7 @@ class GlowModule(pl.LightningModule):
         self.eval()
         p = next(self.model.parameters())
         x = x.to(device=p.device, dtype=p.dtype)
-        x, poses = self.align_input(x)
+        x, poses = (x, None) if aligned else self.align_input(x)
         lp_map = None
         if per_position:
             lp_map = self.model.log_prob_map(self._flow_input(x, noise=False))

@@ -80,7 +80,7 @@ def test_cpu_profile_keeps_todays_recipe():
             # head CT: M0 three times M1's 12 epochs (glow_bct.yaml: M0 got half M1's steps)
             want = 30 if modality == "cxr" else (36 if name == "m0" else 12)
             assert sub.trainer.max_epochs == want, (modality, name)
-            # pose alignment (ours) for 2D chest images only; align.py registers 2D images
+            # pose alignment (ours) for chest images only (head CT measured worse with it)
             assert sub.glow.align == ("similarity" if modality == "cxr" else "none")
             assert sub.glow.select_align == (modality == "cxr")
 

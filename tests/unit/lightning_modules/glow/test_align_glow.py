@@ -10,7 +10,7 @@ from datamodules.phantoms import make_cxr
 from experiments.config import ConfigError
 from experiments.flow_models import fingerprint
 from experiments.train_glow import PoseAligned, fit_align_template, train
-from lightning_modules.align import fit_template, warp
+from lightning_modules.align import fit_template, unwarp, warp
 from lightning_modules.flow_posterior import PreprocessingMismatch, check_models
 from lightning_modules.glow import GlowModule, load_glow
 from tests.support import TINY_2D, FakeDM, glow_cfg
@@ -127,12 +127,86 @@ def test_scores_with_maps_keep_the_log_likelihood_of_the_aligned_image():
     assert (lp_map.flatten(1).sum(1) - lp).abs().max() > 50  # the resampled map's sum is not it
 
 
-def test_align_is_2d_only():
-    with pytest.raises(ValueError, match="2D images only"):
+def test_align_takes_images_or_volumes_and_map_frame_template_needs_it():
+    for shape in ([1, 8, 8, 8], [1, 8, 8]):  # a volume and an image are accepted
         GlowModule(glow={"levels": 1, "steps": 1, "hidden_channels": 4, "align": "similarity"},
-                   input_shape=[1, 8, 8, 8], n_bits=7)
-    with pytest.raises(ConfigError, match="glow.align=similarity registers 2D images only"):
-        glow_cfg("/tmp/unused", "bct", ["glow.align=similarity"])
+                   input_shape=shape, n_bits=7)
+    glow_cfg("/tmp/unused", "bct", ["glow.align=similarity", "glow.map_frame=template"])
+    with pytest.raises(ConfigError, match="glow.map_frame=template"):
+        glow_cfg("/tmp/unused", "cxr", ["glow.align=none", "glow.map_frame=template"])
+
+
+def _pair(align: str = "similarity") -> tuple[GlowModule, GlowModule]:
+    pair = (_glow(align=align), _glow(align=align))
+    for g in pair:
+        if align != "none":
+            g.set_template(_chest(0))
+        g.model.initialize_actnorm(g._flow_input(torch.cat([_chest(s) for s in range(8)]), True))
+    return pair
+
+
+def test_map_frame_template_scores_the_maps_where_the_flow_saw_them():
+    """map_frame=template: the batch is registered once, both models score that same input,
+    and the map stays in the template's frame, where it sums to log p(x|M) exactly (each map
+    is M's per-pixel contributions); gather_scores maps it back onto each image only after
+    the image score is taken there. Would fail if the map were resampled in score_batch (its
+    sum then moves by hundreds of nats) or if the log-likelihoods differed from the per-model
+    registration's."""
+    from lightning_modules.flow_posterior.posterior import map_score
+    from lightning_modules.flow_posterior.scoring import gather_scores, score_batch
+
+    m0, m1 = _pair()
+    x = torch.cat([warp(_chest(s), torch.tensor([[0.1, 0.08 * (s - 2), 0.1, -0.1]]))
+                   for s in range(1, 5)])
+    image = score_batch(m0, m1, x, maps=True, map_sigma=0.0, map_source="likelihood")
+    tpl = score_batch(m0, m1, x, maps=True, map_sigma=0.0, map_source="likelihood",
+                      map_frame="template")
+    assert "poses" in tpl and "poses" not in image
+    _, poses = m0.align_input(x)
+    torch.testing.assert_close(tpl["poses"], poses)
+    for k in ("log_p_m0", "log_p_m1"):
+        torch.testing.assert_close(tpl[k], image[k])
+    # likelihood map (-l0): its sum over the template frame is -log p(x|M0)
+    np.testing.assert_allclose(tpl["anomaly_map"].reshape(4, -1).sum(1),
+                               -tpl["log_p_m0"].double().numpy(), rtol=1e-5)
+    assert np.abs(image["anomaly_map"].reshape(4, -1).sum(1)
+                  + image["log_p_m0"].double().numpy()).max() > 50
+    out = gather_scores([tpl], "local", 0.05)
+    np.testing.assert_allclose(out.map_image_score, map_score(tpl["anomaly_map"], 0.05))
+    shown = unwarp(torch.from_numpy(tpl["anomaly_map"])[:, None], poses.double())[:, 0]
+    np.testing.assert_allclose(out.anomaly_map, shown.numpy())
+    # without glow.align the template frame is the image's: identical to map_frame=image
+    p0, p1 = _pair("none")
+    a = score_batch(p0, p1, x, maps=True, map_frame="template")
+    b = score_batch(p0, p1, x, maps=True)
+    assert "poses" not in a
+    np.testing.assert_allclose(a["anomaly_map"], b["anomaly_map"])
+
+
+def test_a_volume_glow_registers_in_plane_and_scores_in_the_template_frame():
+    """Head CT (glow.align on (1, D, H, W)): one in-plane pose per volume; a volume moved by a
+    pose is brought back onto the template (NCC up), every slice moved alike."""
+    from datamodules.phantoms import make_head_ct
+    from lightning_modules.align import ncc
+    from lightning_modules.flow_posterior.scoring import score_batch
+
+    rng = np.random.default_rng(0)
+    vols = torch.stack([torch.from_numpy(np.clip(make_head_ct(rng, (4, 16, 16))[0] + 14.0, 0,
+                                                 127) / 127.0).float() for _ in range(6)])[:, None]
+    cfg = {"levels": 1, "steps": 2, "hidden_channels": 8, "align": "similarity"}
+    m0, m1 = (GlowModule(glow=cfg, input_shape=[1, 4, 16, 16], n_bits=7) for _ in range(2))
+    for g in (m0, m1):
+        g.set_template(fit_template(vols))
+        g.model.initialize_actnorm(g._flow_input(vols, True))
+    moved = warp(vols[:2], torch.tensor([[0.2, 0.1, 0.2, -0.1], [-0.2, -0.05, -0.1, 0.2]]))
+    back, poses = m0.align_input(moved)
+    t = m0.align_template
+    assert (ncc(back, t) > ncc(moved, t) + 0.1).all()
+    assert poses.shape == (2, 4)
+    out = score_batch(m0, m1, moved, n_bits=7, maps=True, map_frame="template",
+                      map_source="likelihood", map_region="interior")
+    assert out["anomaly_map"].shape == (2, 4, 16, 16) and out["region"].shape == (2, 4, 16, 16)
+    torch.testing.assert_close(out["poses"], poses)
 
 
 def test_the_model_fingerprint_follows_the_template(out_dir):
