@@ -132,15 +132,16 @@ class FlowPosteriorModule(pl.LightningModule):
         from lightning_modules.flow_posterior.posterior import position_statistics
 
         hp = self.hparams
-        maps = []
+        parts = []
         for batch in batches:
             x = batch["image"] if isinstance(batch, dict) else batch
             x = x.to(self.device, dtype=torch.float32)
-            maps.append(score_batch(self.m0, self.m1, x, hp.n_bits, True, hp.map_sigma,
-                                    hp.map_source, map_frame=hp.get("map_frame", "image")
-                                    )["anomaly_map"])
-        maps = np.concatenate(maps)  # (N, *spatial)
-        self.map_mean, self.map_sd = position_statistics(maps)
+            parts.append(score_batch(self.m0, self.m1, x, hp.n_bits, True, hp.map_sigma,
+                                     hp.map_source, map_frame=hp.get("map_frame", "image")))
+        maps = np.concatenate([p["anomaly_map"] for p in parts])  # (N, *spatial)
+        # glow.align: only the positions each image's registration reached count
+        valid = np.concatenate([p["valid"] for p in parts]) if "valid" in parts[0] else None
+        self.map_mean, self.map_sd = position_statistics(maps, valid=valid)
         log.info("Anomaly map: per-position statistics of %d normal maps", len(maps))
 
     def configure_optimizers(self):

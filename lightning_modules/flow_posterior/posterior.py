@@ -198,17 +198,29 @@ def interior_mask(images: ArrayLike, n_bits: int = 8) -> np.ndarray:
     return np.stack([binary_erosion(v, iterations=1) for v in inside]) if len(x) else inside
 
 
-def position_statistics(maps: ArrayLike, sd_floor_quantile: float = 0.1
-                        ) -> tuple[np.ndarray, np.ndarray]:
+def position_statistics(maps: ArrayLike, sd_floor_quantile: float = 0.1,
+                        valid: ArrayLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-position mean and standard deviation of the maps of normal images, (*spatial) each
     (our option glow.map_norm=position). The SD is floored at its ``sd_floor_quantile``
     quantile over positions (plus 1e-9), so near-constant positions (the empty background)
-    cannot turn a tiny difference into a huge z."""
+    cannot turn a tiny difference into a huge z. ``valid`` (N, *spatial) bool: only these
+    entries count (glow.align: the positions each image's registration reached); a position
+    valid in fewer than 2 maps gets mean 0 and the floored SD."""
     a = np.asarray(maps, dtype=np.float64)  # (N, *spatial)
     if len(a) < 2:
         raise ValueError(f"position statistics need at least 2 normal maps, got {len(a)}")
-    mean, sd = a.mean(axis=0), a.std(axis=0)
-    return mean, np.maximum(sd, np.quantile(sd, sd_floor_quantile) + 1e-9)
+    if valid is None:
+        mean, sd = a.mean(axis=0), a.std(axis=0)
+        return mean, np.maximum(sd, np.quantile(sd, sd_floor_quantile) + 1e-9)
+    w = np.asarray(valid, dtype=bool)
+    n = w.sum(axis=0)
+    seen = n >= 2
+    if not seen.any():
+        raise ValueError("position statistics: no position is valid in 2 or more normal maps")
+    mean = np.where(w, a, 0.0).sum(axis=0) / np.maximum(n, 1)
+    sd = np.sqrt(np.where(w, (a - mean) ** 2, 0.0).sum(axis=0) / np.maximum(n, 1))
+    floor = np.quantile(sd[seen], sd_floor_quantile) + 1e-9
+    return np.where(seen, mean, 0.0), np.where(seen, np.maximum(sd, floor), floor)
 
 
 def normalise_map(amap: ArrayLike, mean: ArrayLike, sd: ArrayLike) -> np.ndarray:

@@ -200,8 +200,10 @@ def score_batch(m0: Any, m1: Any, x: torch.Tensor, n_bits: int = 8, maps: bool =
     :func:`check_models`), both models score the registered batch, and the map and region stay
     in the template's frame, so that position statistics compare the same anatomy in every
     image; ``poses`` (B, 4 or 6) are returned for :func:`gather_scores` to map the maps back
-    onto each image. ``"image"``: each model registers the batch itself and returns its map in
-    the image's frame."""
+    onto each image. ``"image"``: the batch is registered once all the same, each model's map
+    is mapped back onto the image, and ``valid`` (B, *spatial) bool marks the positions that
+    mapping reached (the rest lay outside the template: no measurement, 0 in the map), which
+    the position statistics and the local score leave out."""
     if map_source not in MAP_SOURCES:
         raise ValueError(f"glow.map_source={map_source!r} is not one of {MAP_SOURCES}")
     if map_region not in MAP_REGIONS:
@@ -213,17 +215,28 @@ def score_batch(m0: Any, m1: Any, x: torch.Tensor, n_bits: int = 8, maps: bool =
         out["log_p_m0"] = m0.log_likelihood(x).float().reshape(-1).cpu()  # (B,)
         out["log_p_m1"] = m1.log_likelihood(x).float().reshape(-1).cpu()  # (B,)
         return out
-    aligned = map_frame == "template" and _aligns(m0) and _aligns(m1)
-    if aligned:
+    aligned = _aligns(m0) and _aligns(m1)
+    image, poses = x, None
+    if aligned:  # registered once: M1 shares M0's template (check_models)
         x, poses = m0.align_input(x)
-        out["poses"] = poses.cpu()
     kw = {"aligned": True} if aligned else {}
     out["log_p_m0"], a0 = likelihood_and_map(m0, x, aligned)
     if map_source == "likelihood":
         out["log_p_m1"] = m1.log_likelihood(x, **kw).float().reshape(-1).cpu()
-        out["anomaly_map"] = likelihood_map(a0.numpy(), map_sigma)
     else:
         out["log_p_m1"], a1 = likelihood_and_map(m1, x, aligned)
+    if aligned and map_frame == "template":
+        out["poses"] = poses.cpu()
+    elif aligned:  # each map back onto its image; positions the template missed are not valid
+        back = (lambda a: unwarp(a.unsqueeze(1), poses.to(a)).squeeze(1))  # noqa: E731
+        a0 = back(a0)
+        if map_source != "likelihood":
+            a1 = back(a1)
+        out["valid"] = (back(torch.ones_like(a0)) > 1.0 - 1e-3).cpu().numpy()
+        x = image
+    if map_source == "likelihood":
+        out["anomaly_map"] = likelihood_map(a0.numpy(), map_sigma)
+    else:
         out["anomaly_map"] = anomaly_map(a0.numpy(), a1.numpy(), map_sigma)
     if map_region == "interior":
         out["region"] = interior_mask(x.cpu(), n_bits)  # (B, *spatial) bool
@@ -254,6 +267,9 @@ def gather_scores(parts: Sequence[Mapping[str, Any]], score: str = "global",
         if map_stats is not None:
             out.anomaly_map = normalise_map(out.anomaly_map, *map_stats)
         region = np.concatenate([p["region"] for p in parts]) if "region" in parts[0] else None
+        if "valid" in parts[0]:
+            valid = np.concatenate([p["valid"] for p in parts])
+            region = valid if region is None else region & valid
         local = map_score(out.anomaly_map, map_top_fraction, region)
         _check_finite("The anomaly map", local)
         out.map_image_score = local

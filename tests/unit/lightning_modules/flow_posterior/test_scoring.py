@@ -61,6 +61,43 @@ def test_position_statistics_are_mean_and_floored_sd_per_position():
         position_statistics(maps[:1])
 
 
+def test_position_statistics_count_only_valid_entries():
+    """glow.align: a position the registration did not reach in an image holds 0, not a
+    measurement; it must not pull the mean towards 0 nor widen the SD."""
+    rng = np.random.default_rng(2)
+    maps = rng.normal(3.0, 1.0, size=(40, 3, 3))
+    valid = rng.random((40, 3, 3)) > 0.3
+    valid[:, 0, 0] = False
+    valid[0, 0, 0] = True  # one valid map there: too few for statistics
+    mean, sd = position_statistics(np.where(valid, maps, 0.0), 0.1, valid)
+    for i, j in ((1, 1), (2, 0)):
+        v = maps[valid[:, i, j], i, j]
+        assert mean[i, j] == pytest.approx(v.mean())
+        assert sd[i, j] == pytest.approx(max(v.std(), sd.min()))
+    assert mean[0, 0] == 0.0 and sd[0, 0] == pytest.approx(sd.min())
+    assert abs(mean[1, 1] - 3.0) < 0.5  # counting the zeros would give ~2.1
+    with pytest.raises(ValueError, match="no position"):
+        position_statistics(maps, valid=np.zeros_like(valid))
+
+
+def test_the_local_score_skips_positions_the_registration_did_not_reach():
+    from lightning_modules.flow_posterior.scoring import gather_scores
+
+    a = np.zeros((2, 4, 4))
+    a[:, 0, 0] = 100.0  # outside the template: unwarp's fill, whatever z it gets
+    a[1, 2, 2] = 5.0  # a real finding inside
+    valid = np.ones((2, 4, 4), bool)
+    valid[:, 0, 0] = False
+    part = {"log_p_m0": torch.zeros(2), "log_p_m1": torch.zeros(2),
+            "zero_fraction": torch.zeros(2), "anomaly_map": a, "valid": valid}
+    out = gather_scores([part], "local", 1 / 16)
+    np.testing.assert_allclose(out.map_image_score, [0.0, 5.0])
+    region = np.ones((2, 4, 4), bool)
+    region[1, 2, 2] = False  # with an interior region as well: both must hold
+    out = gather_scores([{**part, "region": region}], "local", 1 / 16)
+    np.testing.assert_allclose(out.map_image_score, [0.0, 0.0])
+
+
 def test_map_score_over_a_region_uses_only_its_pixels():
     a = np.arange(32.0).reshape(2, 4, 4)
     region = np.zeros((2, 4, 4), bool)

@@ -183,6 +183,27 @@ def test_map_frame_template_scores_the_maps_where_the_flow_saw_them():
     np.testing.assert_allclose(a["anomaly_map"], b["anomaly_map"])
 
 
+def test_scoring_registers_once_and_marks_what_the_template_did_not_reach():
+    """score_batch registers the batch once for both models and maps each model's map back
+    itself: the result must equal the model's own log_likelihood_map (which registers and
+    maps back alone); ``valid`` is False exactly where the map back had nothing to sample
+    (a strongly shifted image leaves a border outside the template)."""
+    from lightning_modules.flow_posterior.scoring import score_batch
+
+    m0, m1 = _pair()
+    x = torch.cat([warp(_chest(s), torch.tensor([[0.05, 0.1, 0.3 * (s - 2), -0.2]]))
+                   for s in range(1, 4)])
+    out = score_batch(m0, m1, x, maps=True, map_sigma=0.0, map_source="likelihood")
+    np.testing.assert_allclose(out["anomaly_map"], -m0.log_likelihood_map(x).double().numpy(),
+                               rtol=1e-5, atol=1e-4)
+    _, poses = m0.align_input(x)
+    cover = unwarp(torch.ones_like(x), poses)[:, 0].numpy()
+    np.testing.assert_array_equal(out["valid"], cover > 1 - 1e-3)
+    assert 0 < (~out["valid"]).sum() < out["valid"].size / 2
+    post = score_batch(m0, m1, x, maps=True)
+    assert "valid" in post and np.isfinite(post["anomaly_map"]).all()
+
+
 def test_a_volume_glow_registers_in_plane_and_scores_in_the_template_frame():
     """Head CT (glow.align on (1, D, H, W)): one in-plane pose per volume; a volume moved by a
     pose is brought back onto the template (NCC up), every slice moved alike."""
