@@ -29,7 +29,7 @@ def evaluate(cfg: DictConfig, det, dm, val: SplitScores, test: SplitScores, val_
         one = MapNormalizer([s], [1.0], "geometric", [m_s],
                             image_score=det.normalizer.image_score,
                             topk_fraction=det.normalizer.topk_fraction)
-        raw = det.raw_image_scores(test.patch_scores, one).numpy()
+        raw = det.raw_image_scores(test.patch_scores, one, test.poses).numpy()
         metrics[f"auroc_res{s}"] = ev.auroc(test.labels, raw)
     findings = [it.finding for it in test_items]
     if any(findings):

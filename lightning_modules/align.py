@@ -40,7 +40,8 @@ import torch.nn.functional as F
 
 from lightning_modules.patch_detector.config import ALIGN_MODES
 
-__all__ = ["ALIGN_MODES", "align_poses", "estimate_pose", "fit_template", "ncc", "unwarp", "warp"]
+__all__ = ["ALIGN_MODES", "align_poses", "coverage", "estimate_pose", "fit_template", "ncc", "unwarp",
+           "warp"]
 _MAX_ANGLE = math.radians(20.0)
 _MAX_LOG_SCALE = math.log(4.0 / 3.0)
 _MAX_SHIFT = 0.5  # in affine_grid units ([-1, 1] spans the image): 25 % of the side
@@ -88,6 +89,16 @@ def warp(images: torch.Tensor, p: torch.Tensor, mode: str = "bilinear") -> torch
     grid = F.affine_grid(theta(p).to(x.dtype), list(x.shape), align_corners=False)
     out = F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
     return out.reshape(images.shape)
+
+
+def coverage(p: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, 1, H, W): how much of each template-frame pixel :func:`warp` took from inside the
+    image (1 inside, 0 where it only repeated the border, between at the edge) for poses ``p``
+    (B, 4 or 6) and a template of ``size`` (H, W)."""
+    shape = [p.shape[0], 1, *size]
+    grid = F.affine_grid(theta(p).float(), shape, align_corners=False)
+    ones = torch.ones(shape, dtype=grid.dtype, device=grid.device)
+    return F.grid_sample(ones, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,8 @@ def fit_normalizer(det: PatchAnomalyDetector, val: SplitScores, sizes: list[int]
     norm = MapNormalizer.fit_scales([val.patch_scores[s][torch.from_numpy(normal)]
                                      for s in sizes], sizes, weights, fusion,
                                     image_score, topk_fraction)
-    norm.fit_calibration(det.raw_image_scores(val.patch_scores, norm).numpy(), val.labels)
+    norm.fit_calibration(det.raw_image_scores(val.patch_scores, norm, val.poses).numpy(),
+                         val.labels)
     return norm
 
 
@@ -104,7 +105,7 @@ def select_weights(det: PatchAnomalyDetector, val: SplitScores, sizes: list[int]
             continue  # a zero weight zeroes the product (anomaly_map.fuse_log_maps)
         norm = replace(base, weights=[float(x) for x in w])
         kept.append(norm.weights)
-        raws.append(norm.image_raw(norm.fused_log_map(maps)))
+        raws.append(norm.image_raw(det.fused_map(val.patch_scores, norm, val.poses, maps)))
     if not kept:
         raise ValueError("patch.select_weights: every weight candidate has a zero, which "
                          "patch.fusion=product cannot take; give positive candidates")
@@ -114,9 +115,9 @@ def select_weights(det: PatchAnomalyDetector, val: SplitScores, sizes: list[int]
 
 def apply_normalizer(det: PatchAnomalyDetector, split: SplitScores, norm: MapNormalizer) -> None:
     """A_final, image scores and raw scores of ``split`` under ``norm`` (in place)."""
-    final, scores = det.fuse(split.patch_scores, norm)
+    final, scores = det.fuse(split.patch_scores, norm, split.poses)
     split.final_maps, split.scores = final, scores.numpy().astype(np.float64)
-    split.raw = det.raw_image_scores(split.patch_scores, norm).numpy()
+    split.raw = det.raw_image_scores(split.patch_scores, norm, split.poses).numpy()
 
 
 def _encoder_info(enc) -> dict:

@@ -131,3 +131,15 @@ def test_a_volume_moves_as_its_slices_do_and_its_in_plane_pose_is_recovered():
     inverse = torch.linalg.inv(torch.cat([theta(p), last], 1))[:, :2]
     torch.testing.assert_close(theta(q), inverse, atol=0.03, rtol=0)
     assert fit_template(torch.cat([_head(s) for s in range(3)])).shape == (1, 1, 4, 32, 32)
+
+
+def test_coverage_is_one_inside_the_image_and_zero_where_warp_repeats_the_border():
+    from lightning_modules.align import coverage
+
+    assert torch.equal(coverage(torch.zeros(1, 4), (8, 8)), torch.ones(1, 1, 8, 8))
+    c = coverage(torch.tensor([[0.0, 0.0, 0.5, 0.0]]), (8, 8))  # shifted by a quarter
+    # the template's right quarter samples beyond the image's right edge
+    assert (c[0, 0, :, -2:] == 0).all() and (c[0, 0, :, :5] == 1).all()
+    x = torch.rand(1, 1, 8, 8)
+    moved = warp(x, torch.tensor([[0.0, 0.0, 0.5, 0.0]]))
+    torch.testing.assert_close(moved[0, 0, :, -1], moved[0, 0, :, -2])  # border repeated

@@ -295,3 +295,26 @@ def test_reference_shift_adds_the_shifted_grid_patches():
     with pytest.raises(ValueError, match="pooled"):
         PatchAnomalyDetector({8: CellMeanEncoder(2)}, 32, [8], [0], features="dense",
                              reference_shift=0.25)
+
+
+def test_blocks_the_alignment_filled_with_the_border_do_not_score():
+    """patch.align: a block of the template frame that the image did not reach holds the
+    border repeated; a high value there must not become the image score (nor the map's
+    maximum), while a high value inside still does."""
+    det = PatchAnomalyDetector({8: PoolEncoder()}, 32, [8], [0], distance="euclidean")
+    poses = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.5, 0.0]])  # 2nd: a quarter right
+    inside = det.covered_blocks(poses)
+    g = det.block
+    assert inside.shape == (2, 32 // g, 32 // g) and inside[0].all()
+    assert not inside[1, :, -1].any() and inside[1, :, 0].all()
+    norm = MapNormalizer([8], [1.0], "geometric", [1.0])
+    scores = {8: torch.ones(2, 16)}
+    base = det.fused_map(scores, norm)
+    hot = torch.zeros_like(base)
+    hot[:, 0, -1] = 10.0  # top right: outside the 2nd image, inside the 1st
+    maps = [det.size_maps(scores, [8])[0] * torch.exp(hot)]
+    fused = det.fused_map(scores, norm, poses, maps)
+    raw = norm.image_raw(fused)
+    assert raw[0] > raw[1] + 5  # the 1st image keeps its hot block, the 2nd does not
+    torch.testing.assert_close(fused[1].max(), norm.fused_log_map(maps)[1].min())
+    torch.testing.assert_close(det.fused_map(scores, norm, None, maps), norm.fused_log_map(maps))
