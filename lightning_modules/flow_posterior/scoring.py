@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from datamodules.progress import track
-from lightning_modules.align import unwarp
+from lightning_modules.align import coverage, unwarp
 from lightning_modules.flow_posterior.posterior import (
     PreprocessingMismatch,
     anomaly_map,
@@ -200,7 +200,8 @@ def score_batch(m0: Any, m1: Any, x: torch.Tensor, n_bits: int = 8, maps: bool =
     :func:`check_models`), both models score the registered batch, and the map and region stay
     in the template's frame, so that position statistics compare the same anatomy in every
     image; ``poses`` (B, 4 or 6) are returned for :func:`gather_scores` to map the maps back
-    onto each image. ``"image"``: the batch is registered once all the same, each model's map
+    onto each image, and ``valid`` marks the template positions the image reached (elsewhere
+    the registration repeated its border). ``"image"``: the batch is registered once all the same, each model's map
     is mapped back onto the image, and ``valid`` (B, *spatial) bool marks the positions that
     mapping reached (the rest lay outside the template: no measurement, 0 in the map), which
     the position statistics and the local score leave out."""
@@ -225,8 +226,11 @@ def score_batch(m0: Any, m1: Any, x: torch.Tensor, n_bits: int = 8, maps: bool =
         out["log_p_m1"] = m1.log_likelihood(x, **kw).float().reshape(-1).cpu()
     else:
         out["log_p_m1"], a1 = likelihood_and_map(m1, x, aligned)
-    if aligned and map_frame == "template":
+    if aligned and map_frame == "template":  # the border warp repeated is no measurement
         out["poses"] = poses.cpu()
+        inside = coverage(poses, tuple(a0.shape[-2:])) > 1.0 - 1e-3  # (B, 1, H, W)
+        out["valid"] = inside.reshape(len(a0), *([1] * (a0.dim() - 3)), *a0.shape[-2:]) \
+            .expand(a0.shape).cpu().numpy()
     elif aligned:  # each map back onto its image; positions the template missed are not valid
         back = (lambda a: unwarp(a.unsqueeze(1), poses.to(a)).squeeze(1))  # noqa: E731
         a0 = back(a0)

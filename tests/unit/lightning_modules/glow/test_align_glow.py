@@ -162,6 +162,10 @@ def test_map_frame_template_scores_the_maps_where_the_flow_saw_them():
     tpl = score_batch(m0, m1, x, maps=True, map_sigma=0.0, map_source="likelihood",
                       map_frame="template")
     assert "poses" in tpl and "poses" not in image
+    from lightning_modules.align import coverage
+
+    np.testing.assert_array_equal(tpl["valid"],
+                                  (coverage(tpl["poses"], (32, 32)) > 1 - 1e-3)[:, 0].numpy())
     _, poses = m0.align_input(x)
     torch.testing.assert_close(tpl["poses"], poses)
     for k in ("log_p_m0", "log_p_m1"):
@@ -172,7 +176,8 @@ def test_map_frame_template_scores_the_maps_where_the_flow_saw_them():
     assert np.abs(image["anomaly_map"].reshape(4, -1).sum(1)
                   + image["log_p_m0"].double().numpy()).max() > 50
     out = gather_scores([tpl], "local", 0.05)
-    np.testing.assert_allclose(out.map_image_score, map_score(tpl["anomaly_map"], 0.05))
+    np.testing.assert_allclose(out.map_image_score,
+                               map_score(tpl["anomaly_map"], 0.05, tpl["valid"]))
     shown = unwarp(torch.from_numpy(tpl["anomaly_map"])[:, None], poses.double())[:, 0]
     np.testing.assert_allclose(out.anomaly_map, shown.numpy())
     # without glow.align the template frame is the image's: identical to map_frame=image
@@ -228,6 +233,8 @@ def test_a_volume_glow_registers_in_plane_and_scores_in_the_template_frame():
                       map_source="likelihood", map_region="interior")
     assert out["anomaly_map"].shape == (2, 4, 16, 16) and out["region"].shape == (2, 4, 16, 16)
     torch.testing.assert_close(out["poses"], poses)
+    assert out["valid"].shape == (2, 4, 16, 16) and not out["valid"].all()
+    assert (out["valid"] == out["valid"][:, :1]).all()  # one in-plane mask for every slice
 
 
 def test_the_model_fingerprint_follows_the_template(out_dir):
