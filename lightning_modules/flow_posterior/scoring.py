@@ -180,6 +180,11 @@ def likelihood_and_map(m: Any, x: torch.Tensor, aligned: bool = False
     return a.flatten(1).sum(1).float(), a
 
 
+def _map_back(a: torch.Tensor, poses: torch.Tensor) -> torch.Tensor:
+    """A map (B, *spatial) in the template frame -> each image's frame (0 outside)."""
+    return unwarp(a.unsqueeze(1), poses.to(a)).squeeze(1)
+
+
 def _aligns(m: Any) -> bool:
     """Whether ``m`` registers its input to a pose template (GlowModule with glow.align)."""
     return getattr(m, "align", "none") != "none" and hasattr(m, "align_input")
@@ -201,10 +206,10 @@ def score_batch(m0: Any, m1: Any, x: torch.Tensor, n_bits: int = 8, maps: bool =
     in the template's frame, so that position statistics compare the same anatomy in every
     image; ``poses`` (B, 4 or 6) are returned for :func:`gather_scores` to map the maps back
     onto each image, and ``valid`` marks the template positions the image reached (elsewhere
-    the registration repeated its border). ``"image"``: the batch is registered once all the same, each model's map
-    is mapped back onto the image, and ``valid`` (B, *spatial) bool marks the positions that
-    mapping reached (the rest lay outside the template: no measurement, 0 in the map), which
-    the position statistics and the local score leave out."""
+    the registration repeated its border). ``"image"``: the batch is registered once all the
+    same, each model's map is mapped back onto the image, and ``valid`` (B, *spatial) bool
+    marks the positions that mapping reached (the rest lay outside the template: no
+    measurement, 0 in the map), which the position statistics and the local score leave out."""
     if map_source not in MAP_SOURCES:
         raise ValueError(f"glow.map_source={map_source!r} is not one of {MAP_SOURCES}")
     if map_region not in MAP_REGIONS:
@@ -232,11 +237,10 @@ def score_batch(m0: Any, m1: Any, x: torch.Tensor, n_bits: int = 8, maps: bool =
         out["valid"] = inside.reshape(len(a0), *([1] * (a0.dim() - 3)), *a0.shape[-2:]) \
             .expand(a0.shape).cpu().numpy()
     elif aligned:  # each map back onto its image; positions the template missed are not valid
-        back = (lambda a: unwarp(a.unsqueeze(1), poses.to(a)).squeeze(1))  # noqa: E731
-        a0 = back(a0)
+        a0 = _map_back(a0, poses)
         if map_source != "likelihood":
-            a1 = back(a1)
-        out["valid"] = (back(torch.ones_like(a0)) > 1.0 - 1e-3).cpu().numpy()
+            a1 = _map_back(a1, poses)
+        out["valid"] = (_map_back(torch.ones_like(a0), poses) > 1.0 - 1e-3).cpu().numpy()
         x = image
     if map_source == "likelihood":
         out["anomaly_map"] = likelihood_map(a0.numpy(), map_sigma)
@@ -271,8 +275,9 @@ def gather_scores(parts: Sequence[Mapping[str, Any]], score: str = "global",
         if map_stats is not None:
             out.anomaly_map = normalise_map(out.anomaly_map, *map_stats)
         region = np.concatenate([p["region"] for p in parts]) if "region" in parts[0] else None
-        if "valid" in parts[0]:
+        if "valid" in parts[0]:  # no measurement there: shown as 0 (nothing unusual), unscored
             valid = np.concatenate([p["valid"] for p in parts])
+            out.anomaly_map = np.where(valid, out.anomaly_map, 0.0)
             region = valid if region is None else region & valid
         local = map_score(out.anomaly_map, map_top_fraction, region)
         _check_finite("The anomaly map", local)

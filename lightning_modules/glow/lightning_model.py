@@ -64,8 +64,9 @@ class GlowModule(pl.LightningModule):
         data: preprocessing the model was trained with (modality, image_size / volume_size,
             name); stored so that the posterior scorer can check that M0 and M1 match.
 
-    With ``glow.align`` != none (volumes: one in-plane pose each) the module holds the pose template of S_normal
-    (``align_template``, a buffer, so it travels in every checkpoint; :meth:`set_template`).
+    With ``glow.align`` != none (volumes: one in-plane pose each) the module holds the pose
+    template of S_normal (``align_template``, a buffer, so it travels in every checkpoint;
+    :meth:`set_template`).
     :meth:`log_likelihood` and :meth:`log_likelihood_map` align their input to it themselves;
     training batches arrive aligned already (``experiments.train_glow.PoseAligned`` estimates
     each item's pose once instead of once per epoch).

@@ -92,6 +92,7 @@ def test_the_local_score_skips_positions_the_registration_did_not_reach():
             "zero_fraction": torch.zeros(2), "anomaly_map": a, "valid": valid}
     out = gather_scores([part], "local", 1 / 16)
     np.testing.assert_allclose(out.map_image_score, [0.0, 5.0])
+    assert (out.anomaly_map[:, 0, 0] == 0).all() and out.anomaly_map[1, 2, 2] == 5.0  # shown as 0
     region = np.ones((2, 4, 4), bool)
     region[1, 2, 2] = False  # with an interior region as well: both must hold
     out = gather_scores([{**part, "region": region}], "local", 1 / 16)

@@ -178,7 +178,8 @@ def test_map_frame_template_scores_the_maps_where_the_flow_saw_them():
     out = gather_scores([tpl], "local", 0.05)
     np.testing.assert_allclose(out.map_image_score,
                                map_score(tpl["anomaly_map"], 0.05, tpl["valid"]))
-    shown = unwarp(torch.from_numpy(tpl["anomaly_map"])[:, None], poses.double())[:, 0]
+    shown = unwarp(torch.from_numpy(np.where(tpl["valid"], tpl["anomaly_map"], 0.0))[:, None],
+                   poses.double())[:, 0]
     np.testing.assert_allclose(out.anomaly_map, shown.numpy())
     # without glow.align the template frame is the image's: identical to map_frame=image
     p0, p1 = _pair("none")
