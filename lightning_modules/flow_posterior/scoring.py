@@ -284,8 +284,7 @@ def gather_scores(parts: Sequence[Mapping[str, Any]], score: str = "global",
         out.map_image_score = local
         if "poses" in parts[0]:  # map_frame=template: scored there, shown on each image
             poses = torch.cat([p["poses"] for p in parts])
-            out.anomaly_map = unwarp(torch.from_numpy(out.anomaly_map).unsqueeze(1),
-                                     poses.double()).squeeze(1).numpy()
+            out.anomaly_map = _map_back(torch.from_numpy(out.anomaly_map), poses).numpy()
     # without maps, score="local" falls back to the global score (as before)
     out.kind = score if score != "local" or out.map_image_score is not None else "global"
     return out

@@ -115,9 +115,11 @@ def select_weights(det: PatchAnomalyDetector, val: SplitScores, sizes: list[int]
 
 def apply_normalizer(det: PatchAnomalyDetector, split: SplitScores, norm: MapNormalizer) -> None:
     """A_final, image scores and raw scores of ``split`` under ``norm`` (in place)."""
-    final, scores = det.fuse(split.patch_scores, norm, split.poses)
-    split.final_maps, split.scores = final, scores.numpy().astype(np.float64)
-    split.raw = det.raw_image_scores(split.patch_scores, norm, split.poses).numpy()
+    fused = det.fused_map(split.patch_scores, norm, split.poses)  # once: maps, scores, raw
+    raw = norm.image_raw(fused)
+    split.final_maps = norm.normalize(fused)
+    split.scores = norm.normalize(raw).numpy().astype(np.float64)
+    split.raw = raw.numpy()
 
 
 def _encoder_info(enc) -> dict:
