@@ -135,5 +135,6 @@ def test_patch_paper_profile_is_the_published_method_with_every_option_of_ours_o
     assert not (p.cell_zscore or p.cell_normalize or p.select_weights or p.reference_shift)
     cpu = pipeline_patch.load(["profile=cpu"]).patch  # the options the cpu profile turns on
     assert (cpu.features, cpu.intensity_norm, cpu.align) == ("dense", "rank", "similarity")
+    assert list(cpu.dense_layers) == ["layer1"] and cpu.dense_pool == 1  # 4-pixel cells
     assert list(cpu.locality) == [0, 0, 0, 0]  # the window matters less once images are aligned
     assert cpu.cell_zscore and cpu.select_weights
